@@ -1,0 +1,38 @@
+"""Shared test set-up: the Triton interpreter (so the real kernels run on the CPU), seeding, GPU marker."""
+import os
+
+# Must be set before anything imports triton: the interpreter then runs the Triton kernels on CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: multi-process or long-running CPU tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_report_header(config):
+    import wmfast
+
+    return [f"wmfast {wmfast.__version__} from {os.path.dirname(wmfast.__file__)}; "
+            f"torch {torch.__version__}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"]

@@ -1,0 +1,34 @@
+"""The tests import the installed package (not a stray copy), and `kernels/` is installed as wmfast.kernels."""
+import os
+import subprocess
+import sys
+import tempfile
+
+import wmfast
+import wmfast.kernels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernels_installed_under_wmfast_name():
+    assert os.path.realpath(wmfast.kernels.__file__) == os.path.realpath(os.path.join(REPO, "kernels", "__init__.py"))
+
+
+def test_no_top_level_kernels_package_installed():
+    # From a directory outside the checkout, only what is installed is importable: `kernels` must not be
+    # ours (it would shadow Hugging Face's `kernels`, which transformers and diffusers probe for).
+    code = ("import importlib.util, wmfast.kernels; s = importlib.util.find_spec('kernels'); "
+            "print(wmfast.kernels.__file__); print(s.origin if s else 'none')")
+    with tempfile.TemporaryDirectory() as cwd:
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True)
+    ours, top = out.stdout.split()
+    assert os.path.realpath(ours).startswith(os.path.realpath(REPO)), ours
+    assert top == "none" or not os.path.realpath(top).startswith(os.path.realpath(REPO)), top
+
+
+def test_cli_lists_commands():
+    from wmfast.cli import build_parser
+
+    parser = build_parser()
+    assert parser.prog == "wmfast"
+    assert parser.parse_args(["demo"]).command == "demo"

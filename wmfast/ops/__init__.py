@@ -1,0 +1,13 @@
+"""The public functional API of wmfast: every op validates its inputs, picks a backend
+(`wmfast.backend`) and runs it. Shapes are documented on each op."""
+from wmfast.ops.adaln import gated_residual, gated_residual_layernorm_modulate, layernorm_modulate
+from wmfast.ops.attention import spatial_attention, temporal_attention, temporal_decode_step
+
+__all__ = [
+    "layernorm_modulate",
+    "gated_residual",
+    "gated_residual_layernorm_modulate",
+    "spatial_attention",
+    "temporal_attention",
+    "temporal_decode_step",
+]
