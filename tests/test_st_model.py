@@ -104,23 +104,44 @@ def test_loss_rejects_bad_batch():
         compression_loss(m, {"tokens": torch.zeros(1, 6, 8, 8, dtype=torch.long), "states": torch.zeros(1, 33, 25)})
 
 
-def test_tiny_model_learns_synthetic_data(tmp_path):
-    write_synthetic_dataset(str(tmp_path), shards=1, frames=1200, seed=0, grid_size=8, vocab_size=512)
-    ds = TokenizedDataset(str(tmp_path), "train", vocab_size=512)
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(0))
-    model = STTransformer(STTransformerConfig.from_name("tiny"))
+def _train(model, loader, steps):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.05)
     losses = []
-    while len(losses) < 40:
+    while len(losses) < steps:
         for batch in loader:
             loss, _ = compression_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            if len(losses) == 40:
+            if len(losses) == steps:
                 break
+    return losses
+
+
+def test_tiny_model_learns_synthetic_data(tmp_path, monkeypatch):
+    # the torch reference attention: 40 steps through the Triton interpreter would take minutes on 2 cores;
+    # the kernels' own training path is compared with it in test_kernel_and_reference_train_alike
+    monkeypatch.setenv("WMFAST_BACKEND", "torch")
+    write_synthetic_dataset(str(tmp_path), shards=1, frames=1200, seed=0, grid_size=8, vocab_size=512)
+    ds = TokenizedDataset(str(tmp_path), "train", vocab_size=512)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(0))
+    losses = _train(STTransformer(STTransformerConfig.from_name("tiny")), loader, 40)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert first > 5.5  # ~log(512) = 6.24 at init
     assert last < first - 1.5, losses
+
+
+def test_kernel_and_reference_train_alike(tmp_path, monkeypatch):
+    """A few AdamW steps with the default backend (the Triton kernels, interpreted on CPU) and with the torch
+    reference from the same init and data: the loss curves agree."""
+    write_synthetic_dataset(str(tmp_path), shards=1, frames=400, seed=0, grid_size=8, vocab_size=512)
+    ds = TokenizedDataset(str(tmp_path), "train", vocab_size=512)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2)
+    curves = []
+    for backend in ("", "torch"):
+        monkeypatch.setenv("WMFAST_BACKEND", backend)
+        torch.manual_seed(0)
+        curves.append(_train(STTransformer(STTransformerConfig.from_name("tiny")), loader, 3))
+    assert curves[0] == pytest.approx(curves[1], abs=2e-4), curves

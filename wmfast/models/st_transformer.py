@@ -122,7 +122,7 @@ class Attention(nn.Module):
     def forward(self, x, kv_cache=None, pos: int = 0):  # x: [B, T, S, D]
         B, T, S, D = x.shape
         q, k, v = self.qkv(x).view(B, T, S, 3, self.h, self.dh).unbind(3)  # [B, T, S, H, Dh] strided views
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # autocast runs LayerNorm in fp32
         if self.kind == "spatial":
             o = ops.spatial_attention(q, k, v)
         elif self.kind == "temporal":
