@@ -9,7 +9,7 @@ Reading order (STYLE.md): references, jit kernels, launchers, torch.library regi
    with dt = sigma_next - sigma (< 0: flow matching integrates from noise, sigma = 1, to data, sigma = 0).
    Unfused, this is `x + dt * v` then a `copy_` of the context slice: two kernels, an extra read and write
    of the whole ensemble, and a materialised N-fold copy of the context when it is broadcast.
-   Context rows never read x or v (a per-program branch), so those bytes are not even loaded.
+   Context rows never read x or v (masked loads), so those bytes are not even fetched.
 2. `ensemble_mean_var`: the ensemble mean and population variance (correction 0: N = 1 gives 0) over the
    leading member dimension in one pass (Welford in fp32 registers), instead of a mean pass and a var pass.
    Used on latents (latent-space averaging) and on decoded pixels (pixel-space averaging and the spread map).
@@ -53,29 +53,29 @@ def ensemble_mean_var_ref(x, *, upcast=True):
 @triton.jit
 def _ensemble_euler_step_fwd_kernel(
     X, V, CTX, DT, Y,
-    C, F, FC, S,
+    C, F, FC, R, S,
     sxn, sxc, sxf, sxs,
     svn, svc, svf, svs,
     scn, scc, scf, scs,
-    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # One program per (member n, channel c, latent frame f) row and BLOCK_S of the H*W positions.
-    row = tl.program_id(0).to(tl.int64)
-    f = row % F
-    c = (row // F) % C
-    n = row // (C * F)
+    # One program per BLOCK_R rows (a row = one (member n, channel c, latent frame f)) x BLOCK_S of the H*W
+    # positions. Several rows per program keep programs large when H*W is small (and the interpreter fast).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = offs < S
-    y_ptrs = Y + row * S + offs  # Y is allocated contiguous [N, C, F, S]
-    if f < FC:
-        # Clean context frame: copy from the (possibly batch-1, stride-0) context; x and v are not read.
-        ctx = tl.load(CTX + n * scn + c * scc + f * scf + offs * scs, mask=mask)
-        tl.store(y_ptrs, ctx.to(Y.dtype.element_ty), mask=mask)
-    else:
-        dt = tl.load(DT).to(tl.float32)
-        x = tl.load(X + n * sxn + c * sxc + f * sxf + offs * sxs, mask=mask).to(tl.float32)
-        v = tl.load(V + n * svn + c * svc + f * svf + offs * svs, mask=mask).to(tl.float32)
-        tl.store(y_ptrs, (x + dt * v).to(Y.dtype.element_ty), mask=mask)
+    f = rows % F
+    c = (rows // F) % C
+    n = rows // (C * F)
+    inside = (rows < R)[:, None] & (offs < S)[None, :]
+    is_ctx = (f < FC)[:, None]
+    # Masked loads fetch nothing: context rows read only the (possibly batch-1, stride-0) context, the
+    # other rows only x and v.
+    ctx = tl.load(CTX + (n * scn + c * scc + f * scf)[:, None] + offs[None, :] * scs, mask=inside & is_ctx)
+    x = tl.load(X + (n * sxn + c * sxc + f * sxf)[:, None] + offs[None, :] * sxs, mask=inside & ~is_ctx)
+    v = tl.load(V + (n * svn + c * svc + f * svf)[:, None] + offs[None, :] * svs, mask=inside & ~is_ctx)
+    dt = tl.load(DT).to(tl.float32)
+    y = tl.where(is_ctx, ctx.to(tl.float32), x.to(tl.float32) + dt * v.to(tl.float32))
+    tl.store(Y + rows[:, None] * S + offs[None, :], y.to(Y.dtype.element_ty), mask=inside)  # Y: contiguous
 
 
 @triton.jit
@@ -122,15 +122,17 @@ def _ensemble_euler_step_fwd(x, v, dt, context):
     if y.numel() == 0:
         return y
     scn = context.stride(0) if context.shape[0] == N else 0  # batch-1 context: broadcast with stride 0
+    R = N * C * F
     BLOCK_S = min(1024, triton.next_power_of_2(S))
-    grid = (N * C * F, triton.cdiv(S, BLOCK_S))
+    BLOCK_R = min(triton.next_power_of_2(R), max(1, 2048 // BLOCK_S))
+    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(S, BLOCK_S))
     torch.library.wrap_triton(_ensemble_euler_step_fwd_kernel)[grid](
         x, v, context, dt, y,
-        C, F, context.shape[2], S,
+        C, F, context.shape[2], R, S,
         x.stride(0), x.stride(1), x.stride(2), sxs,
         v.stride(0), v.stride(1), v.stride(2), svs,
         scn, context.stride(1), context.stride(2), scs,
-        BLOCK_S=BLOCK_S,
+        BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S,
     )
     return y
 
