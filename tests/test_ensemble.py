@@ -197,6 +197,23 @@ def test_wan_tiny_batched_equals_sequential(wan_tiny):
     assert torch.equal(batched[:, :, : context.shape[2]], context.expand(3, -1, -1, -1, -1))
 
 
+@pytest.mark.gpu
+def test_wan_tiny_cuda_graph_equals_eager():
+    from wmfast.models.wan import build_world_model
+
+    torch.manual_seed(0)
+    model = build_world_model("tiny", vae=False, device="cuda").eval()
+    sched = model.schedule
+    context = torch.randn(1, 48, sched.num_context_latents, 4, 4, device="cuda")
+    cfg = EnsembleConfig(n=4, steps=4, progress=False, graph=False)
+    with torch.no_grad():
+        cond = model.prepare_conditioning(torch.randn(1, 77, 25, device="cuda"))
+        eager = sample_ensemble(model, context, cond, sched.num_latents, cfg)
+        cfg.graph = True
+        graphed = sample_ensemble(model, context, cond, sched.num_latents, cfg)
+    torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------- CLI end to end (tiny model)
 
 
@@ -228,7 +245,7 @@ def test_cli_sample_and_eval_psnr(raw_data, tmp_path):
 
     ev = tmp_path / "eval"
     assert main(["eval-psnr", *common, "--ensemble", "1,2", "--steps", "2", "--out", str(ev)]) == 0
-    rows = list(csv.DictReader(open(ev / "psnr.csv")))
+    rows = list(csv.DictReader((ev / "psnr.csv").read_text().splitlines()))
     assert [(r["steps"], r["ensemble"]) for r in rows] == [("2", "1"), ("2", "2")]
     assert (ev / "psnr.md").read_text().startswith("| steps | N |") and (ev / "psnr.png").stat().st_size > 0
     # The N=2 ensemble of eval-psnr is the first 2 members of its larger run: the same as `sample --ensemble 2`.
