@@ -1,17 +1,36 @@
-"""Fused AdaLN-Zero modulation: LayerNorm + modulate, gated residual, and both fused.
+"""Fused AdaLN-Zero modulation: LayerNorm + modulate, gated residual, and both fused (forward + backward).
 
-Reading order (STYLE.md): references, jit kernels, launchers, torch.library registration, public ops.
+Reading order (STYLE.md): references, jit kernels, launchers, torch.library registration.
+The public, validated functional API is `wmfast.ops` (wmfast/ops/adaln.py); the ops here assume valid input.
 
 Semantics (fp32 math, result cast to x.dtype):
     y   = LayerNorm(x; no affine, eps) * (1 + scale) + shift
     out = residual + gate * x
 Modulation tensors (shift, scale, gate) are per-sample [B, D] or [B, 1, D], per-frame [B, F, D] with
-`frame_len` (token l uses row l // frame_len, F * frame_len == L), or per-token [B, L, D].
+`frame_len` (token l uses row l // frame_len, F * frame_len == L), or per-token [B, L, D]. The kernels read
+every tensor through its strides (a `mod.unbind(1)` view of [B, 6, D] or [B, F, 6, D] is never copied), and
+the modulation may be fp32 while x is bf16/fp16.
+
+Backward: one fused kernel per op recomputes the row statistics (the row is in registers anyway, so saving
+mean/rstd would only add memory traffic), writes dx (and d_residual), and reduces d(shift), d(scale), d(gate)
+over the tokens that share a modulation row. The reduction is deterministic and in fp32: each program owns a
+fixed chunk of rows inside one (sample, frame) group and writes one partial row; a second kernel sums the
+partials in a fixed order (no atomics, so two backward runs are bit-identical).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from wmfast.backend import triton_interpret
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. References (the specification)
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def expand_modulation(mod: torch.Tensor, L: int, frame_len: int | None) -> torch.Tensor:
@@ -54,3 +73,450 @@ def gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, *, ep
     scale = expand_modulation(scale, L, frame_len).to(dt)
     y = F.layer_norm(out, (D,), eps=eps) * (1 + scale) + shift
     return y.to(x.dtype), out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Triton kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    X, sxb, sxl, sxd,
+    RES, srb, srl, srd,
+    GATE, sgb, sgf, sgd, g_div,
+    SHIFT, ssb, ssf, ssd, s_div,
+    SCALE, scb, scf, scd, c_div,
+    Y, OUT,  # contiguous [B, L, D], x.dtype
+    n_rows, L, D, eps,
+    HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_D] tile of flattened (b, l) rows; a row's modulation row is (b, l // div)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols[None, :] < D)
+    b = rows // L
+    l = rows % L
+    x = tl.load(X + (b * sxb + l * sxl)[:, None] + cols[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    out_offs = (rows * D)[:, None] + cols[None, :]
+    if HAS_RES:
+        r = tl.load(RES + (b * srb + l * srl)[:, None] + cols[None, :] * srd, mask=mask, other=0.0)
+        g = tl.load(GATE + (b * sgb + (l // g_div) * sgf)[:, None] + cols[None, :] * sgd, mask=mask, other=0.0)
+        h = r.to(tl.float32) + g.to(tl.float32) * x
+        tl.store(OUT + out_offs, h.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        h = x
+    if HAS_NORM:
+        mean = tl.sum(h, axis=1) / D
+        hc = tl.where(mask, h - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        sh = tl.load(SHIFT + (b * ssb + (l // s_div) * ssf)[:, None] + cols[None, :] * ssd, mask=mask, other=0.0)
+        sc = tl.load(SCALE + (b * scb + (l // c_div) * scf)[:, None] + cols[None, :] * scd, mask=mask, other=0.0)
+        y = hc * rstd[:, None] * (1.0 + sc.to(tl.float32)) + sh.to(tl.float32)
+        tl.store(Y + out_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    DY, sdyb, sdyl, sdyd,
+    DOUT, sdob, sdol, sdod,
+    X, sxb, sxl, sxd,
+    RES, srb, srl, srd,
+    GATE, sgb, sgf, sgd, g_div,
+    SCALE, scb, scf, scd, c_div,
+    DX, DRES,  # contiguous [B, L, D]
+    DGATE, dgb, dgr,  # per-token: the gradient [B, L, D]; else fp32 partials [B, NG * NC, D]
+    DSHIFT, dsb, dsr,
+    DSCALE, dcb, dcr,
+    L, D, G, NC, rows_per_prog, eps,
+    HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
+    GATE_TOKEN: tl.constexpr, SHIFT_TOKEN: tl.constexpr, SCALE_TOKEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (b, g, c) owns rows [c * rows_per_prog, (c + 1) * rows_per_prog) of group g (G tokens sharing a
+    modulation row) of sample b, walks them in BLOCK_M-row tiles and writes one fp32 partial row per reduced
+    modulation gradient (in a fixed order: deterministic)."""
+    pid = tl.program_id(0)
+    NG = L // G
+    b = (pid // (NG * NC)).to(tl.int64)
+    g = (pid // NC) % NG
+    c = pid % NC
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(0, rows_per_prog, BLOCK_M):
+        k = c * rows_per_prog + i + tl.arange(0, BLOCK_M)  # index inside the group
+        rmask = k < G
+        mask = rmask[:, None] & cmask[None, :]
+        l = (g * G + k).to(tl.int64)
+        x = tl.load(X + (b * sxb + l * sxl)[:, None] + cols[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            r = tl.load(RES + (b * srb + l * srl)[:, None] + cols[None, :] * srd, mask=mask, other=0.0)
+            gt = tl.load(GATE + (b * sgb + (l // g_div) * sgf)[:, None] + cols[None, :] * sgd, mask=mask,
+                         other=0.0).to(tl.float32)
+            h = r.to(tl.float32) + gt * x
+        else:
+            h = x
+        dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if HAS_NORM:
+            dy = tl.load(DY + (b * sdyb + l * sdyl)[:, None] + cols[None, :] * sdyd, mask=mask,
+                         other=0.0).to(tl.float32)
+            sc = tl.load(SCALE + (b * scb + (l // c_div) * scf)[:, None] + cols[None, :] * scd, mask=mask,
+                         other=0.0).to(tl.float32)
+            mean = tl.sum(h, axis=1) / D
+            hc = tl.where(mask, h - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+            xhat = hc * rstd[:, None]
+            wdy = dy * (1.0 + sc)
+            c1 = tl.sum(xhat * wdy, axis=1) / D
+            c2 = tl.sum(wdy, axis=1) / D
+            dh = tl.where(mask, (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None], 0.0)
+            dscale_rows = dy * xhat
+            if SHIFT_TOKEN:
+                tl.store(DSHIFT + (b * dsb + l * dsr)[:, None] + cols[None, :], dy, mask=mask)
+            else:
+                acc_shift += tl.sum(dy, axis=0)
+            if SCALE_TOKEN:
+                tl.store(DSCALE + (b * dcb + l * dcr)[:, None] + cols[None, :], dscale_rows, mask=mask)
+            else:
+                acc_scale += tl.sum(dscale_rows, axis=0)
+        out_offs = (b * L * D + l * D)[:, None] + cols[None, :]
+        if HAS_RES:
+            dh += tl.load(DOUT + (b * sdob + l * sdol)[:, None] + cols[None, :] * sdod, mask=mask,
+                          other=0.0).to(tl.float32)
+            if HAS_NORM:  # without the norm, d_residual is d_out itself (returned without a kernel)
+                tl.store(DRES + out_offs, dh.to(DRES.dtype.element_ty), mask=mask)
+            dgate_rows = dh * x
+            if GATE_TOKEN:
+                tl.store(DGATE + (b * dgb + l * dgr)[:, None] + cols[None, :], dgate_rows, mask=mask)
+            else:
+                acc_gate += tl.sum(dgate_rows, axis=0)
+            dx = dh * gt
+        else:
+            dx = dh
+        tl.store(DX + out_offs, dx.to(DX.dtype.element_ty), mask=mask)
+    part = pid % (NG * NC)  # = g * NC + c
+    if HAS_RES and not GATE_TOKEN:
+        tl.store(DGATE + b * dgb + part * dgr + cols, acc_gate, mask=cmask)
+    if HAS_NORM and not SHIFT_TOKEN:
+        tl.store(DSHIFT + b * dsb + part * dsr + cols, acc_shift, mask=cmask)
+    if HAS_NORM and not SCALE_TOKEN:
+        tl.store(DSCALE + b * dcb + part * dcr + cols, acc_scale, mask=cmask)
+
+
+@triton.jit
+def _reduce_partials_kernel(P, OUT, sob, sor, R, NP, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT[b, r, :] = sum_p P[b, r * NP + p, :] in a fixed order (stage 2 of the deterministic reduction).
+    P: contiguous fp32 [B, R * NP, D]; OUT is written in its own dtype through strides (sob, sor, 1)."""
+    pid = tl.program_id(0)
+    b = (pid // R).to(tl.int64)
+    r = pid % R
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    base = P + (b * R * NP + r * NP) * D
+    for p0 in range(0, NP, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        tile = tl.load(base + (p * D)[:, None] + cols[None, :], mask=(p < NP)[:, None] & cmask[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
+    tl.store(OUT + b * sob + r * sor + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+MAX_D = 16384  # one row must fit in a tile (registers on GPU); wider rows would need a looped two-pass kernel
+
+# Tile size (elements) per program. GPU: 4096 elements (one D=3072 row, or 8 rows of D=512) with 8 warps is
+# the flash-attention LayerNorm configuration; not yet tuned on a GPU here. Under the interpreter every program
+# is a Python-level call, so bigger tiles cut the overhead (16384 measured ~3x faster than 4096 on CPU).
+_TILE = 16384 if triton_interpret() else 4096
+# Backward: programs per launch the row chunks aim for (a few waves of SMs on GPU); under the interpreter a few,
+# so that the stage-2 reduction still sums more than one partial per modulation row.
+_BWD_PROGRAMS_INTERPRET = 4
+
+SAMPLE, FRAME, TOKEN = 0, 1, 2
+
+
+def _launch(kernel):
+    """The kernel to call inside a torch.library op. Under the interpreter, the op is a plain custom_op (see
+    section 4) and calls the kernel directly; on GPU, wrap_triton lets torch.compile see and inline it."""
+    if triton_interpret():
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _mod_layout(mod: torch.Tensor, L: int, frame_len: int):
+    """(stride_b, stride_row, stride_d, row divisor, kind) with which the kernels address a modulation tensor:
+    token l of sample b reads row (l // divisor) of sample b."""
+    if mod.dim() == 2:
+        return mod.stride(0), 0, mod.stride(1), 1, SAMPLE
+    n = mod.shape[1]
+    if n == 1:
+        return mod.stride(0), 0, mod.stride(2), 1, SAMPLE
+    if n == L:
+        return mod.stride(0), mod.stride(1), mod.stride(2), 1, TOKEN
+    return mod.stride(0), mod.stride(1), mod.stride(2), frame_len, FRAME
+
+
+def _strides3(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _num_warps(block_m: int, block_d: int) -> int:
+    return max(1, min(8, block_m * block_d // 512))
+
+
+def _adaln_fwd(x, residual, gate, shift, scale, eps: float, frame_len: int, has_res: bool, has_norm: bool):
+    """Launch the forward kernel; returns (y or None, out or None)."""
+    B, L, D = x.shape
+    y = torch.empty((B, L, D), dtype=x.dtype, device=x.device) if has_norm else None
+    out = torch.empty((B, L, D), dtype=x.dtype, device=x.device) if has_res else None
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(_TILE // block_d, triton.next_power_of_2(B * L)))
+    dummy = x  # unused pointer arguments (their branches are compiled out)
+    g_lay = _mod_layout(gate, L, frame_len)[:4] if has_res else (0, 0, 0, 1)
+    s_lay = _mod_layout(shift, L, frame_len)[:4] if has_norm else (0, 0, 0, 1)
+    c_lay = _mod_layout(scale, L, frame_len)[:4] if has_norm else (0, 0, 0, 1)
+    grid = (triton.cdiv(B * L, block_m),)
+    _launch(_adaln_fwd_kernel)[grid](
+        x, *_strides3(x),
+        residual if has_res else dummy, *(_strides3(residual) if has_res else (0, 0, 0)),
+        gate if has_res else dummy, *g_lay,
+        shift if has_norm else dummy, *s_lay,
+        scale if has_norm else dummy, *c_lay,
+        y if has_norm else dummy, out if has_res else dummy,
+        B * L, L, D, eps,
+        HAS_RES=has_res, HAS_NORM=has_norm, BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=_num_warps(block_m, block_d),
+    )
+    return y, out
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _bwd_chunks(x: torch.Tensor, B: int, NG: int, G: int, block_m: int) -> tuple[int, int]:
+    """(NC, rows_per_prog): how the G rows of a group are split among programs. More programs fill the GPU;
+    fewer write fewer partials. Aim at ~2 waves of SMs (flash-attention's LayerNorm uses 1 program per SM)."""
+    target = _BWD_PROGRAMS_INTERPRET if x.device.type != "cuda" else 2 * _sm_count(x.device.index or 0)
+    nc = max(1, min(triton.cdiv(G, block_m), triton.cdiv(target, B * NG)))
+    rows_per_prog = triton.cdiv(triton.cdiv(G, nc), block_m) * block_m
+    return triton.cdiv(G, rows_per_prog), rows_per_prog
+
+
+def _grad_buffer(mod, kind, B, L, NG, NC, D):
+    """Where the backward kernel writes d(mod): the gradient itself for per-token modulation, else fp32
+    partials [B, NG * NC, D]. Returns (buffer, stride_b, stride_row)."""
+    if kind == TOKEN:
+        buf = torch.empty((B, L, D), dtype=mod.dtype, device=mod.device)
+        return buf, L * D, D
+    buf = torch.empty((B, NG * NC, D), dtype=torch.float32, device=mod.device)
+    return buf, NG * NC * D, D
+
+
+def _finish_grad(mod, kind, buf, B, NG, NC, D):
+    """Stage 2: sum the partials into a gradient of the modulation's own shape and dtype."""
+    if kind == TOKEN:
+        return buf.view(mod.shape)
+    grad = torch.empty(mod.shape, dtype=mod.dtype, device=mod.device)
+    R = NG if kind == FRAME else 1
+    NP = NG * NC // R
+    g3 = grad.view(B, -1, D)
+    block_d = min(triton.next_power_of_2(D), 1024)
+    block_p = max(1, min(triton.next_power_of_2(NP), _TILE // block_d))
+    _launch(_reduce_partials_kernel)[(B * R, triton.cdiv(D, block_d))](
+        buf, g3, g3.stride(0), g3.stride(1) if R > 1 else 0, R, NP, D, BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=_num_warps(block_p, block_d),
+    )
+    return grad
+
+
+def _adaln_bwd(dy, dout, x, residual, gate, shift, scale, eps: float, frame_len: int, has_res: bool,
+               has_norm: bool):
+    """Launch the fused backward; returns (dx, dres or None, dgate or None, dshift or None, dscale or None)."""
+    B, L, D = x.shape
+    mods = {"gate": gate if has_res else None, "shift": shift if has_norm else None,
+            "scale": scale if has_norm else None}
+    kinds = {k: _mod_layout(m, L, frame_len)[4] for k, m in mods.items() if m is not None}
+    G = frame_len if FRAME in kinds.values() else L  # tokens per group: every reduced row lies in one group
+    NG = L // G
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(_TILE // block_d, triton.next_power_of_2(G)))
+    NC, rows_per_prog = _bwd_chunks(x, B, NG, G, block_m)
+    dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    dres = torch.empty((B, L, D), dtype=x.dtype, device=x.device) if has_res and has_norm else None
+    bufs = {k: _grad_buffer(m, kinds[k], B, L, NG, NC, D) if m is not None else (x, 0, 0) for k, m in mods.items()}
+    dummy = x
+    g_lay = _mod_layout(gate, L, frame_len)[:4] if has_res else (0, 0, 0, 1)
+    c_lay = _mod_layout(scale, L, frame_len)[:4] if has_norm else (0, 0, 0, 1)
+    _launch(_adaln_bwd_kernel)[(B * NG * NC,)](
+        dy if has_norm else dummy, *(_strides3(dy) if has_norm else (0, 0, 0)),
+        dout if has_res else dummy, *(_strides3(dout) if has_res else (0, 0, 0)),
+        x, *_strides3(x),
+        residual if has_res else dummy, *(_strides3(residual) if has_res else (0, 0, 0)),
+        gate if has_res else dummy, *g_lay,
+        scale if has_norm else dummy, *c_lay,
+        dx, dres if dres is not None else dummy,
+        *bufs["gate"], *bufs["shift"], *bufs["scale"],
+        L, D, G, NC, rows_per_prog, eps,
+        HAS_RES=has_res, HAS_NORM=has_norm, GATE_TOKEN=kinds.get("gate") == TOKEN,
+        SHIFT_TOKEN=kinds.get("shift") == TOKEN, SCALE_TOKEN=kinds.get("scale") == TOKEN,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_num_warps(block_m, block_d),
+    )
+    grads = {k: _finish_grad(m, kinds[k], bufs[k][0], B, NG, NC, D) if m is not None else None
+             for k, m in mods.items()}
+    return dx, dres, grads["gate"], grads["shift"], grads["scale"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. torch.library registration
+# ---------------------------------------------------------------------------------------------------------------
+# On GPU the ops are `triton_op`s whose kernels are launched through `wrap_triton`, so torch.compile(fullgraph=True)
+# traces into them (Inductor sees the kernels). Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted
+# function unchanged, so a triton_op's fake (meta) pass would run the interpreter on FakeTensors and fail
+# (checked on torch 2.13 / triton 3.9: "Attempted to set the storage of a tensor on device meta"). There the ops
+# are registered as plain `custom_op`s with an explicit fake implementation instead: eager calls, opcheck and
+# torch.compile (as an opaque op, no graph break) all still run the real kernels on the CPU.
+
+
+def _register(name: str, fn, fake):
+    qualname = f"wmfast::{name}"
+    if triton_interpret():
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(qualname, fn, mutates_args=())
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+# ---- forward ops ----
+
+
+def _lnm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, frame_len: int) -> torch.Tensor:
+    return _adaln_fwd(x, None, None, shift, scale, eps, frame_len, has_res=False, has_norm=True)[0]
+
+
+def _lnm_fwd_fake(x, shift, scale, eps, frame_len):
+    return _like(x)
+
+
+def _gr_fwd(residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, frame_len: int) -> torch.Tensor:
+    return _adaln_fwd(x, residual, gate, None, None, 0.0, frame_len, has_res=True, has_norm=False)[1]
+
+
+def _gr_fwd_fake(residual, x, gate, frame_len):
+    return _like(x)
+
+
+def _grlnm_fwd(residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+               scale: torch.Tensor, eps: float, frame_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _adaln_fwd(x, residual, gate, shift, scale, eps, frame_len, has_res=True, has_norm=True)
+
+
+def _grlnm_fwd_fake(residual, x, gate, shift, scale, eps, frame_len):
+    return _like(x), _like(x)
+
+
+layernorm_modulate_op = _register("layernorm_modulate", _lnm_fwd, _lnm_fwd_fake)
+gated_residual_op = _register("gated_residual", _gr_fwd, _gr_fwd_fake)
+gated_residual_layernorm_modulate_op = _register("gated_residual_layernorm_modulate", _grlnm_fwd, _grlnm_fwd_fake)
+
+
+# ---- backward ops ----
+
+
+def _lnm_bwd(dy: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+             frame_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, _, _, dshift, dscale = _adaln_bwd(dy, None, x, None, None, shift, scale, eps, frame_len,
+                                          has_res=False, has_norm=True)
+    return dx, dshift, dscale
+
+
+def _lnm_bwd_fake(dy, x, shift, scale, eps, frame_len):
+    return _like(x), _like(shift), _like(scale)
+
+
+def _gr_bwd(dout: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
+            frame_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, _, dgate, _, _ = _adaln_bwd(None, dout, x, x, gate, None, None, 0.0, frame_len, has_res=True,
+                                    has_norm=False)
+    return dx, dgate
+
+
+def _gr_bwd_fake(dout, x, gate, frame_len):
+    return _like(x), _like(gate)
+
+
+def _grlnm_bwd(dy: torch.Tensor, dout: torch.Tensor, residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
+               shift: torch.Tensor, scale: torch.Tensor, eps: float, frame_len: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dres, dgate, dshift, dscale = _adaln_bwd(dy, dout, x, residual, gate, shift, scale, eps, frame_len,
+                                                 has_res=True, has_norm=True)
+    return dres, dx, dgate, dshift, dscale
+
+
+def _grlnm_bwd_fake(dy, dout, residual, x, gate, shift, scale, eps, frame_len):
+    return _like(x), _like(x), _like(gate), _like(shift), _like(scale)
+
+
+layernorm_modulate_bwd_op = _register("layernorm_modulate_bwd", _lnm_bwd, _lnm_bwd_fake)
+gated_residual_bwd_op = _register("gated_residual_bwd", _gr_bwd, _gr_bwd_fake)
+gated_residual_layernorm_modulate_bwd_op = _register("gated_residual_layernorm_modulate_bwd", _grlnm_bwd,
+                                                     _grlnm_bwd_fake)
+
+
+# ---- autograd ----
+# The gradients of the modulation come back in its own shape and dtype (contiguous); autograd scatters them into
+# the parent of a strided view (e.g. the [B, 6, D] tensor that was unbound).
+
+
+def _lnm_setup(ctx, inputs, output):
+    x, shift, scale, eps, frame_len = inputs
+    ctx.save_for_backward(x, shift, scale)
+    ctx.eps, ctx.frame_len = eps, frame_len
+
+
+def _lnm_backward(ctx, dy):
+    x, shift, scale = ctx.saved_tensors
+    dx, dshift, dscale = layernorm_modulate_bwd_op(dy, x, shift, scale, ctx.eps, ctx.frame_len)
+    return dx, dshift, dscale, None, None
+
+
+def _gr_setup(ctx, inputs, output):
+    _residual, x, gate, frame_len = inputs
+    ctx.save_for_backward(x, gate)
+    ctx.frame_len = frame_len
+
+
+def _gr_backward(ctx, dout):
+    x, gate = ctx.saved_tensors
+    dx, dgate = gated_residual_bwd_op(dout, x, gate, ctx.frame_len)
+    return dout, dx, dgate, None  # d(residual) = d(out)
+
+
+def _grlnm_setup(ctx, inputs, output):
+    residual, x, gate, shift, scale, eps, frame_len = inputs
+    ctx.save_for_backward(residual, x, gate, shift, scale)
+    ctx.eps, ctx.frame_len = eps, frame_len
+
+
+def _grlnm_backward(ctx, dy, dout):
+    residual, x, gate, shift, scale = ctx.saved_tensors
+    dres, dx, dgate, dshift, dscale = gated_residual_layernorm_modulate_bwd_op(
+        dy, dout, residual, x, gate, shift, scale, ctx.eps, ctx.frame_len)
+    return dres, dx, dgate, dshift, dscale, None, None
+
+
+layernorm_modulate_op.register_autograd(_lnm_backward, setup_context=_lnm_setup)
+gated_residual_op.register_autograd(_gr_backward, setup_context=_gr_setup)
+gated_residual_layernorm_modulate_op.register_autograd(_grlnm_backward, setup_context=_grlnm_setup)

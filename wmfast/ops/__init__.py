@@ -2,6 +2,7 @@
 (`wmfast.backend`) and runs it. Shapes are documented on each op."""
 from wmfast.ops.adaln import gated_residual, gated_residual_layernorm_modulate, layernorm_modulate
 from wmfast.ops.attention import spatial_attention, temporal_attention, temporal_decode_step
+from wmfast.ops.sampler import ensemble_euler_step, ensemble_mean_var
 
 __all__ = [
     "layernorm_modulate",
@@ -10,4 +11,6 @@ __all__ = [
     "spatial_attention",
     "temporal_attention",
     "temporal_decode_step",
+    "ensemble_euler_step",
+    "ensemble_mean_var",
 ]

@@ -1,25 +1,151 @@
-"""Public AdaLN-Zero ops (validation + backend dispatch). Placeholder bodies call the references until the
-Triton kernels land (issue: foundation)."""
+"""Public AdaLN-Zero ops: validate, pick a backend (`wmfast.backend.select_backend`), run it.
+
+Backends: "triton" (the fused kernels of `wmfast.kernels.adaln`, registered with torch.library), "cuda" (the
+CUDA C++ extension through `wmfast.csrc_ops`, same names and semantics; imported only when selected) and "torch"
+(the fp32 references, which torch.compile traces natively).
+
+Shapes: x, residual [B, L, D]; each of shift, scale, gate one of
+    per-sample [B, D] or [B, 1, D];  per-frame [B, F, D] with frame_len (F * frame_len == L);  per-token [B, L, D].
+Modulation may be a strided view (e.g. `mod.unbind(1)` of [B, 6, D] or [B, F, 6, D]) and fp32 while x is
+bf16/fp16; the kernels read it through its strides and never copy it.
+"""
 from __future__ import annotations
 
-from wmfast.kernels.adaln import (
-    gated_residual_layernorm_modulate_ref,
-    gated_residual_ref,
-    layernorm_modulate_ref,
-)
+import torch
+
+from wmfast.backend import select_backend
+from wmfast.kernels import adaln as _k
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SUPPORTED = ("cuda", "triton", "torch")  # preference order on CUDA tensors
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_x(name: str, x, like=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")  # noqa: TRY004 - the API promises ValueError
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [B, L, D], got shape {_shape(x)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {_shape(x)}")
+    if like is not None:
+        if x.shape != like.shape:
+            raise ValueError(f"{name} shape {_shape(x)} != x shape {_shape(like)}")
+        if x.dtype != like.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} != x dtype {like.dtype}")
+        if x.device != like.device:
+            raise ValueError(f"{name} is on {x.device}, x on {like.device}")
+
+
+def _check_frame_len(frame_len, x) -> None:
+    if frame_len is None:
+        return
+    if isinstance(frame_len, bool) or not isinstance(frame_len, int) or frame_len <= 0:
+        raise ValueError(f"frame_len must be a positive int, got {frame_len!r}")
+    L = x.shape[1]
+    if L % frame_len != 0:
+        raise ValueError(f"L={L} (x shape {_shape(x)}) is not a multiple of frame_len={frame_len}")
+
+
+def _check_mod(name: str, mod, x, frame_len) -> None:
+    """Per-sample [B, D] / [B, 1, D], per-frame [B, F, D] (needs frame_len, F * frame_len == L), per-token [B, L, D]."""
+    B, L, D = x.shape
+    if not isinstance(mod, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(mod).__name__}")  # noqa: TRY004 - the API promises ValueError
+    if mod.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"{name} dtype {mod.dtype} must be x's dtype {x.dtype} or float32")
+    if mod.device != x.device:
+        raise ValueError(f"{name} is on {mod.device}, x on {x.device}")
+    if mod.dim() not in (2, 3) or mod.shape[0] != B or mod.shape[-1] != D:
+        raise ValueError(f"{name} shape {_shape(mod)} must be [B, D], [B, 1, D], [B, F, D] or [B, L, D] "
+                         f"with B={B}, D={D} (x shape {_shape(x)})")
+    if mod.dim() == 2 or mod.shape[1] in (1, L):
+        return
+    n = mod.shape[1]
+    if frame_len is None:
+        raise ValueError(f"{name} shape {_shape(mod)} is per-frame (F={n}, neither 1 nor L={L}): "
+                         f"frame_len is required")
+    if n * frame_len != L:
+        raise ValueError(f"{name} shape {_shape(mod)}: F={n} frames * frame_len={frame_len} != L={L} "
+                         f"(x shape {_shape(x)})")
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def _check_triton_limits(x) -> None:
+    if x.shape[2] > _k.MAX_D:
+        raise ValueError(f"x shape {_shape(x)}: D={x.shape[2]} exceeds the Triton kernels' limit D <= {_k.MAX_D} "
+                         "(set WMFAST_BACKEND=torch)")
+
+
+def _csrc():
+    from wmfast import csrc_ops  # the CUDA extension's wrappers: imported only when that backend is chosen
+
+    return csrc_ops
 
 
 def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
-    """y = LayerNorm(x) * (1 + scale) + shift. x: [B, L, D]; shift/scale: [B, D], [B, 1, D], [B, F, D]
-    (with frame_len) or [B, L, D]."""
-    return layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)
+    """y = LayerNorm(x; no affine, eps) * (1 + scale) + shift, in fp32, cast to x.dtype.
+
+    x: [B, L, D] (bf16, fp16, fp32). shift, scale: [B, D], [B, 1, D], [B, F, D] (with frame_len) or [B, L, D],
+    x's dtype or fp32, any strides. Returns y: [B, L, D] in x.dtype. Differentiable in x, shift and scale."""
+    _check_x("x", x)
+    _check_eps(eps)
+    _check_frame_len(frame_len, x)
+    _check_mod("shift", shift, x, frame_len)
+    _check_mod("scale", scale, x, frame_len)
+    backend = select_backend("layernorm_modulate", x.device, _SUPPORTED)
+    if backend == "triton":
+        _check_triton_limits(x)
+        return _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0)
+    if backend == "cuda":
+        return _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)
+    return _k.layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)
 
 
 def gated_residual(residual, x, gate, *, frame_len=None):
-    """out = residual + gate * x."""
-    return gated_residual_ref(residual, x, gate, frame_len=frame_len)
+    """out = residual + gate * x, in fp32, cast to x.dtype.
+
+    residual, x: [B, L, D] (same shape and dtype). gate: [B, D], [B, 1, D], [B, F, D] (with frame_len) or
+    [B, L, D], x's dtype or fp32, any strides. Returns out: [B, L, D]. Differentiable in all three."""
+    _check_x("x", x)
+    _check_x("residual", residual, like=x)
+    _check_frame_len(frame_len, x)
+    _check_mod("gate", gate, x, frame_len)
+    backend = select_backend("gated_residual", x.device, _SUPPORTED)
+    if backend == "triton":
+        _check_triton_limits(x)
+        return _k.gated_residual_op(residual, x, gate, frame_len or 0)
+    if backend == "cuda":
+        return _csrc().gated_residual(residual, x, gate, frame_len=frame_len)
+    return _k.gated_residual_ref(residual, x, gate, frame_len=frame_len)
 
 
 def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e-6, frame_len=None):
-    """(y, out) with out = residual + gate * x and y = layernorm_modulate(out, shift, scale)."""
-    return gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps, frame_len=frame_len)
+    """(y, out): out = residual + gate * x and y = LayerNorm(out) * (1 + scale) + shift, in one pass.
+
+    y is normalised from the fp32 `out` (before its cast to x.dtype). residual, x: [B, L, D]; gate, shift,
+    scale: [B, D], [B, 1, D], [B, F, D] (with frame_len) or [B, L, D], each x's dtype or fp32, any strides.
+    Returns y, out: [B, L, D] in x.dtype. Differentiable in all five tensors."""
+    _check_x("x", x)
+    _check_x("residual", residual, like=x)
+    _check_eps(eps)
+    _check_frame_len(frame_len, x)
+    for name, mod in (("gate", gate), ("shift", shift), ("scale", scale)):
+        _check_mod(name, mod, x, frame_len)
+    backend = select_backend("gated_residual_layernorm_modulate", x.device, _SUPPORTED)
+    if backend == "triton":
+        _check_triton_limits(x)
+        return _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps), frame_len or 0)
+    if backend == "cuda":
+        return _csrc().gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
+                                                         frame_len=frame_len)
+    return _k.gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps, frame_len=frame_len)

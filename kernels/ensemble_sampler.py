@@ -1,0 +1,188 @@
+"""Fused sampler ops for batched ensemble denoising (forward only: sampling never differentiates).
+
+Reading order (STYLE.md): references, jit kernels, launchers, torch.library registration.
+
+1. `ensemble_euler_step`: one flow-matching Euler step over the whole ensemble and, in the same pass, the
+   clean context latents re-imposed on the first `Fc` latent frames of every member:
+       y[n, c, f] = context[n or 0, c, f]          for f <  Fc  (context: batch 1 broadcast, or batch N)
+       y[n, c, f] = x[n, c, f] + dt * v[n, c, f]   for f >= Fc  (fp32 math, cast to x.dtype)
+   with dt = sigma_next - sigma (< 0: flow matching integrates from noise, sigma = 1, to data, sigma = 0).
+   Unfused, this is `x + dt * v` then a `copy_` of the context slice: two kernels, an extra read and write
+   of the whole ensemble, and a materialised N-fold copy of the context when it is broadcast.
+   Context rows never read x or v (masked loads), so those bytes are not even fetched.
+2. `ensemble_mean_var`: the ensemble mean and population variance (correction 0: N = 1 gives 0) over the
+   leading member dimension in one pass (Welford in fp32 registers), instead of a mean pass and a var pass.
+   Used on latents (latent-space averaging) and on decoded pixels (pixel-space averaging and the spread map).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. pure-torch references (the specification)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ensemble_euler_step_ref(x, v, dt, context, *, upcast=True):
+    """Reference. x, v: [N, C, F, H, W]; dt: 0-d tensor or float; context: [1 or N, C, Fc, H, W], Fc <= F.
+    upcast=True computes in fp32 (the specification); upcast=False in x.dtype (plain PyTorch in low precision)."""
+    dt_ = torch.float32 if upcast else x.dtype
+    dt = torch.as_tensor(dt, device=x.device).to(dt_)
+    y = (x.to(dt_) + dt * v.to(dt_)).to(x.dtype)
+    Fc = context.shape[2]
+    y[:, :, :Fc] = context.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)
+    return y
+
+
+def ensemble_mean_var_ref(x, *, upcast=True):
+    """Reference. x: [N, ...] -> (mean [...], var [...]), population variance over dim 0, cast to x.dtype."""
+    dt_ = torch.float32 if upcast else x.dtype
+    xf = x.to(dt_)
+    return xf.mean(0).to(x.dtype), xf.var(0, correction=0).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. jit kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ensemble_euler_step_fwd_kernel(
+    X, V, CTX, DT, Y,
+    C, F, FC, R, S,
+    sxn, sxc, sxf, sxs,
+    svn, svc, svf, svs,
+    scn, scc, scf, scs,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # One program per BLOCK_R rows (a row = one (member n, channel c, latent frame f)) x BLOCK_S of the H*W
+    # positions. Several rows per program keep programs large when H*W is small (and the interpreter fast).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    f = rows % F
+    c = (rows // F) % C
+    n = rows // (C * F)
+    inside = (rows < R)[:, None] & (offs < S)[None, :]
+    is_ctx = (f < FC)[:, None]
+    # Masked loads fetch nothing: context rows read only the (possibly batch-1, stride-0) context, the
+    # other rows only x and v.
+    ctx = tl.load(CTX + (n * scn + c * scc + f * scf)[:, None] + offs[None, :] * scs, mask=inside & is_ctx)
+    x = tl.load(X + (n * sxn + c * sxc + f * sxf)[:, None] + offs[None, :] * sxs, mask=inside & ~is_ctx)
+    v = tl.load(V + (n * svn + c * svc + f * svf)[:, None] + offs[None, :] * svs, mask=inside & ~is_ctx)
+    dt = tl.load(DT).to(tl.float32)
+    y = tl.where(is_ctx, ctx.to(tl.float32), x.to(tl.float32) + dt * v.to(tl.float32))
+    tl.store(Y + rows[:, None] * S + offs[None, :], y.to(Y.dtype.element_ty), mask=inside)  # Y: contiguous
+
+
+@triton.jit
+def _ensemble_mean_var_fwd_kernel(X, MEAN, VAR, N, M, sxn, BLOCK: tl.constexpr):
+    # One program per BLOCK of the M per-member elements; the N members are streamed through registers
+    # (Welford: no catastrophic cancellation of sum(x^2) - sum(x)^2 on latents with a large mean).
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    mean = tl.zeros([BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.float32)
+    x_ptrs = X + offs
+    for _ in range(N):
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        count += 1.0
+        delta = x - mean
+        mean += delta / count
+        m2 += delta * (x - mean)
+        x_ptrs += sxn
+    tl.store(MEAN + offs, mean.to(MEAN.dtype.element_ty), mask=mask)
+    tl.store(VAR + offs, (m2 / count).to(VAR.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. launchers (inputs validated by wmfast.ops.sampler; these only adapt strides)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _spatial_stride(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(t, stride of the merged H*W axis). H and W merge without a copy when stride_h == W * stride_w
+    (true for contiguous tensors and for slices along N, C or F); otherwise the launcher copies."""
+    if t.shape[3] > 1 and t.shape[4] > 1 and t.stride(3) != t.shape[4] * t.stride(4):
+        t = t.contiguous()
+    return t, t.stride(4) if t.shape[4] > 1 else t.stride(3)
+
+
+def _ensemble_euler_step_fwd(x, v, dt, context):
+    N, C, F, H, W = x.shape
+    S = H * W
+    x, sxs = _spatial_stride(x)
+    v, svs = _spatial_stride(v)
+    context, scs = _spatial_stride(context)
+    y = torch.empty((N, C, F, H, W), device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    scn = context.stride(0) if context.shape[0] == N else 0  # batch-1 context: broadcast with stride 0
+    R = N * C * F
+    BLOCK_S = min(1024, triton.next_power_of_2(S))
+    BLOCK_R = min(triton.next_power_of_2(R), max(1, 2048 // BLOCK_S))
+    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(S, BLOCK_S))
+    torch.library.wrap_triton(_ensemble_euler_step_fwd_kernel)[grid](
+        x, v, context, dt, y,
+        C, F, context.shape[2], R, S,
+        x.stride(0), x.stride(1), x.stride(2), sxs,
+        v.stride(0), v.stride(1), v.stride(2), svs,
+        scn, context.stride(1), context.stride(2), scs,
+        BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S,
+    )
+    return y
+
+
+def _ensemble_mean_var_fwd(x):
+    N = x.shape[0]
+    x2 = x.reshape(N, -1)  # a view whenever the per-member part is contiguous (e.g. x = batch[::2])
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[1]
+    mean = torch.empty(x.shape[1:], device=x.device, dtype=x.dtype)
+    var = torch.empty(x.shape[1:], device=x.device, dtype=x.dtype)
+    if M == 0:
+        return mean, var
+    BLOCK = min(1024, triton.next_power_of_2(M))
+    torch.library.wrap_triton(_ensemble_mean_var_fwd_kernel)[(triton.cdiv(M, BLOCK),)](
+        x2, mean, var, N, M, x2.stride(0), BLOCK=BLOCK)
+    return mean, var
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. torch.library registration: torch.compile(fullgraph=True) traces the kernels, CUDA graphs capture them
+# ---------------------------------------------------------------------------------------------------------
+# On a GPU the ops are `triton_op`s, so Inductor sees the Triton kernels themselves. Under TRITON_INTERPRET=1
+# wrap_triton returns the interpreted function, which cannot run on the FakeTensors/FunctionalTensors of
+# AOT tracing; there the ops are registered as opaque `custom_op`s (same schema, same fake impls), so
+# opcheck and torch.compile(fullgraph=True) still exercise the registration on the CPU.
+_register = torch.library.custom_op if os.environ.get("TRITON_INTERPRET", "0") == "1" else torch.library.triton_op
+
+
+
+@_register("wmfast::ensemble_euler_step", mutates_args=())
+def ensemble_euler_step_triton(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+                               context: torch.Tensor) -> torch.Tensor:
+    return _ensemble_euler_step_fwd(x, v, dt, context)
+
+
+@_register("wmfast::ensemble_mean_var", mutates_args=())
+def ensemble_mean_var_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ensemble_mean_var_fwd(x)
+
+
+# Explicit fake (meta) implementations: under TRITON_INTERPRET=1 wrap_triton would otherwise run the
+# interpreter on FakeTensors (it copies their storage to the host), so shape inference must not launch.
+@ensemble_euler_step_triton.register_fake
+def _(x, v, dt, context):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
+@ensemble_mean_var_triton.register_fake
+def _(x):
+    return (torch.empty(x.shape[1:], device=x.device, dtype=x.dtype),
+            torch.empty(x.shape[1:], device=x.device, dtype=x.dtype))

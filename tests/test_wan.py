@@ -1,0 +1,195 @@
+"""Wan world model (tiny configs, CPU): init parity with diffusers, fused vs unfused parity (forward and
+backward), batch-1 conditioning broadcast, text K/V cache, VAE frame mapping, input validation."""
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from wmfast.models.wan import WanConditioning, build_world_model, get_preset
+from wmfast.models.wan_blocks import FusedWanTransformerBlock
+from wmfast.models.wan_schedule import FrameSchedule, num_latent_frames
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_world_model("tiny", vae=False)
+
+
+def _inputs(model, B=2, Bc=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = model.schedule.num_latents
+    lat = torch.randn(B, 48, n, 4, 6, generator=g)  # 2x3 tokens per frame: H' != W' on purpose
+    t = torch.rand(B, n, generator=g) * 1000
+    t[:, : model.num_context_latents] = 0
+    states = torch.randn(Bc or B, 77, 25, generator=g)
+    return lat, t, states
+
+
+def _randomize_state_modules(transformer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "state_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _plain_diffusers(model):
+    base = WanTransformer3DModel(**get_preset("tiny").transformer)
+    sd = {k: v for k, v in model.transformer.state_dict().items() if "state_" not in k}
+    base.load_state_dict(sd, strict=True)
+    return base
+
+
+def test_parameter_names_unchanged(model):
+    base = WanTransformer3DModel(**get_preset("tiny").transformer)
+    ours = {k for k in model.transformer.state_dict() if "state_" not in k}
+    assert ours == set(base.state_dict())
+    assert all(isinstance(b, FusedWanTransformerBlock) for b in model.transformer.blocks)
+
+
+def test_init_bit_identical_to_base(model):
+    """Zero-initialised state projections: the world model (unfused path) equals diffusers bit for bit."""
+    lat, t, states = _inputs(model)
+    base = _plain_diffusers(model)
+    frame_len = 6
+    with torch.no_grad():
+        ref = base(lat, t.repeat_interleave(frame_len, 1), model.empty_text.expand(2, -1, -1), return_dict=False)[0]
+        cond = model.prepare_conditioning(states)
+        assert all(torch.count_nonzero(s) == 0 for s in cond.state_temb)
+        ours = model.velocity(lat, t, cond, fused=False)
+        fused = model.velocity(lat, t, cond, fused=True)
+        no_state = WanConditioning([torch.zeros_like(s) for s in cond.state_temb], cond.text_kv, cond.text)
+        fused_no_state = model.velocity(lat, t, no_state, fused=True)
+    assert torch.equal(ours, ref)
+    assert torch.equal(fused, fused_no_state)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_state_conditioning_changes_output():
+    torch.manual_seed(0)
+    m = build_world_model("tiny", vae=False)
+    _randomize_state_modules(m.transformer)
+    lat, t, states = _inputs(m)
+    with torch.no_grad():
+        a = m.velocity(lat, t, m.prepare_conditioning(states))
+        b = m.velocity(lat, t, m.prepare_conditioning(states + 1))
+    assert (a - b).abs().max() > 1e-4
+
+
+def _grads(transformer):
+    return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["eager", "grad-ckpt"])
+def test_fused_matches_unfused_fwd_bwd(ckpt):
+    """fp32, non-zero state modules: fused per-frame path vs diffusers' per-token blocks; outputs and the
+    gradients of every parameter (base, state modules) and of the input latents."""
+    torch.manual_seed(0)
+    m = build_world_model("tiny", vae=False)
+    _randomize_state_modules(m.transformer)
+    if ckpt:
+        m.transformer.enable_gradient_checkpointing()
+    lat, t, states = _inputs(m)
+    outs, grads = [], []
+    for fused in (True, False):
+        m.transformer.zero_grad(set_to_none=True)
+        x = lat.clone().requires_grad_(True)
+        v = m.velocity(x, t, m.prepare_conditioning(states), fused=fused)
+        (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
+        outs.append(v.detach())
+        grads.append({**_grads(m.transformer), "latents": x.grad})
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert grads[0]["state_embedder.fc1.weight"].abs().max() > 0
+
+
+def test_fused_vs_plain_diffusers_grads(model):
+    """The patched model vs an unpatched diffusers transformer with the same weights (state at init)."""
+    lat, t, states = _inputs(model, seed=3)
+    base = _plain_diffusers(model)
+    vb = base(lat, t.repeat_interleave(6, 1), model.empty_text.expand(2, -1, -1), return_dict=False)[0]
+    vb.square().mean().backward()
+    model.transformer.zero_grad(set_to_none=True)
+    v = model.velocity(lat, t, model.prepare_conditioning(states), fused=True)
+    v.square().mean().backward()
+    torch.testing.assert_close(v, vb, rtol=1e-5, atol=1e-5)
+    ours = dict(model.transformer.named_parameters())
+    for name, p in base.named_parameters():
+        torch.testing.assert_close(ours[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.transformer.zero_grad(set_to_none=True)
+
+
+def test_batch1_conditioning_broadcasts(model):
+    """cond and timestep with batch 1, latents with batch N: equals the per-sample results."""
+    lat, t, states = _inputs(model, B=3, Bc=1)
+    with torch.no_grad():
+        cond1 = model.prepare_conditioning(states)
+        v = model.velocity(lat, t[:1], cond1)
+        ref = torch.cat([model.velocity(lat[i:i + 1], t[:1], cond1, fused=False) for i in range(3)])
+        condN = model.prepare_conditioning(states.expand(3, -1, -1))
+        vN = model.velocity(lat, t[:1].expand(3, -1), condN)
+    torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, vN, rtol=1e-5, atol=1e-5)
+    assert cond1.batch == 1 and cond1.text_kv[0][0].shape[0] == 1
+
+
+def test_text_kv_cached_once_and_invalidated(model):
+    _, _, states = _inputs(model)
+    with torch.no_grad():
+        a = model.prepare_conditioning(states).text_kv
+        b = model.prepare_conditioning(states).text_kv
+        assert a is b  # computed once, reused across steps and samples
+        model.transformer.blocks[0].attn2.to_k.weight.add_(0.1)  # an optimizer step would bump the version
+        c = model.prepare_conditioning(states).text_kv
+        model.transformer.blocks[0].attn2.to_k.weight.sub_(0.1)
+    assert c is not a and not torch.equal(c[0][0], a[0][0])
+    d = model.prepare_conditioning(states).text_kv  # grad enabled: recomputed with autograd, not cached
+    assert d[0][0].requires_grad
+
+
+def test_bad_inputs_raise(model):
+    lat, t, states = _inputs(model)
+    cond = model.prepare_conditioning(states)
+    with pytest.raises(ValueError, match="timestep"):
+        model.velocity(lat, t[:, :3], cond)
+    with pytest.raises(ValueError, match="cond"):
+        model.velocity(lat[:, :, :3], t[:, :3], cond)
+    with pytest.raises(ValueError, match="states"):
+        model.prepare_conditioning(states[..., :7])
+    with pytest.raises(ValueError, match="no VAE"):
+        model.encode_frames(torch.zeros(1, 5, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_schedule_maps_context_and_target():
+    for stride, n_lat, n_ctx in [(1, 20, 5), (3, 7, 2)]:
+        s = FrameSchedule(stride)
+        idx = s.frame_indices
+        assert idx[-1] == 76 and 16 in idx and len(idx) % 4 == 1
+        assert (s.num_latents, s.num_context_latents) == (n_lat, n_ctx)
+        assert num_latent_frames(s.context_count) == n_ctx and idx[s.context_count - 1] == 16
+        assert s.latent_end_frames()[-1] == 76 and s.latent_end_frames()[n_ctx - 1] == 16
+    with pytest.raises(ValueError, match="stride"):
+        FrameSchedule(2)
+
+
+def test_vae_causal_context_latents_are_clean():
+    """Encoding the context frames alone gives exactly the first latents of encoding all frames, so the
+    context latents can be held clean; decode returns 4(F'-1)+1 frames in [0, 1]."""
+    torch.manual_seed(0)
+    m = build_world_model("tiny")
+    frames = torch.randint(0, 256, (1, 9, 3, 32, 32), dtype=torch.uint8)
+    z_all = m.encode_frames(frames)
+    z_ctx = m.encode_frames(frames[:, :5])
+    assert z_all.shape == (1, 48, 3, 2, 2) and z_ctx.shape[2] == 2
+    torch.testing.assert_close(z_ctx, z_all[:, :, :2], rtol=1e-4, atol=1e-5)
+    out = m.decode_latents(z_all)
+    assert out.shape == (1, 9, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+
+
+def test_ti2v_5b_counts_on_meta():
+    m = build_world_model("ti2v-5b", device="meta")
+    base = sum(p.numel() for n, p in m.transformer.named_parameters() if "state_" not in n)
+    assert abs(base - 4_999_800_000) < 1e6, base
+    assert 700e6 < sum(p.numel() for p in m.vae.parameters()) < 710e6

@@ -1,0 +1,1 @@
+"""Inference: batched ensemble sampling (sampling track) and token generation (compression track)."""
