@@ -19,9 +19,12 @@ through torch.utils.cpp_extension.load (development: edit a .cu, re-run, only ch
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger("wmfast")
 
 NAMESPACE = "wmfast_cuda"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,25 +37,29 @@ ADALN_MAX_D_BWD_UNALIGNED = 2048
 DECODE_HEAD_DIMS = (32, 64, 128)
 
 
+def build_module():
+    """The checkout's wmfast_build.py (the build logic setup.py uses), loaded by path: it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wmfast_build", os.path.join(REPO, "wmfast_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _jit_build():
     """Build csrc/ with torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR)."""
-    import sys
-
     from torch.utils.cpp_extension import load
 
-    sys.path.insert(0, REPO)
-    try:
-        from wmfast_build import cuda_sources, extension_args
-    finally:
-        sys.path.pop(0)
-    cu, binding = cuda_sources(REPO)
-    args = extension_args(REPO)
+    build = build_module()
+    cu, binding = build.cuda_sources(REPO)
+    args = build.extension_args(REPO)
     load(name="wmfast_cuda_jit", sources=cu + [binding], extra_cflags=args["extra_compile_args"]["cxx"],
          extra_cuda_cflags=args["extra_compile_args"]["nvcc"], extra_include_paths=args["include_dirs"],
          is_python_module=False, verbose=os.environ.get("WMFAST_CUDA_JIT_VERBOSE", "0") == "1")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> tuple[bool, str]:
     """(loaded, reason): import wmfast._C (or JIT-build csrc/ when WMFAST_CUDA_JIT=1) and register the Python
     side of its ops. Never raises: the reason says what is missing."""
@@ -75,7 +82,7 @@ def load() -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------------- fake + autograd
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def register_python_side(ns: str = NAMESPACE) -> None:
     """Fake (meta) implementations and autograd for the ops of namespace `ns` (the tests also run this on
     a CPU stand-in namespace with the same schemas, so the wiring is checked without a GPU)."""
@@ -200,9 +207,34 @@ def _act(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.cache
+def _log_fallback(message: str) -> None:
+    logger.info(message)
+
+
+def _fallback_adaln():
+    """The Triton kernels when usable (CUDA tensors here), else the torch references."""
+    from wmfast.backend import triton_available
+    from wmfast.kernels import adaln as k
+
+    if triton_available()[0]:
+        return k.layernorm_modulate_op, k.gated_residual_layernorm_modulate_op, "triton"
+    return None, None, "torch"
+
+
 def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     """y = LayerNorm(x) * (1 + scale) + shift on the CUDA kernel. x: [B, L, D]; shift/scale: [B, D],
-    [B, 1, D], [B, F, D] (with frame_len) or [B, L, D], any strides. Differentiable."""
+    [B, 1, D], [B, F, D] (with frame_len) or [B, L, D], any strides. Differentiable. Shapes the kernel does
+    not take (supports_adaln) go to Triton, else the reference, with one log line."""
+    ok, why = supports_adaln(x, shift, scale)
+    if not ok:
+        op, _, name = _fallback_adaln()
+        _log_fallback(f"wmfast: layernorm_modulate: CUDA kernel skipped ({why}); using {name}")
+        if op is not None:
+            return op(x, shift, scale, float(eps), frame_len or 0)
+        from wmfast.kernels.adaln import layernorm_modulate_ref
+
+        return layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)
     shift3, scale3 = _mods(x, (("shift", shift), ("scale", scale)), frame_len)
     y, _, _ = getattr(torch.ops, NAMESPACE).layernorm_modulate_fwd(_act(x), shift3, scale3, float(eps))
     return y
@@ -213,6 +245,15 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
     CUDA kernel. Shapes as in layernorm_modulate; residual like x. Differentiable."""
     if residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    ok, why = supports_adaln(x, residual, gate, shift, scale)
+    if not ok:
+        _, op, name = _fallback_adaln()
+        _log_fallback(f"wmfast: gated_residual_layernorm_modulate: CUDA kernel skipped ({why}); using {name}")
+        if op is not None:
+            return op(residual, x, gate, shift, scale, float(eps), frame_len or 0)
+        from wmfast.kernels.adaln import gated_residual_layernorm_modulate_ref
+
+        return gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps, frame_len=frame_len)
     gate3, shift3, scale3 = _mods(x, (("gate", gate), ("shift", shift), ("scale", scale)), frame_len)
     y, out, _, _ = getattr(torch.ops, NAMESPACE).gated_residual_layernorm_modulate_fwd(
         _act(residual.to(x.dtype)), _act(x), gate3, shift3, scale3, float(eps))
@@ -222,4 +263,14 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
 def temporal_decode_step(q, k, v, k_cache, v_cache, t: int):
     """Write k, v ([B, 1, S, H, Dh]) at position t of k_cache, v_cache ([B, S, H, T_max, Dh], in place) and
     return the new frame's attention over positions <= t, [B, 1, S, H, Dh]. Head dims 32, 64, 128."""
+    ok, why = supports_temporal_decode(q)
+    if not ok:
+        from wmfast.backend import triton_available
+
+        if triton_available()[0]:
+            from wmfast.kernels.temporal_attention import temporal_decode_op as op
+        else:
+            from wmfast.kernels.temporal_attention import temporal_decode_ref as op
+        _log_fallback(f"wmfast: temporal_decode_step: CUDA kernel skipped ({why}); using {op.__name__}")
+        return op(q, k, v, k_cache, v_cache, t)
     return getattr(torch.ops, NAMESPACE).temporal_decode_step(q, k, v, k_cache, v_cache, int(t))
