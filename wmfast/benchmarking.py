@@ -48,7 +48,8 @@ Measurement conventions
 - Ceilings (`ceilings()`): device-to-device copy bandwidth (bytes read + written per second) and dense
   matmul TFLOP/s for bf16 and fp32 (plus tf32 on CUDA), measured in the same run, each computed from the
   20th-percentile time (the fastest the device sustains); the ceiling rows in the CSV keep all statistics.
-- Provider names: wmfast's own implementations start with "wmfast" ("wmfast-triton", "wmfast-cuda");
+- Provider names: wmfast's own implementations start with "wmfast", "triton" or "cuda" ("triton",
+  "wmfast-cuda", "triton-br16-w4");
   baselines are named after what they run ("torch" = eager, "torch.compile", "sdpa", "flash-attn",
   "liger"). The report's headline compares the best "wmfast*" provider with the best baseline.
 - Shapes: a short string of the dims and dtype ("B=2 T=5 S=1024 D=512 bf16"); modes: "fwd", "bwd",
@@ -61,6 +62,7 @@ import contextlib
 import csv
 import datetime as _dt
 import functools
+import importlib.metadata
 import logging
 import math
 import os
@@ -338,11 +340,9 @@ def git_commit(path: str | os.PathLike | None = None) -> str:
 def environment(device: str = "") -> dict[str, str]:
     """The per-row environment columns: gpu_name, driver, torch, triton, cuda, commit."""
     dev = torch.device(device) if device else default_device()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - triton missing or broken: record that rather than fail
+    try:  # the version from metadata: importing triton here would fix its interpreter mode too early
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         triton_version = "none"
     if dev.type == "cuda":
         gpu_name, driver = torch.cuda.get_device_name(dev), _nvml_driver()

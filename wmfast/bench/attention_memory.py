@@ -316,6 +316,8 @@ def plot_ratios(rows: list[dict], path: Path) -> Path:
             if pts:
                 ax.plot(*zip(*sorted(pts)), style, label=f"measured {impl} {mode}")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
         ax.set_xlabel(var)
         ax.set_ylabel("factorized / full memory (%)")
         ax.set_title(f"attention memory, {fixed}")

@@ -21,8 +21,9 @@ def _f(row: dict, key: str) -> float | None:
 
 
 def is_wmfast(provider: str) -> bool:
-    """wmfast's own providers are named "wmfast..." (convention in wmfast/benchmarking.py); the rest are baselines."""
-    return provider.startswith("wmfast")
+    """wmfast's own providers are named "wmfast...", "triton..." or "cuda..." (convention in
+    wmfast/benchmarking.py); the rest (torch, torch.compile, sdpa, flash-attn, liger, ...) are baselines."""
+    return provider.startswith(("wmfast", "triton", "cuda"))
 
 
 def _op_rows(rows: list[dict]) -> list[dict]:
@@ -179,6 +180,9 @@ def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.bar(xs, med, width, yerr=err, label=p, capsize=2)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
         ax.set_xticklabels([f"{s}\n{m}" for s, m in groups], fontsize=7, rotation=20, ha="right")
+        meds = [_f(r, "median_ms") for r in rs if _f(r, "median_ms")]
+        if meds and max(meds) > 30 * min(meds):  # providers orders of magnitude apart: linear bars hide the fast
+            ax.set_yscale("log")
         ax.set_ylabel("median ms (p20-p80)")
         ax.set_title(op)
         ax.legend(fontsize=7)

@@ -30,6 +30,14 @@ def run(args) -> int:
         print(f"wrote {path}")
         print(headline_table(args.summarize))
         return 0
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() and "triton" not in __import__("sys").modules:
+        # No GPU: the Triton kernels can only run through the interpreter, which must be chosen before
+        # triton is first imported (the bench scripts import the kernels).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from wmfast.bench.suite import run_bench
 
     return run_bench(args.suite, quick=args.quick, out=args.out, device=args.device, bench_dir=args.bench_dir)
