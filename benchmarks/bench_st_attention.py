@@ -214,46 +214,52 @@ def plain_torch_attention():
 
 def bench_model(ctx):
     try:
-        from wmfast.models.st_transformer import STTransformer, STTransformerConfig, flops_per_sample
+        from wmfast.models import STTransformer, STTransformerConfig, compression_loss, flops_per_sample
     except ImportError as e:
         ctx.log(f"model sections: skipped (wmfast.models not importable: {e})")
         return
-    bench_generate(ctx, STTransformer, STTransformerConfig)
-    bench_train(ctx, STTransformer, STTransformerConfig, flops_per_sample)
-
-
-def _states(c, B, device):
-    n = getattr(c, "num_state_frames", None) or 34
-    return torch.randn(B, n, getattr(c, "state_dim", 25), device=device)
-
-
-def bench_generate(ctx, model_cls, config_cls):
-    c = config_cls.from_name("tiny" if ctx.quick else "1x-compression", dropout=0.0)
+    # quick: the tiny preset cut to 1 layer of 4x4 grids, so that the interpreted kernels take ~0.1 s a step
+    c = (STTransformerConfig.from_name("tiny", num_layers=1, grid_size=4) if ctx.quick
+         else STTransformerConfig.from_name("1x-compression", dropout=0.0))
     dtype = torch.float32 if ctx.quick else torch.bfloat16
-    model = model_cls(c).to(ctx.device, dtype).eval()
-    grid = round(c.spatial_len ** 0.5) if hasattr(c, "spatial_len") else 32
+    model = STTransformer(c).to(ctx.device, dtype)
+    bench_generate(ctx, model, c, dtype)
+    bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample)
+
+
+def _batch(c, B, device, dtype):
+    """A training batch in the data reader's format: tokens [B, 6, G, G], states [B, 34, 25]."""
+    tokens = torch.randint(0, c.vocab_size, (B, c.num_frames + 1, c.grid_size, c.grid_size), device=device)
+    return {"tokens": tokens, "states": torch.randn(B, 34, c.state_dim, device=device, dtype=dtype)}
+
+
+def bench_generate(ctx, model, c, dtype):
+    """Greedy generation of the 3 future grids from the 3 context grids, with and without the temporal cache."""
+    import wmfast.inference
+
+    if not hasattr(wmfast.inference, "generate"):
+        ctx.log("generate_3_frames: skipped (wmfast.inference.generate not present in this checkout)")
+        return
+    model.eval()
     for B in ((1, 2) if ctx.quick else (1, 8, 64)):
-        tokens = torch.randint(0, c.vocab_size, (B, 3, grid, grid), device=ctx.device)
-        states = _states(c, B, ctx.device).to(dtype)
+        batch = _batch(c, B, ctx.device, dtype)
+        context = batch["tokens"][:, : c.context_frames]
         for use_cache in (True, False):
             with torch.inference_mode():
-                ctx.bench("generate_3_frames", f"B={B} {c.name if hasattr(c, 'name') else ''}".strip(),
+                ctx.bench("generate_3_frames", f"B={B} {c.num_layers}x{c.d_model} {str(dtype)[6:]}",
                           "cache" if use_cache else "no-cache", "fwd",
-                          lambda t=tokens, s=states, u=use_cache: model.generate(t, s, num_frames=3, use_cache=u),
-                          memory=False)
+                          lambda a=(context, batch["states"]), u=use_cache: model.generate(
+                              *a, num_frames=c.future_frames, use_cache=u), memory=False)
 
 
-def bench_train(ctx, model_cls, config_cls, flops_per_sample):
-    c = config_cls.from_name("tiny" if ctx.quick else "1x-compression")
-    dtype = torch.float32 if ctx.quick else torch.bfloat16
+def bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample):
+    """Forward+backward of the training loss: tokens/s and MFU against the measured bf16 matmul ceiling."""
+    model.train()
     B = 2 if ctx.quick else 8
-    model = model_cls(c).to(ctx.device, dtype).train()
-    grid = 32 if not ctx.quick else round(c.seq_len ** 0.5) if hasattr(c, "seq_len") else 32
-    tokens = torch.randint(0, c.vocab_size, (B, c.num_frames if hasattr(c, "num_frames") else 6, grid, grid),
-                           device=ctx.device)
-    states = _states(c, B, ctx.device).to(dtype)
-    peak = ctx.ceilings.tflops_for(dtype)
+    batch = _batch(c, B, ctx.device, dtype)
     flops = flops_per_sample(c, training=True) * B
+    peak = ctx.ceilings.tflops_for(dtype)
+    input_tokens = B * c.num_frames * c.seq_len
     variants = [("wmfast", contextlib.nullcontext), ("plain-torch-attn", plain_torch_attention)]
     for name, patch in variants:
         for compiled in ((False,) if ctx.quick else (False, True)):
@@ -261,16 +267,16 @@ def bench_train(ctx, model_cls, config_cls, flops_per_sample):
             provider = f"{name}{'-compiled' if compiled else ''}"
 
             def step(fn=fn):
-                loss = fn(tokens, states, targets=tokens)
-                loss = loss[0] if isinstance(loss, tuple) else loss
+                loss, _ = compression_loss(fn, batch)
                 loss.backward()
 
             with patch():
-                m = ctx.bench("st_transformer_train", f"B={B} {dtype}", provider, "full", step, flops=flops,
-                              dtype=dtype, memory=False, grad_to_none=list(model.parameters()))
-            tokens_s = B * tokens[0].numel() / (m.median_ms * 1e-3)
-            mfu = f"{flops / (m.median_ms * 1e-3) / 1e12 / peak:.3f}" if peak else "n/a"
-            ctx.log(f"  {provider}: {tokens_s:,.0f} tokens/s, MFU {mfu} (of the measured matmul ceiling)")
+                m = ctx.bench("st_transformer_train", f"B={B} {c.num_layers}x{c.d_model} {str(dtype)[6:]}",
+                              provider, "full", step, flops=flops, dtype=dtype, memory=False,
+                              grad_to_none=list(model.parameters()))
+            sec = m.median_ms * 1e-3
+            mfu = f"{flops / sec / 1e12 / peak:.3f}" if peak else "n/a"
+            ctx.log(f"  {provider}: {input_tokens / sec:,.0f} tokens/s, MFU {mfu} (of the measured matmul ceiling)")
 
 
 def run(ctx):
