@@ -372,8 +372,11 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
     accum = cfg.grad_accum(micro_batch, world)
     sampler = StepBatchSampler(len(dataset), cfg.global_batch, micro_batch, rank, world, cfg.seed, start_step,
                                cfg.steps)
+    # a private generator: creating the loader's iterator would otherwise draw from the global torch RNG, and a
+    # resumed run (which creates it at a later step) would shift every later dropout mask
     loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=task.collate, num_workers=cfg.num_workers,
-                             pin_memory=device.type == "cuda", persistent_workers=False))
+                             pin_memory=device.type == "cuda", persistent_workers=False,
+                             generator=torch.Generator().manual_seed(cfg.seed + start_step)))
     log = RunLog(run_dir, enabled=rank == 0)
     telemetry = GpuTelemetry(device)
     peak = peak_flops(device)
