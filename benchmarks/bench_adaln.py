@@ -38,6 +38,7 @@ from wmfast.benchmarking import script_main
 
 SUITE = "ops"
 OPS = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate")
+CUDA_OPS = ("layernorm_modulate", "gated_residual_layernorm_modulate")  # what csrc/adaln implements
 
 
 @contextlib.contextmanager
@@ -145,7 +146,8 @@ def bench_ops(ctx, backends):
         mod_bytes = views[0].numel() * 4
         shape = f"{label} B={B} L={L} D={D} bf16 mod={layout}-fp32"
         for op in OPS:
-            providers = {name: _with_backend(getattr(ops, op), be) for name, be in backends.items()}
+            providers = {name: _with_backend(getattr(ops, op), be) for name, be in backends.items()
+                         if be != "cuda" or op in CUDA_OPS}  # csrc/ has no gated_residual kernel
             providers["torch"] = getattr(K, op + "_ref")
             if ctx.device.type == "cuda" and not ctx.quick:
                 providers["torch.compile"] = torch.compile(getattr(K, op + "_ref"))
@@ -205,6 +207,10 @@ def bench_wan_block(ctx, backends):
             fast = _with_backend(wan_block_adaln_wmfast, "triton")
             providers["wmfast-triton"] = (fast, temb_frames, {"frame_len": fl})
             providers["wmfast-triton-pertoken"] = (fast, temb_tokens, {})
+        if "wmfast-cuda" in backends:  # the CUDA C++ kernels (csrc/adaln); gated_residual alone runs on Triton
+            fast = _with_backend(wan_block_adaln_wmfast, "cuda")
+            providers["wmfast-cuda"] = (fast, temb_frames, {"frame_len": fl})
+            providers["wmfast-cuda-pertoken"] = (fast, temb_tokens, {})
         for name, (fn, temb, kw) in providers.items():
             inputs = (x, attn_out, ff_out, table, temb)
             _bench_modes(ctx, "wan_block_adaln", shape, name, lambda fn=fn, a=inputs, kw=kw: fn(*a, **kw),
