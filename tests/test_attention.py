@@ -226,3 +226,12 @@ def test_spatial_gpu_bf16():
     (q, k, v), _ = make_qkv(2, 3, 100, 4, 64, torch.bfloat16, "packed", device="cuda")
     o = spatial_attention(q, k, v)
     assert_2x_rule(o, spatial_ref(q, k, v), spatial_ref(q, k, v, upcast=False), "o", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_opcheck_gpu():
+    """On a GPU the ops are triton_ops (traced through wrap_triton), not the interpreter's custom_ops."""
+    (q, k, v), _ = make_qkv(2, 5, 33, 2, 64, torch.bfloat16, "packed", device="cuda")
+    torch.library.opcheck(temporal_attention_op, (q, k, v, True))
+    qd, kd, vd = (x.detach() for x in (q, k, v))
+    torch.library.opcheck(temporal_attention_bwd_op, (torch.randn_like(qd), qd, kd, vd, False))

@@ -110,3 +110,106 @@ def test_script_main_writes_csv(tmp_path):
     with open(tmp_path / "bench_t.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["op"] for r in rows][-1] == "relu" and os.path.getsize(tmp_path / "bench_t.csv") > 0
+
+
+# ------------------------------------------------------------------------------------- the suite itself
+FAKE_SCRIPT = '''
+import torch
+from wmfast.benchmarking import script_main
+
+def run(ctx):
+    x = torch.randn(256, device=ctx.device)
+    ctx.bench("relu", "N=256", "torch", "fwd", lambda: torch.relu(x), bytes=2 * x.nbytes, dtype=x.dtype)
+    ctx.bench("relu", "N=256", "wmfast-triton", "fwd", lambda: x.clamp_min(0), bytes=2 * x.nbytes, dtype=x.dtype)
+
+def main(argv=None):
+    return script_main(run, argv, name="fake")
+'''
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `wmfast bench --quick --suite all` on the CPU with a fake ops script (the real ones are tested by
+    their owners); the attention-memory suite runs for real."""
+    from wmfast.cli import main
+
+    root = tmp_path_factory.mktemp("bench")
+    (root / "benchmarks").mkdir()
+    (root / "benchmarks" / "bench_fake.py").write_text(FAKE_SCRIPT)
+    out = root / "out"
+    rc = main(["bench", "--quick", "--suite", "all", "--device", "cpu", "--out", str(out),
+               "--bench-dir", str(root / "benchmarks")])
+    return rc, out
+
+
+def test_quick_suite_outputs(quick_run):
+    rc, out = quick_run
+    assert rc == 2  # bench_train.py etc. are absent from the fake bench dir: "missing", not silently passed
+    for name in ("results.csv", "summary.md", "bench.log", "status.json", "attention_memory.csv",
+                 "attention_memory.png", "plot_relu.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = bm.read_rows(out / "results.csv")
+    assert tuple(rows[0]) == bm.COLUMNS
+    ops = {r["op"] for r in rows}
+    assert {"ceiling:copy", "ceiling:matmul", "relu", "attention-memory"} <= ops
+    am = [r for r in rows if r["op"] == "attention-memory"]
+    assert {r["provider"] for r in am} >= {"full-eager", "factorized-eager", "factorized-fused"}
+    assert all(r["peak_mem_mb"] for r in am) and all(r["fraction_of_ceiling"] for r in am)
+    summary = (out / "summary.md").read_text()
+    assert "bench_train.py" in summary and "has not landed yet" in summary and "| missing |" in summary
+    assert "## Attention memory" in summary and "## Headline" in summary and "wmfast-triton" in summary
+    assert "has not landed yet" in (out / "bench.log").read_text()
+
+
+def test_quick_attention_memory_matches_formula(quick_run):
+    """The issue's check on the CPU estimate: eager fwd peaks and autograd-saved bytes within 1 point."""
+    from wmfast.bench.attention_memory import read_ratio_csv
+
+    _, out = quick_run
+    rows = read_ratio_csv(out / "attention_memory.csv")
+    checked = [r for r in rows if r["impl"] == "eager" and r["mode"] in ("fwd", "saved")]
+    assert len(checked) == 8
+    for r in checked:
+        assert r["check"] == "pass" and abs(r["diff_pp"]) <= 1.0, r
+    # the sequential peak is max-of-steps exactly; the saved bytes are the sum formula exactly
+    for r in checked:
+        expect = r["sequential_ratio"] if r["mode"] == "fwd" else r["formula_ratio"]
+        assert r["measured_ratio"] == pytest.approx(expect, rel=1e-3), r
+
+
+def test_summarize_regenerates(quick_run, capsys):
+    from wmfast.cli import main
+
+    _, out = quick_run
+    (out / "summary.md").unlink()
+    assert main(["bench", "--summarize", str(out)]) == 0
+    assert (out / "summary.md").exists()
+    printed = capsys.readouterr().out
+    assert "| relu | fwd | N=256 | wmfast-triton |" in printed and "Measured on cpu" in printed
+
+
+def test_failing_script_and_missing_dir(tmp_path, monkeypatch):
+    from wmfast.bench.suite import run_bench
+
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "bench_train.py").write_text("SUITE = 'train'\ndef run(ctx):\n    raise RuntimeError('boom')\n")
+    assert run_bench("train", quick=True, out=tmp_path / "o1", device="cpu", bench_dir=bench) == 1
+    assert "RuntimeError: boom" in (tmp_path / "o1" / "summary.md").read_text()
+    monkeypatch.delenv("WMFAST_BENCH_DIR", raising=False)
+    monkeypatch.chdir(tmp_path / "o1")  # no benchmarks/ here; the checkout's own dir may not have scripts yet
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_bench("ensemble", quick=True, out=tmp_path / "o2", device="cpu", bench_dir=empty) == 2
+    assert "no benchmarks/bench_*.py scripts found" in (tmp_path / "o2" / "summary.md").read_text()
+
+
+def test_formula_and_table_adapter():
+    from wmfast.bench import attention_memory as am
+
+    assert am._formula_ratio(5, 1024) == pytest.approx(0.201, abs=5e-4)  # the design card's 20.1%
+    assert am.formula_ratio(5, 1024) == pytest.approx(am._formula_ratio(5, 1024))
+    assert am._ratio_from_table({"ratio": 0.2}, 5, 1024) == 0.2
+    assert am._ratio_from_table([{"method": "full", "relative": 1.0}, {"relative": 0.2}], 5, 1024) == 0.2
+    with pytest.raises(ValueError, match="attention_memory_table"):
+        am._ratio_from_table({"x": 3}, 5, 1024)

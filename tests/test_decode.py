@@ -105,3 +105,14 @@ def test_decode_gpu(Dh, dtype):
     vc = torch.zeros_like(kc)
     o = torch.cat([temporal_decode_op(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], kc, vc, t) for t in range(T)], 1)
     assert_2x_rule(o, temporal_attention_ref(q, k, v), temporal_attention_ref(q, k, v, upcast=False), "o", dtype)
+
+
+@pytest.mark.gpu
+def test_decode_opcheck_and_compile_gpu():
+    q, k, v = torch.randn(3, 2, 1, 33, 4, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
+    kc, vc = torch.zeros(2, 2, 33, 4, 6, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
+    torch.library.opcheck(temporal_decode_op, (q, k, v, kc, vc, 2))
+    torch._dynamo.reset()
+    step = torch.compile(temporal_decode_op, fullgraph=True)
+    o = step(q, k, v, kc.clone(), vc.clone(), 3)
+    torch.testing.assert_close(o, temporal_decode_ref(q, k, v, kc.clone(), vc.clone(), 3))

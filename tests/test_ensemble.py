@@ -76,7 +76,7 @@ def test_context_unchanged_at_every_step_and_timesteps():
     expected_t, _ = flow_schedule(cfg.steps, cfg.shift, F, 2, "cpu")
     for i, (latents, t) in enumerate(model.calls):
         assert torch.equal(latents[:, :, :2], context.expand(3, -1, -1, -1, -1)), f"context changed at step {i}"
-        assert torch.equal(t, expected_t[i : i + 1].expand(3, -1))
+        assert torch.equal(t, expected_t[i : i + 1])  # batch 1: shared by the members, never copied
     assert torch.equal(out[:, :, :2], context.expand(3, -1, -1, -1, -1))
 
 
@@ -152,3 +152,27 @@ def test_cuda_graph_equals_eager():
     cfg.graph = True
     torch.testing.assert_close(sample_ensemble(model, context, cond, F, cfg), eager, atol=1e-4, rtol=1e-4)
     _ = ops  # the fused op runs inside the captured graph on the GPU
+
+
+# ------------------------------------------------------------------------------------------ tiny Wan model
+
+
+@pytest.fixture(scope="module")
+def wan_tiny():
+    from wmfast.models.wan import build_world_model
+
+    torch.manual_seed(0)
+    return build_world_model("tiny", vae=False).eval()
+
+
+def test_wan_tiny_batched_equals_sequential(wan_tiny):
+    sched = wan_tiny.schedule
+    context = torch.randn(1, 48, sched.num_context_latents, 4, 4)
+    cfg = EnsembleConfig(n=3, steps=2, progress=False)
+    with torch.no_grad():
+        cond = wan_tiny.prepare_conditioning(torch.randn(1, 77, 25))
+        batched = sample_ensemble(wan_tiny, context, cond, sched.num_latents, cfg)
+        sequential = run_sequential(wan_tiny, context, cond, sched.num_latents, cfg)
+    assert batched.shape == (3, 48, sched.num_latents, 4, 4)
+    torch.testing.assert_close(batched, sequential, atol=1e-4, rtol=1e-4)
+    assert torch.equal(batched[:, :, : context.shape[2]], context.expand(3, -1, -1, -1, -1))

@@ -37,8 +37,8 @@ def test_no_uint8_overflow_and_identical_is_inf():
 
 
 def test_to_uint8_rounds_and_clamps():
-    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0])
-    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
+    x = torch.tensor([-1.0, 0.0, 0.5, 0.499 / 255, 0.501 / 255, 0.999, 1.0, 3.0])
+    assert to_uint8(x).tolist() == [0, 0, 128, 0, 1, 255, 255, 255]
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -1,4 +1,20 @@
-"""Evaluation metrics of wmfast."""
+"""Evaluation metrics of wmfast: cross-entropy (full vocabulary and Top-500, chunked) and PSNR."""
+from wmfast.metrics.ce import (
+    cross_entropy,
+    linear_cross_entropy,
+    token_cross_entropy,
+    token_topk_cross_entropy,
+    topk_cross_entropy,
+)
 from wmfast.metrics.psnr import psnr, psnr_per_frame, to_uint8
 
-__all__ = ["psnr", "psnr_per_frame", "to_uint8"]
+__all__ = [
+    "cross_entropy",
+    "linear_cross_entropy",
+    "psnr",
+    "psnr_per_frame",
+    "to_uint8",
+    "token_cross_entropy",
+    "token_topk_cross_entropy",
+    "topk_cross_entropy",
+]

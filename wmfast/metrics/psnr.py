@@ -19,8 +19,9 @@ DATA_RANGE = 255.0
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """Frames in [-1, 1] (the VAE's output range) -> uint8 in [0, 255], rounded to nearest like a PNG writer."""
-    return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """Frames in [0, 1] (the world model's decoded range) -> uint8 in [0, 255], rounded to nearest like a
+    PNG writer (values outside [0, 1] are clamped)."""
+    return (frames.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
 def psnr_per_frame(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

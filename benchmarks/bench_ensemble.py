@@ -1,0 +1,132 @@
+"""Ensemble sampling latency: N members as one batch vs N sequential runs, with and without the fused kernels and
+the conditioning reuse, and the MFU of the DiT forward.
+
+Shapes: the real-size Wan2.2 TI2V-5B DiT (random weights: timing only) at 512x512 with the default frame schedule
+(stride 3: 7 latent frames = 2 clean context + 5 denoised, 32x32 latents, 1792 tokens per member), N in
+{1, 2, 4, 8, 16}, a fixed number of Euler steps. `--quick`: the tiny preset on the CPU (CI smoke test).
+
+Providers (op "ensemble_sample", one row per N; mode "fwd"):
+- batched:           N members per forward, fused sampler op + fused DiT blocks, conditioning computed once
+                     (state modulation, per-frame timestep modulation and text K/V broadcast from batch 1),
+                     CUDA-graph step on a GPU;
+- sequential:        N runs of one member (max_batch=1), otherwise as batched;
+- batched-unfused:   diffusers' unfused DiT blocks (per-token fp32 modulation) and the unfused sampler update;
+- batched-no-reuse:  the state conditioning and text K/V recomputed every step with batch N (copies), the
+                     timestep fed per member: what a straightforward batched loop does.
+Op "dit_forward": one velocity call at batch N, with its FLOPs, so the row's fraction_of_ceiling is the MFU
+against the bf16 matmul ceiling measured in the same run.
+Targets on an H100: per-sample cost at N=8 <= 0.8x the N=1 cost; N=8 batched >= 1.25x faster than sequential.
+"""
+from __future__ import annotations
+
+import torch
+
+from wmfast.benchmarking import script_main
+
+SUITE = "ensemble"
+
+
+class _Unfused:
+    """The world model through diffusers' unfused blocks."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def velocity(self, x, t, cond):
+        return self.model.velocity(x, t, cond, fused=False)
+
+
+class _NoReuse:
+    """Recomputes everything shared every step, at the full batch: the baseline for conditioning reuse."""
+
+    def __init__(self, model, states):
+        self.model, self.states = model, states
+
+    def velocity(self, x, t, cond):
+        B = x.shape[0]
+        self.model.clear_cache()
+        cond = self.model.prepare_conditioning(self.states.expand(B, -1, -1).contiguous())
+        return self.model.velocity(x, t.expand(B, -1).contiguous(), cond)
+
+
+def dit_flops(model, batch: int, num_latents: int, h: int, w: int) -> float:
+    """Matmul FLOPs of one DiT forward (2 per multiply-add): per block self-attention q/k/v/o projections
+    (4 D^2 per token), cross-attention q/o (2 D^2; text K/V are cached), the FFN (2 D ffn), attention scores
+    and values (4 L^2 D per sample) and cross-attention over the text (4 L S D)."""
+    cfg = model.transformer.config
+    D = cfg.num_attention_heads * cfg.attention_head_dim
+    p_t, p_h, p_w = cfg.patch_size
+    L = (num_latents // p_t) * (h // p_h) * (w // p_w)
+    S = model.empty_text.shape[1]
+    per_block = 2 * L * (6 * D * D + 2 * D * cfg.ffn_dim) + 4 * L * L * D + 4 * L * S * D
+    return float(batch * cfg.num_layers * per_block)
+
+
+def _setup(ctx):
+    from wmfast.models.wan import build_world_model
+
+    quick = ctx.quick or ctx.device.type != "cuda"
+    preset = "tiny" if quick else "ti2v-5b"
+    dtype = torch.float32 if quick else torch.bfloat16
+    torch.manual_seed(0)
+    model = build_world_model(preset, device=ctx.device, dtype=dtype, vae=False).eval()
+    sched = model.schedule
+    h, w = model.preset.height // 16, model.preset.width // 16
+    context = torch.randn(1, 48, sched.num_context_latents, h, w, device=ctx.device, dtype=dtype)
+    states = torch.randn(1, 77, 25, device=ctx.device, dtype=dtype)
+    ns = (1, 2) if quick else (1, 2, 4, 8, 16)
+    steps = 2 if quick else 10
+    if not ctx.quick and ctx.device.type != "cuda":
+        ctx.log("bench_ensemble: no GPU: the real-size DiT is not timed on the CPU; running the tiny preset")
+    return model, context, states, ns, steps, (h, w)
+
+
+def run(ctx) -> None:
+    from wmfast.inference.ensemble import EnsembleConfig, sample_ensemble
+
+    model, context, states, ns, steps, (h, w) = _setup(ctx)
+    F = model.schedule.num_latents
+    with torch.no_grad():
+        cond = model.prepare_conditioning(states)
+        results = {}
+        for n in ns:
+            shape = f"N={n} steps={steps} L={F * h * w // 4} {model.preset.name}"
+            variants = {
+                "batched": (model, cond, {}),
+                "sequential": (model, cond, {"max_batch": 1}),
+                "batched-unfused": (_Unfused(model), cond, {"fused": False}),
+                "batched-no-reuse": (_NoReuse(model, states), cond, {}),
+            }
+            for provider, (denoiser, c, extra) in variants.items():
+                cfg = EnsembleConfig(n=n, steps=steps, progress=False, **extra)
+                m = ctx.bench("ensemble_sample", shape, provider, "fwd",
+                              lambda d=denoiser, c=c, cfg=cfg: sample_ensemble(d, context, c, F, cfg))
+                results[provider, n] = m.median_ms
+            x = torch.randn(n, 48, F, h, w, device=ctx.device, dtype=context.dtype)
+            t = torch.full((1, F), 500.0, device=ctx.device)
+            ctx.bench("dit_forward", f"B={n} L={F * h * w // 4} {model.preset.name}", "fused", "fwd",
+                      lambda x=x, t=t: model.velocity(x, t, cond), flops=dit_flops(model, n, F, h, w),
+                      dtype=context.dtype)
+    _summary(ctx, results, ns)
+
+
+def _summary(ctx, results, ns) -> None:
+    """Per-sample cost relative to N=1 and the batched speed-up over sequential runs (the issue's targets)."""
+    lines = ["| N | batched ms | per-sample / N=1 | sequential ms | batched speed-up | unfused ms | no-reuse ms |",
+             "|---|---|---|---|---|---|---|"]
+    base = results["batched", 1]
+    for n in ns:
+        b, s = results["batched", n], results["sequential", n]
+        lines.append(f"| {n} | {b:.1f} | {b / n / base:.3f} | {s:.1f} | {s / b:.2f}x | "
+                     f"{results['batched-unfused', n]:.1f} | {results['batched-no-reuse', n]:.1f} |")
+    text = "\n".join(lines)
+    ctx.log(text)
+    (ctx.out_dir / "bench_ensemble_summary.md").write_text(text + "\n")
+
+
+def main(argv=None) -> int:
+    return script_main(run, argv, name="ensemble")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

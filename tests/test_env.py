@@ -1,0 +1,33 @@
+"""`wmfast env`: the report names every backend with a reason, and the CLI prints it (text and JSON)."""
+from __future__ import annotations
+
+import json
+
+from wmfast.cli import main
+from wmfast.env import collect_env, format_env
+
+
+def test_collect_env_reports_backends_and_versions():
+    env = collect_env()
+    assert env["torch"] and env["packages"]["triton"]
+    assert set(env["backends"]) == {"triton", "cuda", "torch"}
+    for b in env["backends"].values():
+        assert isinstance(b["usable"], bool) and b["reason"]
+    # conftest sets TRITON_INTERPRET=1: the kernels are usable on CPU tensors and selected for them
+    assert env["backends"]["triton"]["usable"] and env["selected"]["cpu"] == "triton"
+    text = format_env(env)
+    assert "backends:" in text and "triton" in text and "GPU" in text
+
+
+def test_cli_env_json(capsys):
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["backends"]["torch"]["usable"] is True
+    assert isinstance(env["gpus_nvml"], list) and env["nvml_note"]
+
+
+def test_cli_env_forced_backend_that_cannot_run(monkeypatch, capsys):
+    monkeypatch.setenv("WMFAST_BACKEND", "cuda")
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu tensors -> error: WMFAST_BACKEND=cuda" in out

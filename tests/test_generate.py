@@ -1,0 +1,91 @@
+"""wmfast.inference: greedy generation with the temporal KV cache vs recomputing every frame."""
+import pytest
+import torch
+
+from wmfast.inference import TemporalKVCache, generate
+from wmfast.models import STTransformer, STTransformerConfig
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return STTransformer(STTransformerConfig.from_name("tiny", **kw))
+
+
+def _inputs(B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 512, (B, 3, 8, 8), generator=g), torch.randn(B, 34, 25, generator=g)
+
+
+@pytest.mark.parametrize("backend", ["default", "torch"])
+def test_cache_matches_recompute(monkeypatch, backend):
+    if backend == "torch":
+        monkeypatch.setenv("WMFAST_BACKEND", "torch")
+    model = _model()
+    ctx, states = _inputs()
+    tok_c, log_c = model.generate(ctx, states, num_frames=3, use_cache=True, return_logits=True)
+    tok_r, log_r = model.generate(ctx, states, num_frames=3, use_cache=False, return_logits=True)
+    assert tok_c.shape == (2, 3, 8, 8) and log_c.shape == (2, 3, 64, 512)
+    assert torch.equal(tok_c, tok_r)  # fp32: identical greedy tokens
+    torch.testing.assert_close(log_c, log_r, atol=1e-4, rtol=1e-4)
+    # and both equal one teacher-forced pass over context + the generated grids
+    full = model.eval()(torch.cat([ctx, tok_c[:, :2]], 1), states)  # [B, 5, S, V]
+    torch.testing.assert_close(log_c, full[:, 2:], atol=1e-4, rtol=1e-4)
+    assert torch.equal(tok_c.flatten(2), full[:, 2:].argmax(-1))
+
+
+def test_generate_restores_mode_and_is_deterministic():
+    model = _model(dropout=0.1).train()
+    ctx, states = _inputs(B=1)
+    a = generate(model, ctx, states)
+    b = generate(model, ctx, states)
+    assert model.training and torch.equal(a, b) and a.shape == (1, 3, 8, 8)
+
+
+def test_fewer_frames_and_flat_layout():
+    model = _model()
+    ctx, states = _inputs(B=1)
+    three = model.generate(ctx, states)
+    one = model.generate(ctx.flatten(2), states, num_frames=1)
+    assert one.shape == (1, 1, 64) and torch.equal(one.view(1, 1, 8, 8), three[:, :1])
+
+
+def test_full_attention_generates_without_cache():
+    model = _model(attention="full")
+    ctx, states = _inputs(B=1)
+    assert model.generate(ctx, states, use_cache=False).shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="use_cache=True needs attention='factorized'"):
+        model.generate(ctx, states, use_cache=True)
+
+
+def test_bad_arguments():
+    model = _model()
+    ctx, states = _inputs(B=1)
+    with pytest.raises(ValueError, match="C \\+ num_frames - 1 must be <= 5"):
+        model.generate(ctx, states, num_frames=4)
+    with pytest.raises(ValueError, match="context_tokens"):
+        model.generate(torch.zeros(1, 3, 7, 7, dtype=torch.long), states)
+    with pytest.raises(ValueError, match="states"):
+        model.generate(ctx, states[:, :, :3].expand(2, -1, -1))
+
+
+def test_kv_cache_layout():
+    model = _model()
+    cache = TemporalKVCache.for_model(model, 3)
+    c = model.config
+    assert len(cache) == c.num_layers
+    assert cache[0][0].shape == (3, c.seq_len, c.num_heads, c.num_frames, c.head_dim)
+    assert cache.nbytes == 2 * c.num_layers * 3 * c.seq_len * c.num_frames * c.d_model * 4
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_no_host_sync():
+    model = _model().cuda()
+    ctx, states = (x.cuda() for x in _inputs())
+    eager = model.generate(ctx, states)
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside generate raises
+    try:
+        for _ in range(3):  # warm-up runs record the CUDA graphs; later ones replay them
+            compiled = model.generate(ctx, states, compile_step=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(compiled, eager)

@@ -1,0 +1,121 @@
+"""The training loop in this process (1-rank gloo group, DeepSpeed on its CPU accelerator) on the toy task:
+training, checkpoints, NaN stop/skip, micro-batch search with an injected OOM, activation checkpointing."""
+import json
+import os
+
+import pytest
+import torch
+
+from wmfast.train import TrainConfig, train
+from wmfast.train.checkpoint import FAULT_ENV, list_checkpoints
+from wmfast.train.metrics import read_jsonl
+from wmfast.train.toy import ToyTask
+
+os.environ.setdefault("WMFAST_PROGRESS", "0")
+
+
+def _cfg(**kw):
+    base = {"task": "toy", "steps": 6, "ckpt_every": 3, "val_every": 3, "log_every": 1, "warmup_steps": 2, "lr": 3e-3}
+    base.update(kw)
+    return TrainConfig.from_name("tiny", **base)
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _losses(run_dir):
+    by_step = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def test_trains_checkpoints_and_logs(tmp_path):
+    run = str(tmp_path / "run")
+    result = train(_cfg(steps=12, ckpt_every=5, keep_checkpoints=2), str(tmp_path), run, task=ToyTask())
+    assert result.status == "done" and result.step == 12
+    losses = _losses(run)
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.3, losses
+    # periodic (5, 10) and final (12) checkpoints, the oldest pruned (keep 2); each complete
+    steps = [s for s, _ in list_checkpoints(os.path.join(run, "checkpoints"))]
+    assert steps == [10, 12] and result.checkpoint.endswith("step_00000012")
+    state = _json(os.path.join(result.checkpoint, "trainer_state.json"))
+    assert state["step"] == 12 and state["data_position"]["samples_seen"] == 96
+    assert state["lr_schedule"]["peak"] == 3e-3 and state["model_config"]["kind"] == "toy"
+    assert os.path.isfile(os.path.join(result.checkpoint, "rng_rank0.pt"))
+    records = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    train_rec = [r for r in records if r["kind"] == "train"][-1]
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb"):
+        assert key in train_rec
+    assert train_rec["grad_accum"] == 2 and train_rec["grad_norm"] > 0
+    assert any(r["kind"] == "val" and "val_loss" in r for r in records)
+    # a second run into the same directory without --resume is refused before any work
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(_cfg(), str(tmp_path), run, task=ToyTask())
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(FAULT_ENV, "nan_at_step:4")
+    run = str(tmp_path / "run")
+    result = train(_cfg(), str(tmp_path), run, task=ToyTask())
+    assert result.status == "nonfinite"
+    assert result.checkpoint.endswith("step_00000003")
+    assert [s for s, _ in list_checkpoints(os.path.join(run, "checkpoints"))] == [3]
+    out = capsys.readouterr().out
+    assert "non-finite loss" in out and "step_00000003" in out
+
+
+def _weights(run, step):
+    path = os.path.join(run, "checkpoints", f"step_{step:08d}", "mp_rank_00_model_states.pt")
+    return torch.load(path, weights_only=False)["module"]
+
+
+def test_nan_skip_policy_leaves_weights_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "nan_at_step:3")  # step index 3: the 4th optimizer step
+    run = str(tmp_path / "run")
+    result = train(_cfg(nan_policy="skip", steps=5, ckpt_every=1, keep_checkpoints=9, val_every=0), str(tmp_path),
+                   run, task=ToyTask())
+    assert result.status == "done" and result.step == 5
+    rec = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["kind"] == "train"]
+    assert rec[-1]["skipped_steps"] == 1 and rec[-1]["loss"] == rec[-1]["loss"]  # finite after the skip
+    w3, w4, w5 = _weights(run, 3), _weights(run, 4), _weights(run, 5)
+    assert all(torch.equal(w3[k], w4[k]) for k in w3)  # the skipped step changed nothing
+    assert any(not torch.equal(w4[k], w5[k]) for k in w4)  # and training went on
+    optim = torch.load(os.path.join(run, "checkpoints", "step_00000004", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                       weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"]
+    assert all(int(st["step"]) == 3 for st in optim.values())  # AdamW did not count the skipped step
+
+
+class _OOMAbove(ToyTask):
+    """Raises the error CUDA raises when a micro-batch larger than `limit` runs (the injected OOM)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.seen = limit, []
+
+    def loss(self, model, batch):
+        n = batch["tokens"].shape[0]
+        self.seen.append(n)
+        if n > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: micro-batch {n} > {self.limit})")
+        return super().loss(model, batch)
+
+
+def test_auto_micro_batch_with_injected_oom(tmp_path):
+    run = str(tmp_path / "run")
+    task = _OOMAbove(limit=2)
+    result = train(_cfg(micro_batch="auto", steps=2, val_every=0), str(tmp_path), run, task=task)
+    assert result.micro_batch == 2 and result.status == "done"
+    record = _json(os.path.join(run, "micro_batch.json"))
+    assert record["micro_batch"] == 2 and record["grad_accum"] == 4
+    assert {t["micro_batch"]: t["fits"] for t in record["trials"]} == {1: True, 2: True, 4: False, 8: False}
+    assert [t["error"] for t in record["trials"] if not t["fits"]] == ["out of memory"] * 2
+    assert max(task.seen[-8:]) == 2  # training ran at the found size
+
+
+def test_activation_checkpointing_matches(tmp_path):
+    a = train(_cfg(steps=3, ckpt_every=0, val_every=0), str(tmp_path), str(tmp_path / "a"), task=ToyTask())
+    b = train(_cfg(steps=3, ckpt_every=0, val_every=0, activation_checkpointing=True), str(tmp_path),
+              str(tmp_path / "b"), task=ToyTask())
+    la, lb = _losses(a.run_dir), _losses(b.run_dir)
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)

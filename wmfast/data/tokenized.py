@@ -1,0 +1,196 @@
+"""Memory-mapped reader of the 1X v2.0 tokenized set (see `wmfast.data.format`).
+
+Nothing is loaded whole: `video_{i}.bin` and `states_{i}.bin` are `np.memmap`s opened lazily in each
+process (so DataLoader workers each map the files themselves instead of pickling maps); only
+`segment_idx_{i}.bin` (4 bytes a frame) is read once to find the valid samples. Every problem raises
+`DataFormatError` naming the file and what is wrong; no sample is silently skipped: file sizes and
+metadata are checked when the dataset opens, token ranges and NaN states when a sample is read (or for
+the whole split with `validate()`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wmfast.data.format import GRID_SIZE, GRIDS_PER_WINDOW, SAMPLE_FRAMES, STATE_DIM, VOCAB_SIZE, WINDOW, num_windows
+
+
+class DataFormatError(ValueError):
+    """The data on disk does not match the 1X v2.0 tokenized format (the message names the file)."""
+
+
+def resolve_split_dir(root: str, split: str | None) -> str:
+    """The directory of `split` under `root`: `root/{split}_v2.0` (the official name), `root/{split}`, or
+    `root` itself when split is None."""
+    candidates = [root] if split is None else [os.path.join(root, f"{split}_v2.0"), os.path.join(root, split)]
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "metadata.json")):
+            return c
+    raise DataFormatError(f"no metadata.json for split {split!r} under {root} (looked in {', '.join(candidates)})")
+
+
+def _read_json(path: str, keys: tuple[str, ...]) -> dict:
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: missing")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}: not valid JSON ({e})") from e
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise DataFormatError(f"{path}: missing keys {missing}")
+    return meta
+
+
+def _check_size(path: str, shape: tuple[int, ...], dtype) -> None:
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: missing")
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    actual = os.path.getsize(path)
+    if actual != expected:
+        kind = "truncated" if actual < expected else "too long"
+        raise DataFormatError(f"{path}: {kind}: {actual} bytes, expected {expected} for {np.dtype(dtype).name} "
+                              f"{shape} (from the shard's metadata)")
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    num_frames: int
+    video: str
+    states: str
+    segment_idx: str
+
+
+def valid_windows(segment_idx: np.ndarray) -> np.ndarray:
+    """Start windows j such that windows j and j+1 are complete (34 frames) and lie in one segment."""
+    n = segment_idx.shape[0]
+    full = n // WINDOW
+    if full < 2:
+        return np.zeros(0, dtype=np.int64)
+    # changes[f] = number of segment changes among frames 0..f; the 34 frames of window j lie in one segment
+    # iff no change happens between frame 17j and frame 17j + 33.
+    changes = np.concatenate([[0], np.cumsum(segment_idx[1:] != segment_idx[:-1])])
+    starts = np.arange(full - 1, dtype=np.int64) * WINDOW
+    return (starts[changes[starts + SAMPLE_FRAMES - 1] == changes[starts]] // WINDOW).astype(np.int64)
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Compression samples of one split.
+
+    sample = {"tokens": int64 [6, G, G] (3 context + 3 future grids), "states": float32 [34, 25],
+    "index": int}; see `wmfast.data.format` for how the 34 frames map to the 6 grids.
+    """
+
+    def __init__(self, root: str, split: str | None = "train", *, vocab_size: int = VOCAB_SIZE):
+        self.dir = resolve_split_dir(root, split)
+        self.vocab_size = vocab_size
+        top = os.path.join(self.dir, "metadata.json")
+        meta = _read_json(top, ("num_shards", "num_images"))
+        self.grid_size = int(meta.get("grid_size", GRID_SIZE))
+        self.hz = meta.get("hz")
+        self.shards = [self._open_shard(i) for i in range(int(meta["num_shards"]))]
+        total = sum(s.num_frames for s in self.shards)
+        if total != int(meta["num_images"]):
+            raise DataFormatError(f"{top}: num_images={meta['num_images']} but the shards' metadata sum to {total}")
+        shard_ids, windows = [], []
+        for k, s in enumerate(self.shards):
+            seg = np.fromfile(s.segment_idx, dtype=np.int32)
+            w = valid_windows(seg)
+            shard_ids.append(np.full(w.shape, k, dtype=np.int64))
+            windows.append(w)
+        self._shard_of = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int64)
+        self._window_of = np.concatenate(windows) if windows else np.zeros(0, np.int64)
+        self._maps: dict | None = None
+        self._pid = None
+
+    def _open_shard(self, i: int) -> Shard:
+        meta_path = os.path.join(self.dir, f"metadata_{i}.json")
+        meta = _read_json(meta_path, ("shard_num_frames",))
+        n = int(meta["shard_num_frames"])
+        if n < 0:
+            raise DataFormatError(f"{meta_path}: shard_num_frames={n} is negative")
+        g = self.grid_size
+        paths = {name: os.path.join(self.dir, f"{name}_{i}.bin") for name in ("video", "states", "segment_idx")}
+        _check_size(paths["video"], (num_windows(n), GRIDS_PER_WINDOW, g, g), np.int32)
+        _check_size(paths["states"], (n, STATE_DIM), np.float32)
+        _check_size(paths["segment_idx"], (n,), np.int32)
+        return Shard(i, n, **paths)
+
+    def __len__(self) -> int:
+        return int(self._window_of.shape[0])
+
+    def __getstate__(self):  # workers map the files themselves (np.memmap does not pickle as a map)
+        state = self.__dict__.copy()
+        state["_maps"], state["_pid"] = None, None
+        return state
+
+    def _map(self, k: int):
+        if self._maps is None or self._pid != os.getpid():
+            self._maps, self._pid = {}, os.getpid()
+        if k not in self._maps:
+            s, g = self.shards[k], self.grid_size
+            video = np.memmap(s.video, dtype=np.int32, mode="r", shape=(num_windows(s.num_frames), 3, g, g))
+            states = np.memmap(s.states, dtype=np.float32, mode="r", shape=(s.num_frames, STATE_DIM))
+            self._maps[k] = (video, states)
+        return self._maps[k]
+
+    def __getitem__(self, idx: int) -> dict:
+        if not 0 <= idx < len(self):
+            raise IndexError(f"sample {idx} out of range for {len(self)} samples in {self.dir}")
+        k, j = int(self._shard_of[idx]), int(self._window_of[idx])
+        video, states = self._map(k)
+        tokens = np.array(video[j: j + 2]).reshape(2 * GRIDS_PER_WINDOW, self.grid_size, self.grid_size)
+        st = np.array(states[j * WINDOW: j * WINDOW + SAMPLE_FRAMES])
+        self._check_sample(k, j, tokens, st)
+        return {"tokens": torch.from_numpy(tokens.astype(np.int64)), "states": torch.from_numpy(st), "index": idx}
+
+    def _check_sample(self, k: int, j: int, tokens: np.ndarray, states: np.ndarray) -> None:
+        s = self.shards[k]
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise DataFormatError(f"{s.video}: windows {j}-{j + 1} hold token ids in [{lo}, {hi}], outside the "
+                                  f"vocabulary [0, {self.vocab_size})")
+        bad = ~np.isfinite(states)
+        if bad.any():
+            f = j * WINDOW + int(np.argwhere(bad)[0, 0])
+            raise DataFormatError(f"{s.states}: non-finite state (NaN or inf) at frame {f}")
+
+    def validate(self, chunk_frames: int = 1 << 16, progress: bool = False) -> None:
+        """Scan every shard in chunks: token ids inside the vocabulary, states finite. Raises on the first
+        problem (naming the file and the row); reads each file once, `chunk_frames` frames at a time."""
+        from tqdm import tqdm
+
+        for k in tqdm(range(len(self.shards)), desc="validate", disable=not progress):
+            s = self.shards[k]
+            video, states = self._map(k)
+            step = max(1, chunk_frames // WINDOW)
+            for r in range(0, video.shape[0], step):
+                v = np.asarray(video[r: r + step])
+                if v.size and (v.min() < 0 or v.max() >= self.vocab_size):
+                    row = r + int(np.argwhere((v < 0) | (v >= self.vocab_size))[0, 0])
+                    raise DataFormatError(f"{s.video}: window {row} holds token ids outside [0, {self.vocab_size})")
+            for f in range(0, states.shape[0], chunk_frames):
+                bad = ~np.isfinite(np.asarray(states[f: f + chunk_frames]))
+                if bad.any():
+                    raise DataFormatError(f"{s.states}: non-finite state (NaN or inf) at frame "
+                                          f"{f + int(np.argwhere(bad)[0, 0])}")
+
+
+def make_dataloader(dataset, batch_size: int, *, shuffle: bool = True, num_workers: int = 0, distributed=False,
+                    seed: int = 0, drop_last: bool = True) -> torch.utils.data.DataLoader:
+    """A DataLoader over `dataset`; distributed=True shards it with a DistributedSampler over the initialised
+    process group (call `loader.sampler.set_epoch(e)` each epoch)."""
+    sampler = None
+    if distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                                       num_workers=num_workers, drop_last=drop_last, generator=generator,
+                                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,121 @@
+"""What this machine offers wmfast: versions, GPUs, and which op backends are usable (and why not).
+
+`collect_env()` returns a plain dict (JSON-serialisable; benchmarks record it next to their numbers);
+`format_env()` renders it for `wmfast env`."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+import torch
+
+from wmfast import backend as _backend
+
+_PACKAGES = ("triton", "diffusers", "peft", "deepspeed", "transformers", "flash-attn", "nvidia-ml-py")
+_ENV_VARS = ("WMFAST_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "WMFAST_SKIP_CUDA_BUILD")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gpus_nvml() -> tuple[list[dict], str]:
+    """GPUs as NVML sees them (name, memory in GiB, driver), and a note: why NVML gave nothing, if so."""
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound / DriverNotLoaded / ...: no usable driver
+        return [], f"NVML unavailable: {e}"
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else driver
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                        "memory_total_gib": round(mem.total / 2**30, 2), "memory_used_gib": round(mem.used / 2**30, 2),
+                        "driver": driver})
+        return out, "NVML"
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def gpus_torch() -> list[dict]:
+    """GPUs as torch sees them (the ones this process can use: CUDA_VISIBLE_DEVICES applies)."""
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append({"index": i, "name": p.name, "memory_total_gib": round(p.total_memory / 2**30, 2),
+                    "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count})
+    return out
+
+
+def backends() -> dict[str, dict]:
+    """Every backend of wmfast.backend: usable or not, and why."""
+    ok_t, why_t = _backend.triton_available()
+    ok_c, why_c = _backend.cuda_ext_available()
+    return {"triton": {"usable": ok_t, "reason": why_t},
+            "cuda": {"usable": ok_c, "reason": why_c},
+            "torch": {"usable": True, "reason": "pure-torch references run on any device"}}
+
+
+def selected_backends() -> dict[str, str]:
+    """The backend the fused AdaLN ops would pick for CPU and (when present) CUDA tensors."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out = {}
+    for dev in devices:
+        try:
+            out[dev] = _backend.select_backend("layernorm_modulate", torch.device(dev))
+        except ValueError as e:  # a forced backend that cannot run here
+            out[dev] = f"error: {e}"
+    return out
+
+
+def collect_env() -> dict:
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "packages": {name: _version(name) for name in _PACKAGES},
+        "env_vars": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
+        **dict(zip(("gpus_nvml", "nvml_note"), gpus_nvml())),
+        "gpus_torch": gpus_torch(),
+        "backends": backends(),
+        "selected": selected_backends(),
+    }
+
+
+def format_env(env: dict) -> str:
+    lines = [f"python {env['python']} on {env['platform']}",
+             f"torch {env['torch']} (CUDA {env['torch_cuda'] or 'none'}; cuda available: {env['cuda_available']})"]
+    lines += [f"{name} {ver or 'not installed'}" for name, ver in env["packages"].items()]
+    gpus, note = env["gpus_nvml"], env["nvml_note"]
+    if gpus:
+        lines += [f"GPU {g['index']}: {g['name']}, {g['memory_total_gib']} GiB ({g['memory_used_gib']} GiB used), "
+                  f"driver {g['driver']}" for g in gpus]
+    elif env["gpus_torch"]:
+        lines += [f"GPU {g['index']}: {g['name']}, {g['memory_total_gib']} GiB (from torch; {note})"
+                  for g in env["gpus_torch"]]
+    else:
+        lines.append(f"GPU: none ({note})")
+    lines.append("backends:")
+    for name, b in env["backends"].items():
+        lines.append(f"  {name:6s} {'usable' if b['usable'] else 'unusable':8s} {b['reason']}")
+    lines.append("AdaLN ops would use: " + ", ".join(f"{d} tensors -> {b}" for d, b in env["selected"].items()))
+    if env["env_vars"]:
+        lines.append("env: " + " ".join(f"{k}={v}" for k, v in env["env_vars"].items()))
+    return "\n".join(lines)

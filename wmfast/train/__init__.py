@@ -1,0 +1,15 @@
+"""Training: DeepSpeed ZeRO loop, configs with presets, tasks (model + loss + data), checkpoints.
+
+    from wmfast.train import TrainConfig, train
+    train(TrainConfig.from_name("tiny"), data_dir, run_dir)
+
+Importing this package does not import DeepSpeed (the loop imports it when a run starts).
+"""
+from . import toy  # noqa: F401 - registers the "toy" task
+from .config import PRESETS, TrainConfig, deepspeed_config, register_preset
+from .loop import RunResult, train
+from .schedule import lr_at
+from .task import TASKS, Task, make_task, param_groups, register_task
+
+__all__ = ["PRESETS", "TASKS", "RunResult", "Task", "TrainConfig", "deepspeed_config", "lr_at", "make_task",
+           "param_groups", "register_preset", "register_task", "train"]

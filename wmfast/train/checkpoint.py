@@ -1,0 +1,148 @@
+"""Crash-safe checkpoints: a kill at any moment leaves the previous checkpoint intact.
+
+Layout of `RUN_DIR/checkpoints/`:
+    step_00000040/            one complete checkpoint (a DeepSpeed tag directory plus ours)
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (every rank writes its ZeRO shard)
+        trainer_state.json    step, data position, LR schedule, TrainConfig, model config, world size
+        rng_rank{r}.pt        python/numpy/torch(/cuda) RNG states of rank r
+    .tmp/step_00000060/       a checkpoint being written (ignored on resume, removed by the next save)
+
+Protocol: every rank writes into `.tmp/<tag>`; barrier; rank 0 fsyncs every file and the directory, then
+renames `.tmp/<tag>` -> `<tag>` (atomic on POSIX within one filesystem) and fsyncs the parent. A directory
+named `step_*` therefore always holds a complete checkpoint. Multi-node runs need a shared filesystem for
+the checkpoint directory (the usual DeepSpeed set-up).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+FAULT_ENV = "WMFAST_TRAIN_FAULT"  # test hook: "kill_in_checkpoint:STEP" or "kill_after_step:STEP"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def fault_hook(where: str, step: int) -> None:
+    """SIGKILL this process at a chosen point (crash-safety tests): WMFAST_TRAIN_FAULT=<where>:<step>."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def list_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in os.listdir(ckpt_dir):
+        m = TAG_RE.match(name)
+        path = os.path.join(ckpt_dir, name)
+        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_dir: str) -> tuple[int, str] | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def save(engine, ckpt_dir: str, step: int, trainer_state: dict[str, Any], keep: int) -> str:
+    """Write checkpoint `step` atomically (collective: every rank calls it). Returns the final path."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tmp_root = os.path.join(ckpt_dir, ".tmp")
+    tag = tag_of(step)
+    tmp = os.path.join(tmp_root, tag)
+    final = os.path.join(ckpt_dir, tag)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a save that was killed
+        os.makedirs(tmp_root, exist_ok=True)
+    _barrier()
+    engine.save_checkpoint(tmp_root, tag=tag, save_latest=False)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(trainer_state, f, indent=1)
+    _barrier()
+    fault_hook("kill_in_checkpoint", step)
+    if rank == 0:
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # re-saving the same step (e.g. final == periodic): replace atomically-ish
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_path(ckpt_dir)
+        for _, old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(engine, path: str) -> dict[str, Any]:
+    """Load DeepSpeed state, this rank's RNG states, and return trainer_state (collective)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ckpt_dir, tag = os.path.split(path.rstrip("/"))
+    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state

@@ -1,0 +1,196 @@
+"""Typed training configuration: named presets, validation, and the DeepSpeed JSON generated from it.
+
+`TrainConfig.from_name("1x-compression")` is the recipe of the 1X compression-track winner (arXiv 2510.07092):
+AdamW betas (0.9, 0.95), weight decay 0.05 on matrices only, peak LR 8e-4, 2,000 warm-up steps then linear
+decay to 0, global batch 160 (20 per GPU x 8), bf16 autocast, 80 epochs of ~306k samples (~153k steps).
+`"tiny"` trains the tiny ST-Transformer on a small synthetic set in seconds on a CPU (tests, quick start).
+Other tracks add presets with `register_preset` (the sampling helper adds "1x-sampling").
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+PRECISIONS = ("auto", "autocast-bf16", "bf16", "fp32")
+NAN_POLICIES = ("stop", "skip")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs besides the data directory. Units: steps are optimizer steps."""
+
+    name: str = "custom"
+    task: str = "compression"  # key of wmfast.train.task.TASKS
+    model: str = "tiny"  # model preset inside the task (e.g. STTransformerConfig.from_name(model))
+    # batch: global = micro_batch * grad_accum * world_size; micro_batch "auto" searches the largest that fits
+    global_batch: int = 8
+    micro_batch: int | str = 4
+    steps: int = 40
+    # optimizer (AdamW): decay only on matrices (ndim >= 2) the task does not exempt (position embeddings)
+    lr: float = 8e-4
+    warmup_steps: int = 2000
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    # distributed / numerics
+    zero_stage: int = 2
+    precision: str = "auto"  # auto: autocast-bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    # crash safety and reporting (0 disables the periodic action; a final checkpoint is always written)
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    val_every: int = 1000
+    val_batches: int = 50
+    log_every: int = 10
+    nan_policy: str = "stop"  # stop: end the run keeping the last good checkpoint; skip: drop the step
+    seed: int = 0
+    num_workers: int = 0
+    # micro-batch search: a size fits when its trial does not OOM and peak memory <= (1 - margin) * capacity
+    auto_margin: float = 0.10
+    auto_max_micro_batch: int = 0  # 0: up to the per-rank batch
+    # user JSON merged over the generated DeepSpeed config (keys the user sets win)
+    deepspeed_override: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> TrainConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown training preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        cfg = PRESETS[name]()
+        return cfg.replace(**overrides) if overrides else cfg
+
+    def replace(self, **changes) -> TrainConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raise ValueError for any inconsistent setting, before any work is done."""
+        if self.global_batch <= 0 or self.global_batch % world_size:
+            raise ValueError(f"global_batch={self.global_batch} must be a positive multiple of the "
+                             f"world size {world_size}")
+        per_rank = self.global_batch // world_size
+        if self.micro_batch != "auto":
+            if not isinstance(self.micro_batch, int) or self.micro_batch <= 0:
+                raise ValueError(f"micro_batch must be a positive int or 'auto', got {self.micro_batch!r}")
+            if per_rank % self.micro_batch:
+                raise ValueError(f"micro_batch={self.micro_batch} does not divide the per-rank batch {per_rank} "
+                                 f"(global_batch={self.global_batch} / world_size={world_size})")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        if self.steps <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"steps must be > 0 and warmup_steps >= 0 (got {self.steps}, {self.warmup_steps})")
+        if not 0.0 <= self.auto_margin < 1.0:
+            raise ValueError(f"auto_margin must be in [0, 1), got {self.auto_margin}")
+
+    def grad_accum(self, micro_batch: int, world_size: int) -> int:
+        return self.global_batch // (micro_batch * world_size)
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """'auto' -> autocast-bf16 on CUDA (the recipe: AMP bf16, fp32 master weights), fp32 on CPU."""
+    if precision == "auto":
+        return "autocast-bf16" if device_type == "cuda" else "fp32"
+    if precision in ("bf16", "autocast-bf16") and device_type == "cpu":
+        return precision  # allowed (slow); DeepSpeed supports bf16 on its CPU accelerator
+    return precision
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON for `cfg` (the optimizer and LR schedule are passed as client objects, so that
+    no DeepSpeed op is JIT-built: torch's fused AdamW on GPU, plain torch AdamW on CPU)."""
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum(micro_batch, world_size),
+        "gradient_clipping": cfg.grad_clip,
+        "steps_per_print": 10**9,  # the loop does its own reporting
+        "wall_clock_breakdown": False,
+        # torch.optim.AdamW is not on DeepSpeed's list of tested ZeRO optimizers, but ZeRO only needs
+        # param_groups/step/state_dict, which it has.
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": cfg.zero_stage},
+    }
+    if cfg.zero_stage >= 2:
+        ds["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True,
+                                        "reduce_bucket_size": 5e7})
+    if cfg.zero_stage == 3:
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+    if precision == "bf16":
+        # bf16 weights/grads, fp32 master weights in the ZeRO optimizer; accumulate grads in fp32
+        ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return merge_override(ds, cfg.deepspeed_override)
+
+
+def merge_override(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: dict values merge key by key, anything else in `override` replaces `base`."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_override(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_override(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    if not os.path.isfile(path):
+        raise ValueError(f"DeepSpeed override JSON {path!r} does not exist")
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):  # noqa: TRY004 - a bad file is a user error, reported like the others
+        raise ValueError(f"DeepSpeed override JSON {path!r} must hold an object, got {type(data).__name__}")
+    return data
+
+
+# ---- presets -----------------------------------------------------------------------------------------------
+PRESETS: dict[str, Callable[[], TrainConfig]] = {}
+
+
+def register_preset(name: str, factory: Callable[[], TrainConfig]) -> None:
+    """Add a named preset (e.g. the sampling track's "1x-sampling"); names are unique."""
+    if name in PRESETS:
+        raise ValueError(f"training preset {name!r} is already registered")
+    PRESETS[name] = factory
+
+
+def _preset_1x_compression() -> TrainConfig:
+    # 306k samples x 80 epochs / 160 per step = 153,000 optimizer steps
+    return TrainConfig(name="1x-compression", task="compression", model="1x-compression", global_batch=160,
+                       micro_batch=20, steps=153_000, lr=8e-4, warmup_steps=2000, betas=(0.9, 0.95),
+                       weight_decay=0.05, grad_clip=1.0, zero_stage=2, precision="auto", ckpt_every=2000,
+                       val_every=2000, val_batches=100, log_every=20)
+
+
+def _preset_tiny() -> TrainConfig:
+    # seconds on 2 CPU cores: a short warm-up and a high LR so the loss visibly falls in a few dozen steps
+    return TrainConfig(name="tiny", task="compression", model="tiny", global_batch=8, micro_batch=4, steps=40,
+                       lr=3e-3, warmup_steps=5, zero_stage=2, precision="auto", ckpt_every=20, keep_checkpoints=2,
+                       val_every=20, val_batches=2, log_every=1)
+
+
+register_preset("1x-compression", _preset_1x_compression)
+register_preset("tiny", _preset_tiny)

@@ -1,0 +1,107 @@
+"""`--micro-batch auto`: the largest micro-batch that fits, found with real forward+backward+step trials.
+
+Candidates are the divisors of the per-rank batch (so the global batch stays exact through gradient
+accumulation), capped by `auto_max_micro_batch`. The search gallops upwards (1, 2, 4, ... in candidate
+index) until a trial fails, then bisects between the last success and the first failure: O(log n) trials.
+A trial fails on an out-of-memory error (caught; the trial's objects are dropped, `gc.collect()` and
+`torch.cuda.empty_cache()` return the memory) or when its peak memory exceeds (1 - margin) x capacity:
+the margin leaves room for what the trial does not see (allocator fragmentation over a long run, the
+validation pass, checkpoint buffers). Monotonicity (bigger never fits when smaller does not) is assumed.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+logger = logging.getLogger("wmfast")
+
+
+@dataclass
+class Trial:
+    micro_batch: int
+    fits: bool
+    peak_bytes: int | None = None
+    capacity_bytes: int | None = None
+    error: str | None = None
+
+
+def divisors(n: int, cap: int | None = None) -> list[int]:
+    out = [d for d in range(1, n + 1) if n % d == 0]
+    return [d for d in out if cap is None or cap <= 0 or d <= cap]
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def run_trial(micro_batch: int, body: Callable[[int], tuple[int | None, int | None]], margin: float) -> Trial:
+    """Run `body(micro_batch) -> (peak_bytes, capacity_bytes)`; OOM -> a failed trial with memory freed."""
+    try:
+        peak, capacity = body(micro_batch)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        del exc  # the traceback holds the trial's tensors: drop it before freeing
+        free_memory()
+        return Trial(micro_batch, False, error="out of memory")
+    free_memory()
+    if peak is not None and capacity:
+        limit = (1.0 - margin) * capacity
+        if peak > limit:
+            return Trial(micro_batch, False, peak, capacity,
+                         error=f"peak {peak / 2**30:.2f} GiB > {limit / 2**30:.2f} GiB ({1 - margin:.0%} of capacity)")
+    return Trial(micro_batch, True, peak, capacity)
+
+
+def search(candidates: list[int], try_fit: Callable[[int], Trial]) -> tuple[int, list[Trial]]:
+    """Largest candidate for which `try_fit(c).fits` (candidates ascending). Raises if none fits."""
+    if not candidates:
+        raise ValueError("no micro-batch candidates to search")
+    trials: list[Trial] = []
+
+    def fits(i: int) -> bool:
+        t = try_fit(candidates[i])
+        trials.append(t)
+        logger.info("micro-batch %d: %s", t.micro_batch, "fits" if t.fits else f"does not fit ({t.error})")
+        return t.fits
+
+    good, bad, step = -1, len(candidates), 1
+    i = 0
+    while i < len(candidates):  # gallop: indices 0, 1, 3, 7, ...
+        if not fits(i):
+            bad = i
+            break
+        good = i
+        i += step
+        step *= 2
+    if good < 0:
+        raise RuntimeError(f"micro-batch search: even {candidates[0]} does not fit ({trials[0].error})")
+    if bad == len(candidates) and good < len(candidates) - 1:
+        # the gallop stepped past the end without a failure: the last candidate is still untried
+        if fits(len(candidates) - 1):
+            return candidates[-1], trials
+        bad = len(candidates) - 1
+    while bad - good > 1:  # bisect
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return candidates[good], trials
+
+
+def trials_to_json(trials: list[Trial]) -> list[dict]:
+    return [asdict(t) for t in trials]
