@@ -155,6 +155,15 @@ def _decode_providers(ctx):
     providers = {"sdpa+cache-write": sdpa, "torch-ref": temporal_decode_ref}
     if _triton_usable(ctx):
         providers = {"triton-fused": temporal_decode_op, **providers}
+    from wmfast.backend import cuda_ext_available
+
+    cuda_ok, cuda_why = cuda_ext_available()
+    if cuda_ok and ctx.device.type == "cuda":  # the CUDA C++ kernel (csrc/temporal_attention), wmfast._C
+        from wmfast.csrc_ops import temporal_decode_step as cuda_decode_step
+
+        providers = {"cuda-fused": cuda_decode_step, **providers}
+    else:
+        ctx.log(f"cuda-fused: skipped ({cuda_why})")
     fa = _flash_attn()
     if fa is not None and ctx.device.type == "cuda":
         providers["flash_attn_with_kvcache"] = "flash"  # needs its own cache layout: built per shape

@@ -213,3 +213,19 @@ def test_formula_and_table_adapter():
     assert am._ratio_from_table([{"method": "full", "relative": 1.0}, {"relative": 0.2}], 5, 1024) == 0.2
     with pytest.raises(ValueError, match="attention_memory_table"):
         am._ratio_from_table({"x": 3}, 5, 1024)
+
+
+def test_largest_batch_search_on_cpu(monkeypatch):
+    """The search logic on the tiny preset, with a capacity standing in for GPU memory (CPU estimate)."""
+    pytest.importorskip("wmfast.models")
+    from wmfast.bench.largest_batch import largest_batch
+
+    monkeypatch.setenv("WMFAST_BACKEND", "torch")  # the references: the interpreter would only add time here
+    kw = {"device": "cpu", "preset": "tiny", "num_layers": 1}
+    one, trials, _, _ = largest_batch("full", max_batch=1, capacity_bytes=1 << 40, **kw)
+    peak1 = trials[0].peak_bytes
+    assert one == 1 and peak1 > 0
+    best, trials, _, _ = largest_batch("full", max_batch=4, capacity_bytes=int(2.5 * peak1), **kw)
+    # activations grow ~linearly with the batch: 2 fits in 2.5x the batch-1 peak, 3 does not
+    assert best == 2, [(t.micro_batch, t.fits, t.peak_bytes) for t in trials]
+    assert all(t.fits == (t.peak_bytes <= 2.5 * peak1) for t in trials)

@@ -145,3 +145,15 @@ def test_kernel_and_reference_train_alike(tmp_path, monkeypatch):
         torch.manual_seed(0)
         curves.append(_train(STTransformer(STTransformerConfig.from_name("tiny")), loader, 3))
     assert curves[0] == pytest.approx(curves[1], abs=2e-4), curves
+
+
+@pytest.mark.gpu
+def test_bf16_training_step_cuda():
+    model = STTransformer(STTransformerConfig.from_name("tiny")).cuda()
+    batch = {"tokens": torch.randint(0, 512, (4, 6, 8, 8)), "states": torch.randn(4, 34, 25)}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, metrics = compression_loss(model, batch)
+    loss.backward()
+    assert set(metrics) >= {"loss", "accuracy", "ce_future_2"}
+    assert torch.isfinite(loss) and 5.5 < loss.item() < 7.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -12,6 +12,8 @@ What is measured, per (T, S) at fixed batch B, heads H and head dim D:
 - modes: "fwd" (no grad), "fwd+bwd" (a training step of the attention), and, for eager, "saved": the
   bytes autograd keeps for backward (non-input tensors through saved_tensors_hooks), what accumulates over
   the layers of a model in training.
+- GPU only: the largest batch that fits a training step of the 136M model with full vs factorized attention
+  at T = 5 (wmfast.bench.largest_batch).
 - memory: the peak allocated during one call above the inputs (wmfast.benchmarking.peak_memory): CUDA
   max_memory_allocated, or on the CPU the live-bytes estimate of a TorchDispatchMode (fused kernels'
   internal scratch is invisible to it, so CPU fused numbers are lower bounds).
@@ -246,7 +248,23 @@ def run(ctx: BenchContext) -> list[dict]:
     for line in ratio_table(rows):
         ctx.log(line)
     plot_ratios(rows, Path(ctx.out_dir) / "attention_memory.png")
+    if ctx.device.type == "cuda" and not ctx.quick:
+        _largest_batch(ctx)
+    else:
+        ctx.log("attention-memory: largest batch of the 136M model: GPU only (skipped)")
     return rows
+
+
+def _largest_batch(ctx: BenchContext) -> None:
+    try:
+        import wmfast.models  # noqa: F401
+    except ImportError as e:
+        ctx.log(f"attention-memory: largest batch skipped (wmfast.models not importable: {e})")
+        return
+    from wmfast.bench import largest_batch
+
+    found = largest_batch.run(ctx)
+    ctx.log(f"attention-memory: largest batch, 136M model, T=5, training step: {found}")
 
 
 def write_ratio_csv(rows: list[dict], path: Path) -> None:

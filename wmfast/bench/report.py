@@ -141,6 +141,10 @@ def summary_markdown(out_dir: str | Path) -> str:
                   "other. fwd+bwd peaks also hold the q/k/v gradients (linear in T S D), which the formula "
                   "leaves out. Details: wmfast/bench/attention_memory.py."), "",
                   *ratio_table(ratio_rows), "", "![attention memory](attention_memory.png)", ""]
+        fits = [f"{r['provider'].removeprefix('st-transformer-')} attention: {r['shape']}" for r in rows
+                if r["op"] == "largest-batch"]
+        if fits:
+            lines += ["Largest batch that fits a training step: " + "; ".join(fits) + ".", ""]
     tele = status.get("telemetry") or {}
     if tele:
         lines += ["## GPU telemetry during the run (min / median / max)", ""]
