@@ -83,6 +83,21 @@ def test_binding_compiles_against_torch_headers():
     assert proc.returncode == 0, proc.stderr[-6000:]
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+def test_adaln_backward_geometry_covers_every_row_once():
+    """The backward's work units and stage-2 reduction (csrc/adaln/adaln_geom.h, the very header the kernels
+    use), checked by a C++ program over ~20k shape/layout cases: each row in one unit, each unit summed into
+    the modulation row its rows belong to."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "geom")
+        build = subprocess.run(["g++", "-std=c++17", "-O2", "-Wall", "-o", exe,
+                                os.path.join(REPO, "csrc", "tests", "adaln_geom_check.cpp")],
+                               check=False, capture_output=True, text=True, timeout=120)
+        assert build.returncode == 0, build.stderr[-4000:]
+        run = subprocess.run([exe], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
+
+
 # ------------------------------------------------------------------------------------------------- build logic
 def test_gencode_flags_default_hopper_and_blackwell():
     assert wmfast_build.gencode_flags("90;100") == ["-gencode", "arch=compute_90a,code=sm_90a",
@@ -279,6 +294,10 @@ def test_standin_opcheck_and_compile(standin):
     torch.library.opcheck(standin.gated_residual_layernorm_modulate_fwd, (res, x, *mods, 1e-6))
     torch.library.opcheck(standin.layernorm_modulate_bwd, (torch.randn(B, L, D), x.detach(), mods[1].detach(),
                                                           mods[2].detach(), stats, stats))
+    plain = [t.detach() for t in (res, x, *mods)]
+    for dout in (None, torch.randn(B, L, D)):
+        torch.library.opcheck(standin.gated_residual_layernorm_modulate_bwd,
+                              (torch.randn(B, L, D), dout, *plain, stats, stats))
     q, k, v = (torch.randn(1, 1, 3, 2, 32) for _ in range(3))
     kc, vc = torch.zeros(1, 3, 2, 5, 32), torch.zeros(1, 3, 2, 5, 32)
     torch.library.opcheck(standin.temporal_decode_step, (q, k, v, kc, vc, 2))
@@ -397,6 +416,23 @@ def test_gpu_adaln_vs_triton_vs_reference(cuda_ext, layout, dtype, mod_dtype, D)
     y_triton = k.layernorm_modulate_op(x, shift, scale, 1e-6, frame_len or 0)
     ref = layernorm_modulate_ref(x, shift, scale, frame_len=frame_len)
     assert_2x_rule(csrc_ops.layernorm_modulate(x, shift, scale, frame_len=frame_len), ref, y_triton, "cuda vs triton")
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph(cuda_ext):
+    B, L, D, fl = 2, 8, 256, 4
+    x, res = (torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    mods = [torch.randn(B, L // fl, D, device="cuda", requires_grad=True) for _ in range(3)]
+
+    def block(x, res, g, s, c):
+        y, out = csrc_ops.gated_residual_layernorm_modulate(res, x, g, s, c, frame_len=fl)
+        return csrc_ops.layernorm_modulate(y, s, c, frame_len=fl).float().sum() + out.float().sum()
+
+    compiled = torch.compile(block, fullgraph=True)
+    eager_grads = torch.autograd.grad(block(x, res, *mods), (x, res, *mods))
+    compiled_grads = torch.autograd.grad(compiled(x, res, *mods), (x, res, *mods))
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,7 @@
 
 Importing this package does not import DeepSpeed (the loop imports it when a run starts).
 """
-from . import toy  # noqa: F401 - registers the "toy" task
+from . import compression, toy  # noqa: F401 - register the "compression" and "toy" tasks
 from .config import PRESETS, TrainConfig, deepspeed_config, register_preset
 from .loop import RunResult, train
 from .schedule import lr_at
