@@ -183,6 +183,15 @@ def test_modulation_views_not_copied(triton_backend):
     assert seen == [(mod.data_ptr(), (6 * 61, 1), mod.data_ptr() + 61 * 4, (6 * 61, 1))]
 
 
+def test_frame_len_integer_types(triton_backend):
+    import numpy as np
+
+    x, mod = torch.randn(1, 4, 8), torch.randn(1, 2, 6, 8)
+    want = ops.layernorm_modulate(x, mod[:, :, 0], mod[:, :, 1], frame_len=2)
+    for fl in (np.int64(2), torch.tensor(2)):
+        assert torch.equal(ops.layernorm_modulate(x, mod[:, :, 0], mod[:, :, 1], frame_len=fl), want)
+
+
 def test_torch_backend_matches_reference(monkeypatch):
     monkeypatch.setenv("WMFAST_BACKEND", "torch")
     x, res = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
@@ -268,6 +277,8 @@ def _bad_inputs():
         "frame-not-divisor": ("layernorm_modulate", (x, m, m), {"frame_len": 4},
                               r"L=6 .* not a multiple of frame_len=4"),
         "frame-zero": ("layernorm_modulate", (x, m, m), {"frame_len": 0}, "frame_len must be a positive int"),
+        "frame-float": ("layernorm_modulate", (x, m, m), {"frame_len": 2.0}, "frame_len must be a positive int"),
+        "frame-bool": ("layernorm_modulate", (x, m, m), {"frame_len": True}, "frame_len must be a positive int"),
         "eps-negative": ("layernorm_modulate", (x, m, m), {"eps": -1.0}, "eps must be a non-negative"),
         "residual-shape": ("gated_residual", (x[:, :3], x, m), {},
                            r"residual shape \(2, 3, 8\) != x shape \(2, 6, 8\)"),

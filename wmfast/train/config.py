@@ -161,8 +161,9 @@ def load_override(path: str | None) -> dict[str, Any]:
         raise ValueError(f"DeepSpeed override JSON {path!r} does not exist")
     with open(path) as f:
         data = json.load(f)
-    if not isinstance(data, dict):  # noqa: TRY004 - a bad file is a user error, reported like the others
-        raise ValueError(f"DeepSpeed override JSON {path!r} must hold an object, got {type(data).__name__}")
+    if not isinstance(data, dict):
+        raise ValueError(  # noqa: TRY004 - a bad file is a user error, reported like the others
+            f"DeepSpeed override JSON {path!r} must hold an object, got {type(data).__name__}")
     return data
 
 

@@ -383,7 +383,7 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
     flops, tokens = float(task.flops_per_sample()), task.tokens_per_sample()
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     bar = tqdm(total=cfg.steps, initial=start_step, disable=rank != 0 or os.environ.get("WMFAST_PROGRESS", "1") != "1",
-               desc="train", dynamic_ncols=True)
+               desc="train", dynamic_ncols=True, mininterval=1.0)
     step, loss, t_last, steps_since = start_step, None, time.perf_counter(), 0
     skipped_total = 0
     if device.type == "cuda":
