@@ -234,3 +234,15 @@ def test_largest_batch_search_on_cpu(monkeypatch):
     # activations grow ~linearly with the batch: 2 fits in 2.5x the batch-1 peak, 3 does not
     assert best == 2, [(t.micro_batch, t.fits, t.peak_bytes) for t in trials]
     assert all(t.fits == (t.peak_bytes <= 2.5 * peak1) for t in trials)
+
+
+@pytest.mark.gpu
+def test_attention_memory_formula_on_gpu(tmp_path):
+    """The issue's check where it is meant to hold: CUDA max_memory_allocated at T=5, S=1024 (bf16, 8x64)."""
+    from wmfast.bench import attention_memory as am
+
+    ctx = bm.make_context(quick=True, out_dir=tmp_path, device="cuda")
+    rows = am.measure_shape(ctx, 5, 1024, am.FULL_CFG)
+    for r in rows:
+        if r["impl"] == "eager" and r["mode"] in am.CHECKED_MODES:
+            assert r["check"] == "pass", r

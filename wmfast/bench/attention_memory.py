@@ -119,6 +119,8 @@ def _fused_full(device, inp: Inputs, T: int, S: int):
             block_mask = create_block_mask(lambda b, h, q, kv: q // S >= kv // S, None, None, T * S, T * S,
                                            device=device)
             flex = torch.compile(flex_attention, dynamic=False)
+            with torch.no_grad():  # compile now, inside the try: a failure falls back instead of ending the suite
+                flex(*inp.full, block_mask=block_mask)
             return (lambda: (flex(*inp.full, block_mask=block_mask),)), "flex_attention"
         except Exception as e:  # noqa: BLE001 - an old torch or a compile failure: say so and use SDPA
             print(f"attention-memory: flex_attention unavailable ({type(e).__name__}: {e}); fused full uses SDPA")

@@ -132,12 +132,14 @@ def run_bench(suite: str = "all", *, quick: bool = False, out: str | Path | None
     """Run `wmfast bench`; returns the exit status: 0 all ran, 1 something failed, 2 something is missing."""
     suites = resolve_suites(suite)
     device = torch.device(device) if device else bm.default_device()
-    out = Path(out) if out else bm.default_out_dir(device)
-    _fresh_out_dir(out)
     try:
         bdir, dir_error = bm.find_bench_dir(bench_dir), ""
     except FileNotFoundError as e:
         bdir, dir_error = None, str(e)
+    if out is None:  # results/<gpu>/ beside the scripts (the checkout's benchmarks/), else ./benchmarks/results
+        out = bdir / "results" / bm.default_out_dir(device).name if bdir else bm.default_out_dir(device)
+    out = Path(out)
+    _fresh_out_dir(out)
     with open(out / "bench.log", "w") as log_file, contextlib.redirect_stdout(_Tee(sys.stdout, log_file)):
         handler = logging.StreamHandler(sys.stdout)
         logging.getLogger().addHandler(handler)
