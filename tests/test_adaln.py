@@ -183,6 +183,15 @@ def test_modulation_views_not_copied(triton_backend):
     assert seen == [(mod.data_ptr(), (6 * 61, 1), mod.data_ptr() + 61 * 4, (6 * 61, 1))]
 
 
+def test_frame_len_integer_types(triton_backend):
+    import numpy as np
+
+    x, mod = torch.randn(1, 4, 8), torch.randn(1, 2, 6, 8)
+    want = ops.layernorm_modulate(x, mod[:, :, 0], mod[:, :, 1], frame_len=2)
+    for fl in (np.int64(2), torch.tensor(2)):
+        assert torch.equal(ops.layernorm_modulate(x, mod[:, :, 0], mod[:, :, 1], frame_len=fl), want)
+
+
 def test_torch_backend_matches_reference(monkeypatch):
     monkeypatch.setenv("WMFAST_BACKEND", "torch")
     x, res = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
@@ -268,6 +277,8 @@ def _bad_inputs():
         "frame-not-divisor": ("layernorm_modulate", (x, m, m), {"frame_len": 4},
                               r"L=6 .* not a multiple of frame_len=4"),
         "frame-zero": ("layernorm_modulate", (x, m, m), {"frame_len": 0}, "frame_len must be a positive int"),
+        "frame-float": ("layernorm_modulate", (x, m, m), {"frame_len": 2.0}, "frame_len must be a positive int"),
+        "frame-bool": ("layernorm_modulate", (x, m, m), {"frame_len": True}, "frame_len must be a positive int"),
         "eps-negative": ("layernorm_modulate", (x, m, m), {"eps": -1.0}, "eps must be a non-negative"),
         "residual-shape": ("gated_residual", (x[:, :3], x, m), {},
                            r"residual shape \(2, 3, 8\) != x shape \(2, 6, 8\)"),
@@ -287,3 +298,92 @@ def test_bad_input_raises_before_launch(triton_backend, monkeypatch, op, args, k
     monkeypatch.setattr(K, "_adaln_fwd", no_launch)
     with pytest.raises(ValueError, match=match):
         getattr(ops, op)(*args, **kwargs)
+
+
+def test_bench_wan_block_providers_compute_the_same(triton_backend):
+    """The benchmark's wmfast Wan-block path (per-frame modulation) computes what diffusers' per-token
+    expressions compute: the speedups it reports compare equal work."""
+    import pathlib
+
+    from wmfast.benchmarking import load_bench_script
+
+    bench = load_bench_script(pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_adaln.py")
+    B, L, D, fl = 2, 6, 61, 3
+    x, attn_out, ff_out = (torch.randn(B, L, D, dtype=bf) for _ in range(3))
+    table = torch.randn(1, 6, D) * 0.1
+    temb_frames = torch.randn(B, L // fl, 6, D) * 0.1
+    temb_tokens = temb_frames.repeat_interleave(fl, dim=1)
+    ref = bench.wan_block_adaln_diffusers(x, attn_out, ff_out, table, temb_tokens)
+    for temb, kw in ((temb_frames, {"frame_len": fl}), (temb_tokens, {})):
+        got = bench.wan_block_adaln_wmfast(x, attn_out, ff_out, table, temb, **kw)
+        for a, e in zip(got, ref):
+            torch.testing.assert_close(a.float(), e.float(), atol=5e-2, rtol=2e-2)
+
+
+# ---- GPU: the compiled kernels (run with `TRITON_INTERPRET=0 python -m pytest -m gpu tests/test_adaln.py`) ----
+compiled_kernels = pytest.mark.skipif(
+    __import__("wmfast.backend").backend.triton_interpret(),
+    reason="tests the compiled kernels and the triton_op registration: run with TRITON_INTERPRET=0")
+
+
+def _gpu_case(op, B, L, D, layout, frame_len):
+    x = torch.randn(B, L, D, device="cuda", dtype=bf)
+    res = torch.randn(B, L, D, device="cuda", dtype=bf)
+    mod, _ = make_mod(B, L, D, layout, fp32, frame_len)
+    mod = mod.detach().cuda()
+    return x, res, mod
+
+
+@pytest.mark.gpu
+@compiled_kernels
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("B, L, D, layout, frame_len", [
+    pytest.param(2, 1536, 3072, "frame", 256, id="wan-per-frame"),
+    pytest.param(1, 1536, 3072, "token", None, id="wan-per-token"),
+    pytest.param(4, 5120, 512, "sample2", None, id="st-per-sample"),
+    pytest.param(3, 999, 1000, "frame", 333, id="odd"),
+])
+def test_gpu_2x_rule_real_shapes(triton_backend, op, B, L, D, layout, frame_len):
+    torch.set_default_device("cuda")
+    try:
+        check_2x(op, B, L, D, bf, layout, fp32, frame_len)
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.gpu
+@compiled_kernels
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_deterministic_and_compiled(triton_backend, op):
+    """Two backward runs bit-identical at a real size; torch.compile(fullgraph=True) with Inductor traces the
+    triton_op (no graph break) and matches eager."""
+    x, res, mod = _gpu_case(op, 2, 1536, 3072, "frame", 256)
+    x.requires_grad_(), res.requires_grad_(), mod.requires_grad_()
+    cots = [torch.randn_like(x, dtype=fp32) for _ in range(2)]
+    views = mod.unbind(2)[:3]
+    first = run(op, res, x, mod, views, 256, cots)[1]
+    second = run(op, res, x, mod, views, 256, cots)[1]
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+
+    def f(res, x, mod):
+        return call(op, res, x, *mod.unbind(2)[:3], 256)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(res, x, mod)
+    for a, e in zip(got, f(res, x, mod)):
+        torch.testing.assert_close(a, e, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@compiled_kernels
+@pytest.mark.parametrize("name", list(_opcheck_args()))
+def test_gpu_opcheck(name):
+    torch.set_default_device("cuda")  # builds the strided views on the GPU (.cuda() would make them contiguous)
+    try:
+        op, args = _opcheck_args()[name]
+    finally:
+        torch.set_default_device(None)
+    if not name.endswith("_bwd"):
+        args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)

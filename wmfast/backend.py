@@ -6,16 +6,23 @@ Backends:
 - "cuda": the CUDA C++ extension `wmfast._C` (CUDA tensors only; optional build).
 - "torch": the pure-torch reference of each op (any device; torch.compile traces it natively).
 
-`WMFAST_BACKEND=triton|cuda|torch` forces a backend (an error if it cannot run the given tensors).
-Otherwise: CUDA tensors -> the fastest available of cuda/triton for the op (the cuda issue's measured
-table decides; Triton until then); CPU tensors -> triton under the interpreter, else torch, and one log
-line says why.
+`WMFAST_BACKEND=triton|cuda|torch` forces a backend (an error if it cannot run the given tensors; forcing
+cuda for an op the extension does not implement falls back to the next backend with one log line).
+Otherwise, CUDA tensors -> the fastest usable of cuda/triton for the op and shape:
+1. the measured table `MEASURED` below (per GPU name, per op, per caller-given shape key, or "*");
+2. else, when the caller passes `runners` (one zero-argument callable per backend), a one-time timing at
+   first use (cached per GPU, op and shape key; never while torch.compile traces or a CUDA graph captures;
+   WMFAST_AUTOTUNE=0 turns it off);
+3. else the caller's preference order (`supported`).
+CPU tensors -> triton under the interpreter, else torch, and one log line says why.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import statistics
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -29,7 +36,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> tuple[bool, str]:
     """(usable, reason) for the Triton backend on this machine."""
     try:
@@ -43,16 +50,27 @@ def triton_available() -> tuple[bool, str]:
     return True, f"CUDA device {torch.cuda.get_device_name()}"
 
 
-@functools.lru_cache(maxsize=None)
+# Ops the CUDA extension implements (csrc/); any other op never selects "cuda".
+CUDA_OPS = frozenset({"layernorm_modulate", "gated_residual_layernorm_modulate", "temporal_decode_step"})
+
+# Fastest backend measured per GPU name (torch.cuda.get_device_name()), op and shape key (the caller's, e.g.
+# "B=1,L=4096,D=3072,bf16,per-frame"; "*" = any shape). Filled from benchmarks/bench_adaln.py and
+# bench_st_attention.py runs on that GPU. Empty: no GPU measurement has been made yet.
+MEASURED: dict[str, dict[str, dict[str, str]]] = {}
+
+_TIMED: dict[tuple[str, str, str], str] = {}  # (gpu, op, shape key) -> fastest backend, from first-use timing
+
+
+@functools.cache
 def cuda_ext_available() -> tuple[bool, str]:
-    """(usable, reason) for the CUDA C++ extension."""
+    """(usable, reason) for the CUDA C++ extension; loading it also registers its fake/autograd functions."""
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build (the extension needs a CUDA build of torch)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    try:
-        import wmfast._C  # noqa: F401
-    except ImportError as e:
-        return False, f"extension not built ({e}); reinstall with a CUDA toolkit and a CUDA build of torch"
-    return True, "built"
+    from wmfast import csrc_ops
+
+    return csrc_ops.load()
 
 
 def forced_backend() -> str | None:
@@ -64,15 +82,64 @@ def forced_backend() -> str | None:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_once(message: str) -> None:
     logger.info(message)
 
 
-def select_backend(op: str, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
+def _timing_allowed() -> bool:
+    if os.environ.get("WMFAST_AUTOTUNE", "1") == "0":
+        return False
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    return not compiling and not torch.cuda.is_current_stream_capturing()
+
+
+def time_backends(runners: Mapping[str, Callable[[], object]], reps: int = 10) -> dict[str, float]:
+    """Median milliseconds of each runner over `reps` CUDA-event-timed calls, after 2 warm-up calls."""
+    times = {}
+    for name, run in runners.items():
+        for _ in range(2):
+            run()
+        samples = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        times[name] = statistics.median(samples)
+    return times
+
+
+def _fastest(op: str, device: torch.device, usable: list[str], shape_key: str | None,
+             runners: Mapping[str, Callable[[], object]] | None) -> str:
+    """The measured-table or first-use-timing choice among `usable` (>= 2 backends), else usable[0]."""
+    gpu = torch.cuda.get_device_name(device)
+    table = MEASURED.get(gpu, {}).get(op, {})
+    for key in (shape_key, "*"):
+        if key is not None and table.get(key) in usable:
+            return table[key]
+    cache_key = (gpu, op, shape_key or "*")
+    if cache_key in _TIMED:
+        return _TIMED[cache_key]
+    if runners is None or not _timing_allowed() or not all(name in runners for name in usable):
+        return usable[0]
+    times = time_backends({name: runners[name] for name in usable})
+    best = min(times, key=times.get)
+    _TIMED[cache_key] = best
+    logger.info("wmfast: %s %s on %s: timed %s -> %s", op, shape_key or "", gpu,
+                ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()), best)
+    return best
+
+
+def select_backend(op: str, device: torch.device, supported: tuple[str, ...] = BACKENDS, *,
+                   shape_key: str | None = None, runners: Mapping[str, Callable[[], object]] | None = None) -> str:
     """The backend that runs `op` on tensors of `device`.
 
-    `supported` lists the backends that implement `op` (in preference order for CUDA tensors).
+    `supported` lists the backends that implement `op` (in preference order for CUDA tensors). Optional, for
+    a shape-dependent choice: `shape_key` (a string naming the shape class, looked up in MEASURED) and
+    `runners` (backend -> zero-argument callable running the op on the actual inputs, timed once).
     """
     forced = forced_backend()
     if forced is not None:
@@ -84,13 +151,19 @@ def select_backend(op: str, device: torch.device, supported: tuple[str, ...] = B
                              "(set before importing triton)")
         if forced == "cuda" and device.type != "cuda":
             raise ValueError(f"WMFAST_BACKEND=cuda for {op} needs CUDA tensors, got {device}")
+        if forced == "cuda" and op not in CUDA_OPS:
+            rest = tuple(name for name in supported if name != "cuda")
+            _log_once(f"wmfast: WMFAST_BACKEND=cuda but the CUDA extension has no {op}; using {rest[0]}")
+            return rest[0]
         return forced
     if device.type == "cuda":
-        for name in supported:
-            if name == "cuda" and cuda_ext_available()[0]:
-                return "cuda"
-            if name == "triton" and triton_available()[0]:
-                return "triton"
+        usable = [name for name in supported
+                  if (name == "cuda" and op in CUDA_OPS and cuda_ext_available()[0])
+                  or (name == "triton" and triton_available()[0])]
+        if len(usable) > 1:
+            return _fastest(op, device, usable, shape_key, runners)
+        if usable:
+            return usable[0]
         _log_once(f"wmfast: {op} on {device}: no kernel backend usable; using the torch reference")
         return "torch"
     if "triton" in supported and triton_interpret() and triton_available()[0]:

@@ -6,6 +6,7 @@ from wmfast.models.st_transformer import (
     compression_loss,
     describe,
     flops_per_sample,
+    load_checkpoint,
     param_count,
 )
 
@@ -16,5 +17,6 @@ __all__ = [
     "compression_loss",
     "describe",
     "flops_per_sample",
+    "load_checkpoint",
     "param_count",
 ]

@@ -15,7 +15,9 @@ provides future states); earlier states reach it through causal temporal attenti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,9 @@ class STTransformerConfig:
     dropout: float = 0.1
     qk_norm: bool = True
     attention: str = "factorized"  # or "full": block-causal attention over all T*S tokens (memory comparison)
+    # attention="full" only: "sdpa" (PyTorch picks a fused kernel where it can; on GPU the memory-efficient one
+    # takes the mask and never materialises scores) or "eager" (scores materialised: the O((T S)^2) of the table)
+    full_attention_impl: str = "sdpa"
     init_std: float = 0.02
     norm_eps: float = 1e-5
 
@@ -49,6 +54,8 @@ class STTransformerConfig:
             raise ValueError(f"d_model={self.d_model} must be a multiple of num_heads={self.num_heads}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
+        if self.full_attention_impl not in ("sdpa", "eager"):
+            raise ValueError(f"full_attention_impl={self.full_attention_impl!r}: expected 'sdpa' or 'eager'")
         if not 1 <= self.context_frames <= self.num_frames:
             raise ValueError(f"context_frames={self.context_frames} must be in [1, num_frames={self.num_frames}]")
 
@@ -64,6 +71,15 @@ class STTransformerConfig:
     def future_frames(self) -> int:
         """Grids predicted from the context (3 for the challenge): positions context-1 .. T-1 predict them."""
         return self.num_frames + 1 - self.context_frames
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> STTransformerConfig:
+        """From `to_dict()` output (e.g. a checkpoint's model_config); keys that are not fields are ignored."""
+        valid = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in valid})
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> STTransformerConfig:
@@ -111,6 +127,7 @@ class Attention(nn.Module):
     def __init__(self, c: STTransformerConfig, kind: str):
         super().__init__()
         self.kind, self.h, self.dh = kind, c.num_heads, c.head_dim
+        self.eager_full = c.full_attention_impl == "eager"
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
         self.proj = nn.Linear(c.d_model, c.d_model)
         # QK-norm: LayerNorm over the head dim, shared by the heads (keeps logits bounded at lr 8e-4)
@@ -127,6 +144,10 @@ class Attention(nn.Module):
             o = ops.spatial_attention(q, k, v)
         elif self.kind == "temporal":
             o = self._temporal(q, k, v, kv_cache, pos)
+        elif self.eager_full:
+            from wmfast.analysis import eager_full_attention
+
+            o = eager_full_attention(q, k, v)
         else:
             o = block_causal_attention(q, k, v)
         return self.resid_drop(self.proj(self.attn_drop(o.reshape(B, T, S, D))))
@@ -320,13 +341,67 @@ def param_count(config: STTransformerConfig) -> int:
     return c.vocab_size * D + c.seq_len * D + c.num_frames * D + states + L * block + ln
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
+
+
+def _clean_state_dict(sd: dict) -> dict:
+    """Drop the prefixes DDP / torch.compile / DeepSpeed and activation-checkpoint wrappers add to names."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k.replace("_checkpoint_wrapped_module.", "")] = v
+    return out
+
+
+def load_checkpoint(path: str, *, preset: str | None = None, map_location="cpu") -> STTransformer:
+    """An STTransformer with the weights of `path`:
+    - a training checkpoint directory (wmfast train: DeepSpeed's mp_rank_00_model_states.pt with the weights
+      under "module", and trainer_state.json whose "model_config" gives the config);
+    - a torch.save file: {"model" | "module" | "state_dict": weights, optional "config": dict} or bare weights;
+    - a .safetensors file of weights.
+    The config comes from the checkpoint when it has one, else from `preset` (a ValueError if neither)."""
+    config_dict, sd = None, None
+    if os.path.isdir(path):
+        state_json = os.path.join(path, "trainer_state.json")
+        if os.path.isfile(state_json):
+            with open(state_json) as f:
+                config_dict = json.load(f).get("model_config") or None
+        weights = os.path.join(path, "mp_rank_00_model_states.pt")
+        if not os.path.isfile(weights):
+            raise ValueError(f"{path}: a checkpoint directory needs mp_rank_00_model_states.pt")
+        path = weights
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path, device=str(map_location))
+    else:
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+        for key in ("model", "module", "state_dict"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                config_dict = config_dict or obj.get("config")
+                sd = obj[key]
+                break
+        else:
+            sd = obj
+    if config_dict:
+        config = STTransformerConfig.from_dict(config_dict)
+    elif preset:
+        config = STTransformerConfig.from_name(preset)
+    else:
+        raise ValueError(f"{path}: the checkpoint holds no model config; pass a preset")
+    model = STTransformer(config)
+    model.load_state_dict(_clean_state_dict(sd))
+    return model
+
+
 def _fmt(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
 
 def describe(config: STTransformerConfig) -> str:
     return (f"STTransformer {config.num_layers}x{config.d_model} ({config.attention}), "
-            f"{_fmt(param_count(config))} parameters, {flops_per_sample(config) / 1e12:.2f} TFLOP/sample (fwd+bwd), "
+            f"{_fmt(param_count(config))} parameters, {flops_per_sample(config) / 1e9:,.1f} GFLOP/sample (fwd+bwd), "
             f"T={config.num_frames} S={config.seq_len} V={config.vocab_size}")
 
 

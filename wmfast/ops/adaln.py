@@ -11,6 +11,8 @@ bf16/fp16; the kernels read it through its strides and never copy it.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from wmfast.backend import select_backend
@@ -42,14 +44,21 @@ def _check_x(name: str, x, like=None) -> None:
             raise ValueError(f"{name} is on {x.device}, x on {like.device}")
 
 
-def _check_frame_len(frame_len, x) -> None:
+def _check_frame_len(frame_len, x) -> int | None:
+    """frame_len as a Python int (numpy / 0-d integer tensors accepted), or None."""
     if frame_len is None:
-        return
-    if isinstance(frame_len, bool) or not isinstance(frame_len, int) or frame_len <= 0:
+        return None
+    try:
+        value = None if isinstance(frame_len, bool) else operator.index(frame_len)
+    except TypeError:
+        value = None
+    if value is None or value <= 0:
         raise ValueError(f"frame_len must be a positive int, got {frame_len!r}")
+    frame_len = value
     L = x.shape[1]
     if L % frame_len != 0:
         raise ValueError(f"L={L} (x shape {_shape(x)}) is not a multiple of frame_len={frame_len}")
+    return frame_len
 
 
 def _check_mod(name: str, mod, x, frame_len) -> None:
@@ -86,6 +95,47 @@ def _check_triton_limits(x) -> None:
                          "(set WMFAST_BACKEND=torch)")
 
 
+def _shape_key(x, mods) -> str:
+    """The shape class for the backend table / first-use timing, e.g. "B=1,L=1536,D=3072,bf16,per-frame"."""
+    B, L, D = x.shape
+    kinds = []
+    for m in mods:
+        n = 1 if m.dim() == 2 else m.shape[1]
+        kind = "per-sample" if n == 1 else "per-token" if n == L else "per-frame"
+        if kind not in kinds:
+            kinds.append(kind)
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[x.dtype]
+    return f"B={B},L={L},D={D},{dtype},{'+'.join(kinds)}"
+
+
+@torch.compiler.assume_constant_result
+def _backend_constant(op: str, device: torch.device) -> str:
+    """select_backend while torch.compile traces: evaluated once, its result baked into the graph (dynamo cannot
+    trace the device queries and logging inside, and a graph break would defeat fullgraph=True)."""
+    return select_backend(op, device, _SUPPORTED)
+
+
+def _pick_backend(op: str, x, mods, runners) -> str:
+    """The backend for this call. On CUDA tensors `runners` (backend -> zero-argument forward) lets
+    select_backend time the usable backends once per shape class when no measured table entry decides."""
+    if torch.compiler.is_compiling():
+        return _backend_constant(op, x.device)
+    if x.device.type != "cuda":
+        return select_backend(op, x.device, _SUPPORTED)
+    return select_backend(op, x.device, _SUPPORTED, shape_key=_shape_key(x, mods), runners=_no_grad(runners()))
+
+
+def _no_grad(runners: dict) -> dict:
+    def wrap(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+
+        return run
+
+    return {name: wrap(fn) for name, fn in runners.items()}
+
+
 def _csrc():
     from wmfast import csrc_ops  # the CUDA extension's wrappers: imported only when that backend is chosen
 
@@ -99,10 +149,12 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     x's dtype or fp32, any strides. Returns y: [B, L, D] in x.dtype. Differentiable in x, shift and scale."""
     _check_x("x", x)
     _check_eps(eps)
-    _check_frame_len(frame_len, x)
+    frame_len = _check_frame_len(frame_len, x)
     _check_mod("shift", shift, x, frame_len)
     _check_mod("scale", scale, x, frame_len)
-    backend = select_backend("layernorm_modulate", x.device, _SUPPORTED)
+    backend = _pick_backend("layernorm_modulate", x, (shift, scale), lambda: {
+        "triton": lambda: _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0),
+        "cuda": lambda: _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)})
     if backend == "triton":
         _check_triton_limits(x)
         return _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0)
@@ -118,9 +170,11 @@ def gated_residual(residual, x, gate, *, frame_len=None):
     [B, L, D], x's dtype or fp32, any strides. Returns out: [B, L, D]. Differentiable in all three."""
     _check_x("x", x)
     _check_x("residual", residual, like=x)
-    _check_frame_len(frame_len, x)
+    frame_len = _check_frame_len(frame_len, x)
     _check_mod("gate", gate, x, frame_len)
-    backend = select_backend("gated_residual", x.device, _SUPPORTED)
+    backend = _pick_backend("gated_residual", x, (gate,), lambda: {
+        "triton": lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0),
+        "cuda": lambda: _csrc().gated_residual(residual, x, gate, frame_len=frame_len)})
     if backend == "triton":
         _check_triton_limits(x)
         return _k.gated_residual_op(residual, x, gate, frame_len or 0)
@@ -138,10 +192,14 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
     _check_x("x", x)
     _check_x("residual", residual, like=x)
     _check_eps(eps)
-    _check_frame_len(frame_len, x)
+    frame_len = _check_frame_len(frame_len, x)
     for name, mod in (("gate", gate), ("shift", shift), ("scale", scale)):
         _check_mod(name, mod, x, frame_len)
-    backend = select_backend("gated_residual_layernorm_modulate", x.device, _SUPPORTED)
+    backend = _pick_backend("gated_residual_layernorm_modulate", x, (gate, shift, scale), lambda: {
+        "triton": lambda: _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps),
+                                                                   frame_len or 0),
+        "cuda": lambda: _csrc().gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
+                                                                  frame_len=frame_len)})
     if backend == "triton":
         _check_triton_limits(x)
         return _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps), frame_len or 0)
