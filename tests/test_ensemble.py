@@ -53,15 +53,15 @@ def test_schedule_tables():
 
 @pytest.mark.parametrize("max_batch", [None, 2, 1])
 def test_batched_equals_sequential(max_batch):
-    model, context, cond, F, cfg = _setup(n=5)
+    model, context, cond, F, cfg = _setup(n=4, steps=3)
     cfg.max_batch = max_batch
     batched = sample_ensemble(model, context, cond, F, cfg)
     sequential = run_sequential(model, context, cond, F, cfg)
-    assert batched.shape == (5, 4, F, 6, 5)
+    assert batched.shape == (4, 4, F, 6, 5)
     torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=1e-5)
     # Members differ (own seeds) and the same seeds reproduce the same member wherever it runs.
     assert not torch.allclose(batched[0], batched[1])
-    torch.testing.assert_close(sample_ensemble(model, context, cond, F, cfg, seeds=[2, 3, 4, 5, 6])[0], batched[2])
+    torch.testing.assert_close(sample_ensemble(model, context, cond, F, cfg, seeds=[2, 3, 4, 5])[0], batched[2])
 
 
 class _SmallMemoryToy(ToyDenoiser):
