@@ -119,3 +119,27 @@ def test_activation_checkpointing_matches(tmp_path):
               str(tmp_path / "b"), task=ToyTask())
     la, lb = _losses(a.run_dir), _losses(b.run_dir)
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "autocast-bf16"])
+def test_bf16_modes_train(tmp_path, precision):
+    result = train(_cfg(steps=4, ckpt_every=0, val_every=0, precision=precision), str(tmp_path),
+                   str(tmp_path / precision), task=ToyTask())
+    losses = _losses(result.run_dir)
+    assert result.status == "done" and all(v == v for v in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+def test_gpu_compression_auto_micro_batch_bf16(tmp_path):
+    from wmfast.data import write_synthetic_dataset
+
+    write_synthetic_dataset(str(tmp_path / "data"), shards=1, frames=1024, grid_size=8, vocab_size=512)
+    run = str(tmp_path / "run")
+    result = train(TrainConfig.from_name("tiny", micro_batch="auto", steps=20, val_every=20), str(tmp_path / "data"),
+                   run)
+    assert result.status == "done"
+    losses = _losses(run)
+    assert losses[-1] < losses[0] - 0.2
+    rec = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["kind"] == "train"][-1]
+    assert rec["peak_mem_gb"] > 0 and "gpu_util" in rec and rec["mfu"] is not None
+    assert _json(os.path.join(run, "micro_batch.json"))["micro_batch"] >= 1

@@ -50,32 +50,10 @@ CHECKED_MODES = ("fwd", "saved")
 
 
 def formula_ratio(T: int, S: int) -> float:
-    """(T S^2 + S T^2) / (T S)^2 from wmfast.analysis when it is installed, else the same formula here."""
-    try:
-        from wmfast.analysis import attention_memory_table
-    except ImportError:
-        return _formula_ratio(T, S)
-    return _ratio_from_table(attention_memory_table(T, S), T, S)
+    """(T S^2 + S T^2) / (T S)^2: the design card's table, from wmfast.analysis (the one source of the formula)."""
+    from wmfast.analysis import attention_memory_table
 
-
-def _formula_ratio(T: int, S: int) -> float:
-    return (T * S * S + S * T * T) / (T * S) ** 2
-
-
-def _ratio_from_table(table, T: int, S: int) -> float:
-    """Pull the factorized/full ratio out of attention_memory_table's result (a number, a mapping, or rows)."""
-    if isinstance(table, (int, float)):
-        return float(table)
-    rows = list(table.values()) if isinstance(table, dict) and "ratio" not in table else [table]
-    if isinstance(table, (list, tuple)):
-        rows = list(table)
-    for row in rows:
-        row = row if isinstance(row, dict) else getattr(row, "__dict__", {})
-        for key in ("ratio", "relative", "relative_cost", "fraction"):
-            value = row.get(key)
-            if isinstance(value, (int, float)) and 0 < value < 1:
-                return float(value)
-    raise ValueError(f"wmfast.analysis.attention_memory_table({T}, {S}) returned {table!r}: no ratio in (0, 1) found")
+    return attention_memory_table(T, S)["ratio"]
 
 
 def sequential_ratio(T: int, S: int) -> float:
@@ -141,6 +119,8 @@ def _fused_full(device, inp: Inputs, T: int, S: int):
             block_mask = create_block_mask(lambda b, h, q, kv: q // S >= kv // S, None, None, T * S, T * S,
                                            device=device)
             flex = torch.compile(flex_attention, dynamic=False)
+            with torch.no_grad():  # compile now, inside the try: a failure falls back instead of ending the suite
+                flex(*inp.full, block_mask=block_mask)
             return (lambda: (flex(*inp.full, block_mask=block_mask),)), "flex_attention"
         except Exception as e:  # noqa: BLE001 - an old torch or a compile failure: say so and use SDPA
             print(f"attention-memory: flex_attention unavailable ({type(e).__name__}: {e}); fused full uses SDPA")

@@ -54,6 +54,7 @@ def largest_batch(attention: str, *, device, preset: str = "1x-compression", max
     _train_step(model, opt, _batch(model.config, 1, device), device)  # AdamW state exists in every trial
 
     def body(b: int):
+        opt.zero_grad(set_to_none=True)  # an out-of-memory trial may have left gradients behind
         batch = _batch(model.config, b, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
