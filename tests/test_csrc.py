@@ -217,6 +217,8 @@ EMU_CASES = [  # (layout, act dtype, mod dtype, D): the vector path (D % 16 byte
     pytest.param("per-sample", torch.float32, torch.float32, 61, id="per-sample-fp32-D61-scalar"),
     pytest.param("strided-last-dim", torch.bfloat16, torch.float32, 64, id="strided-last-dim-scalar"),
     pytest.param("per-frame", torch.float16, torch.float32, 1000, id="per-frame-fp16-D1000-scalar-multiwarp"),
+    pytest.param("mixed", torch.bfloat16, torch.bfloat16, 256, id="mixed-layouts-bf16-D256"),
+    pytest.param("chunk-views", torch.bfloat16, torch.float32, 3072, id="wan-D3072-bf16-fp32mod"),
 ]
 
 
@@ -444,12 +446,15 @@ def _layout(kind, B, L, D, F, dtype, device, mod_dtype=None):
     if kind == "chunk-views":  # diffusers' (B, F, 6, D) fp32 table, chunked: strided views, no copies
         table = torch.randn(B, F, 6, D, dtype=md, device=device)
         return [table[:, :, i] for i in (2, 0, 1)], L // F
+    if kind == "mixed":  # gate per-token, shift per-sample, scale per-frame: one op, three reductions
+        return [torch.randn(B, L, D, dtype=md, device=device), torch.randn(B, 1, D, dtype=md, device=device),
+                torch.randn(B, F, D, dtype=md, device=device)], L // F
     if kind == "strided-last-dim":
         return [torch.randn(B, 1, 2 * D, dtype=md, device=device)[..., ::2] for _ in range(3)], None
     raise AssertionError(kind)
 
 
-LAYOUTS = ["per-sample-2d", "per-sample", "per-frame", "per-token", "chunk-views", "strided-last-dim"]
+LAYOUTS = ["per-sample-2d", "per-sample", "per-frame", "per-token", "chunk-views", "mixed", "strided-last-dim"]
 
 
 def _leaf(ts):
@@ -485,7 +490,7 @@ def test_standin_layernorm_modulate_layouts_fwd_bwd(standin, layout):
     _check_grads([y], [xk, sk, ck], ref, [x, shift, scale], torch.float32, ("x", "shift", "scale"))
 
 
-@pytest.mark.parametrize("layout", ["per-sample", "per-frame", "chunk-views", "per-token"])
+@pytest.mark.parametrize("layout", ["per-sample", "per-frame", "chunk-views", "per-token", "mixed"])
 def test_standin_gated_residual_layernorm_modulate_fwd_bwd(standin, layout):
     B, L, D, F = 2, 6, 24, 2
     x, res = torch.randn(B, L, D), torch.randn(B, L, D)
