@@ -225,7 +225,10 @@ def _strides4(x):
 
 def _temporal_attention_fwd(q, k, v, causal: bool, block_r: int | None = None, num_warps: int = 4):
     B, T, S, H, Dh = q.shape
+    T, Dh = int(T), int(Dh)  # they set constexpr block sizes: specialise (a guard) if torch.compile made them symbolic
     o = torch.empty((B, T, S, H, Dh), dtype=q.dtype, device=q.device)
+    if o.numel() == 0:  # a launch with an empty grid is an error on some drivers
+        return o
     R, BT, BD = B * S * H, triton.next_power_of_2(T), triton.next_power_of_2(Dh)
     BR = block_rows(BT, BD, 2, block_r)
     _launcher(_temporal_attention_fwd_kernel)[(triton.cdiv(R, BR),)](
@@ -236,9 +239,12 @@ def _temporal_attention_fwd(q, k, v, causal: bool, block_r: int | None = None, n
 
 def _temporal_attention_bwd(do, q, k, v, causal: bool, block_r: int | None = None, num_warps: int = 4):
     B, T, S, H, Dh = q.shape
+    T, Dh = int(T), int(Dh)
     if do.stride(-1) != 1:  # autograd may hand an expanded/strided gradient; the kernel needs Dh contiguous
         do = do.contiguous()
     dq, dk, dv = (torch.empty((B, T, S, H, Dh), dtype=q.dtype, device=q.device) for _ in range(3))
+    if dq.numel() == 0:
+        return dq, dk, dv
     R, BT, BD = B * S * H, triton.next_power_of_2(T), triton.next_power_of_2(Dh)
     BR = block_rows(BT, BD, 4, block_r)
     _launcher(_temporal_attention_bwd_kernel)[(triton.cdiv(R, BR),)](
@@ -250,8 +256,11 @@ def _temporal_attention_bwd(do, q, k, v, causal: bool, block_r: int | None = Non
 
 def _temporal_decode(q, k, v, k_cache, v_cache, t: int, block_r: int | None = None, num_warps: int = 4):
     B, _, S, H, Dh = q.shape
+    Dh, T_max = int(Dh), int(k_cache.shape[3])
     o = torch.empty((B, 1, S, H, Dh), dtype=q.dtype, device=q.device)
-    R, BT, BD = B * S * H, triton.next_power_of_2(k_cache.shape[3]), triton.next_power_of_2(Dh)
+    if o.numel() == 0:
+        return o
+    R, BT, BD = B * S * H, triton.next_power_of_2(T_max), triton.next_power_of_2(Dh)
     BR = block_rows(BT, BD, 2, block_r)
     s3 = lambda x: (x.stride(0), x.stride(2), x.stride(3))  # (b, s, h) strides of [B, 1, S, H, Dh]
     _launcher(_temporal_decode_kernel)[(triton.cdiv(R, BR),)](

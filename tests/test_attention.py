@@ -275,3 +275,20 @@ def test_kernels_compile_for_sm90():
     out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600,
                          check=False)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_empty_batch():
+    q = torch.randn(0, 3, 4, 2, 8, requires_grad=True)
+    o = temporal_attention_op(q, q, q, True)
+    o.sum().backward()
+    assert o.shape == q.shape and q.grad.shape == q.shape
+
+
+@pytest.mark.gpu
+def test_compile_dynamic_shapes_gpu():
+    """Generation without a cache grows T frame by frame: with dynamic shapes the block sizes specialise on T."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, c: temporal_attention(a, b, c, causal=True), fullgraph=True, dynamic=True)
+    for B, T in ((1, 3), (2, 4), (3, 5)):
+        q, k, v = torch.randn(3, B, T, 16, 2, 32, device="cuda").unbind(0)
+        torch.testing.assert_close(f(q, k, v), temporal_attention_ref(q, k, v))

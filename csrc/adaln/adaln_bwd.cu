@@ -168,9 +168,9 @@ Status launch_bwd(const AdaLNBwdParams& p, const BwdGeom& g, cudaStream_t stream
   const dim3 grid(static_cast<unsigned>((g.units + g.per_block - 1) / g.per_block));
   const int threads = g.nt * g.per_block;
   if (g.vec) {
-    adaln_bwd_kernel<T, M, VEC, GATED><<<grid, threads, 0, stream>>>(p, g);
+    launch_kernel(adaln_bwd_kernel<T, M, VEC, GATED>, grid, dim3(threads), stream, p, g);
   } else {
-    adaln_bwd_kernel<T, M, 1, GATED><<<grid, threads, 0, stream>>>(p, g);
+    launch_kernel(adaln_bwd_kernel<T, M, 1, GATED>, grid, dim3(threads), stream, p, g);
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return cuda_status(e);
@@ -181,8 +181,9 @@ Status launch_bwd(const AdaLNBwdParams& p, const BwdGeom& g, cudaStream_t stream
     const int64_t rows_out = p.B * views[k]->rows;
     const int64_t J = reduce_len(g, p.L, views[k]->rows);
     const int64_t n = rows_out * p.D;
-    adaln_reduce_kernel<M><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        p.workspace, static_cast<M*>(outs[k]), rows_out, J, g.nred, g.slot[k], p.D);
+    launch_kernel(adaln_reduce_kernel<M>, dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256), stream,
+                  static_cast<const float*>(p.workspace), static_cast<M*>(outs[k]), rows_out, J, g.nred, g.slot[k],
+                  p.D);
   }
   return cuda_status(cudaGetLastError());
 }
