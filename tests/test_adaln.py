@@ -421,3 +421,6 @@ def test_gpu_path_fake_pass_and_sm90_compile_without_gpu():
     assert kernels == {"_adaln_fwd_kernel", "_adaln_bwd_kernel", "_reduce_partials_kernel"}, kernels
     spills = [c for c in result["compiled"] if c["spill_bytes"]]
     assert not spills, spills
+    # the forward at the real widths (D=3072, 512) moves every row with vector (128-bit) loads and stores
+    fwd = [c for c in result["compiled"] if c["kernel"] == "_adaln_fwd_kernel" and c["consts"]["BLOCK_D"] >= 512]
+    assert fwd and all(c["scalar_accesses"] == 0 and c["vector_accesses"] > 0 for c in fwd), fwd
