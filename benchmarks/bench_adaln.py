@@ -217,10 +217,43 @@ def bench_wan_block(ctx, backends):
                          inputs, (fwd_bytes, bwd_bytes))
 
 
+def sweep_tiles(ctx):
+    """Tile size (elements per program) x warps of the fused op's forward and backward kernels, on the Wan
+    per-frame and ST-Transformer shapes (the defaults, 4096 elements and up to 8 warps, were chosen without a
+    GPU: this sweep is how to set them from measurements)."""
+    for label, B, L, D, fl in (("wan2.2-5b", 8, 1536, 3072, 256), ("st-transformer", 20, 5120, 512, 1024)):
+        _sweep_shape(ctx, label, B, L, D, fl)
+
+
+def _sweep_shape(ctx, label, B, L, D, fl):
+    from wmfast.kernels.adaln import _adaln_bwd, _adaln_fwd
+
+    x, res, dy, dout = (torch.randn(B, L, D, device=ctx.device, dtype=torch.bfloat16) for _ in range(4))
+    shift, scale, gate = _make_mod(B, L, D, fl, "frame", ctx.device).unbind(-2)[:3]
+    fwd_bytes, bwd_bytes = _op_bytes("gated_residual_layernorm_modulate", B * L * D, 2, shift.numel() * 4)
+    shape = f"{label} B={B} L={L} D={D} bf16 mod=frame-fp32"
+    for tile in (1024, 2048, 4096, 8192, 16384):
+        for warps in (2, 4, 8, 16):
+            name = f"wmfast-triton-tile{tile}-w{warps}"
+            try:
+                ctx.bench("gated_residual_layernorm_modulate_sweep", shape, name, "fwd",
+                          lambda t=tile, w=warps: _adaln_fwd(x, res, gate, shift, scale, 1e-6, fl, True, True,
+                                                             tile=t, num_warps=w),
+                          bytes=fwd_bytes, dtype=torch.bfloat16, memory=False)
+                ctx.bench("gated_residual_layernorm_modulate_sweep", shape, name, "bwd",
+                          lambda t=tile, w=warps: _adaln_bwd(dy, dout, x, res, gate, shift, scale, 1e-6, fl, True,
+                                                             True, tile=t, num_warps=w),
+                          bytes=bwd_bytes, dtype=torch.bfloat16, memory=False)
+            except Exception as e:  # noqa: BLE001 - a config out of registers/shared memory: record, go on
+                ctx.log(f"{name}: failed ({type(e).__name__}: {str(e)[:120]})")
+
+
 def run(ctx):
     backends = _backends(ctx)
     bench_ops(ctx, backends)
     bench_wan_block(ctx, backends)
+    if ctx.device.type == "cuda" and not ctx.quick and "wmfast-triton" in backends:
+        sweep_tiles(ctx)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""ST-Transformer attention: the temporal kernel, the cached decode step, greedy generation and training.
+"""ST-Transformer attention: the temporal kernel, the cached decode step, and training with it.
 
     python benchmarks/bench_st_attention.py [--quick] [--out DIR] [--device cuda|cpu]
 
@@ -10,26 +10,30 @@ Sections (rows in bench_st_attention.csv, shared harness wmfast.benchmarking):
    (fwd); q, k, v, do read + dq, dk, dv written (bwd). Block-size sweep of the kernel on GPU.
 2. the decode step (one new frame at cache position t): fused Triton (write + attend, one launch) vs
    `flash_attn_with_kvcache` (cache [B*S, T_max, H, Dh]) vs cache write + SDPA vs the torch reference.
-3. with wmfast.models: greedy generation of 3 frames after 3 context frames, batch 1/8/64, with and without
-   the temporal cache; forward+backward of the 1x-compression preset (136M) with wmfast attention vs plain
+3. with wmfast.models: forward+backward of the 1x-compression preset (136M) with wmfast attention vs plain
    torch attention (SDPA on transposed copies), eager and compiled: tokens/s and MFU, where
    MFU = flops_per_sample(config) * samples/s / the bf16 matmul ceiling measured in this run, and
    flops_per_sample (wmfast.models.st_transformer) = 3 x forward, forward = per layer and token
    2 * (2 * 4 D^2 + 2 * r D^2) (qkv + out projections of both attentions, MLP of ratio r) + 4 S D + 4 T D
    (spatial and temporal QK^T, PV), plus the tied output head 2 D V on the future frames.
+Greedy generation with and without the temporal cache is benchmarks/bench_st_generate.py (suite "generate").
 
 --quick: tiny shapes on the CPU in a few seconds (the Triton kernels run under TRITON_INTERPRET=1, which this
-script sets when there is no GPU, before anything imports triton). No GPU numbers are claimed anywhere in the
+script sets when there is no GPU and nothing imported triton yet). No GPU numbers are claimed anywhere in the
 repository unless measured: results/ holds only what ran.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():  # the kernels then run under the interpreter; must precede importing triton
+# Without a GPU the kernels run under the interpreter, which must be chosen before triton is first imported. If
+# something imported triton already (e.g. `wmfast bench` ran another script), changing the variable now would
+# make wmfast.backend pick kernels that were compiled for a GPU: leave it alone (the Triton rows are then skipped).
+if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F
@@ -232,7 +236,6 @@ def bench_model(ctx):
          else STTransformerConfig.from_name("1x-compression", dropout=0.0))
     dtype = torch.float32 if ctx.quick else torch.bfloat16
     model = STTransformer(c).to(ctx.device, dtype)
-    bench_generate(ctx, model, c, dtype)
     bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample)
 
 
@@ -240,25 +243,6 @@ def _batch(c, B, device, dtype):
     """A training batch in the data reader's format: tokens [B, 6, G, G], states [B, 34, 25]."""
     tokens = torch.randint(0, c.vocab_size, (B, c.num_frames + 1, c.grid_size, c.grid_size), device=device)
     return {"tokens": tokens, "states": torch.randn(B, 34, c.state_dim, device=device, dtype=dtype)}
-
-
-def bench_generate(ctx, model, c, dtype):
-    """Greedy generation of the 3 future grids from the 3 context grids, with and without the temporal cache."""
-    import wmfast.inference
-
-    if not hasattr(wmfast.inference, "generate"):
-        ctx.log("generate_3_frames: skipped (wmfast.inference.generate not present in this checkout)")
-        return
-    model.eval()
-    for B in ((1, 2) if ctx.quick else (1, 8, 64)):
-        batch = _batch(c, B, ctx.device, dtype)
-        context = batch["tokens"][:, : c.context_frames]
-        for use_cache in (True, False):
-            with torch.inference_mode():
-                ctx.bench("generate_3_frames", f"B={B} {c.num_layers}x{c.d_model} {str(dtype)[6:]}",
-                          "cache" if use_cache else "no-cache", "fwd",
-                          lambda a=(context, batch["states"]), u=use_cache: model.generate(
-                              *a, num_frames=c.future_frames, use_cache=u), memory=False)
 
 
 def bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample):

@@ -231,9 +231,12 @@ def _reduce_partials_kernel(P, OUT, sob, sor, R, NP, D, BLOCK_P: tl.constexpr, B
 
 MAX_D = 16384  # one row must fit in a tile (registers on GPU); wider rows would need a looped two-pass kernel
 
-# Tile size (elements) per program. GPU: 4096 elements (one D=3072 row, or 8 rows of D=512) with 8 warps is
-# the flash-attention LayerNorm configuration; not yet tuned on a GPU here. Under the interpreter every program
-# is a Python-level call, so bigger tiles cut the overhead (16384 measured ~3x faster than 4096 on CPU).
+# Tile size (elements) per program. GPU: 4096 elements, i.e. one D=3072 row with 8 warps as flash-attention's
+# LayerNorm runs it (one row per program, warps = BLOCK_N // 256 capped at 8); smaller D packs several rows per
+# program (8 for D=512) so a program still moves ~4096 elements. Chosen without a GPU: not tuned yet
+# (benchmarks/bench_adaln.py sweeps tile x warps).
+# Under the interpreter every program is a Python-level loop, so bigger tiles cut the overhead: the fused
+# forward + backward at B=2, L=64, D=512 took 0.58 s with 16384 vs 1.0 s with 4096 (2-core CPU, shared).
 _TILE = 16384 if triton_interpret() else 4096
 # Backward: programs per launch the row chunks aim for (a few waves of SMs on GPU); under the interpreter a few,
 # so that the stage-2 reduction still sums more than one partial per modulation row.
@@ -267,17 +270,23 @@ def _strides3(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _num_warps(block_m: int, block_d: int) -> int:
-    return max(1, min(8, block_m * block_d // 512))
+def _num_warps(block_m: int, block_d: int, elems_per_thread: int = 16, max_warps: int = 8) -> int:
+    """Warps for a [block_m, block_d] tile. Forward: 16 elements per thread, at most 8 warps (flash-attention's
+    LayerNorm). Backward: 8 elements per thread, up to 16 warps: compiled for sm_90a (Triton 3.9, ptxas -v, no
+    GPU needed) the fused backward at D=3072 needs 191 registers with 8 warps (one 8-warp block per SM) and 113
+    with 16 (one 16-warp block: twice the warps in flight to hide memory latency), no spills either way."""
+    return max(1, min(max_warps, block_m * block_d // (32 * elems_per_thread)))
 
 
-def _adaln_fwd(x, residual, gate, shift, scale, eps: float, frame_len: int, has_res: bool, has_norm: bool):
-    """Launch the forward kernel; returns (y or None, out or None)."""
+def _adaln_fwd(x, residual, gate, shift, scale, eps: float, frame_len: int, has_res: bool, has_norm: bool,
+               tile: int | None = None, num_warps: int | None = None):
+    """Launch the forward kernel; returns (y or None, out or None). tile / num_warps override the defaults
+    (the benchmark's sweep uses them)."""
     B, L, D = x.shape
     y = torch.empty((B, L, D), dtype=x.dtype, device=x.device) if has_norm else None
     out = torch.empty((B, L, D), dtype=x.dtype, device=x.device) if has_res else None
     block_d = triton.next_power_of_2(D)
-    block_m = max(1, min(_TILE // block_d, triton.next_power_of_2(B * L)))
+    block_m = max(1, min((tile or _TILE) // block_d, triton.next_power_of_2(B * L)))
     dummy = x  # unused pointer arguments (their branches are compiled out)
     g_lay = _mod_layout(gate, L, frame_len)[:4] if has_res else (0, 0, 0, 1)
     s_lay = _mod_layout(shift, L, frame_len)[:4] if has_norm else (0, 0, 0, 1)
@@ -292,7 +301,7 @@ def _adaln_fwd(x, residual, gate, shift, scale, eps: float, frame_len: int, has_
         y if has_norm else dummy, out if has_res else dummy,
         B * L, L, D, eps,
         HAS_RES=has_res, HAS_NORM=has_norm, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=_num_warps(block_m, block_d),
+        num_warps=num_warps or _num_warps(block_m, block_d),
     )
     return y, out
 
@@ -339,8 +348,9 @@ def _finish_grad(mod, kind, buf, B, NG, NC, D):
 
 
 def _adaln_bwd(dy, dout, x, residual, gate, shift, scale, eps: float, frame_len: int, has_res: bool,
-               has_norm: bool):
-    """Launch the fused backward; returns (dx, dres or None, dgate or None, dshift or None, dscale or None)."""
+               has_norm: bool, tile: int | None = None, num_warps: int | None = None):
+    """Launch the fused backward; returns (dx, dres or None, dgate or None, dshift or None, dscale or None).
+    tile / num_warps override the defaults (the benchmark's sweep uses them)."""
     B, L, D = x.shape
     mods = {"gate": gate if has_res else None, "shift": shift if has_norm else None,
             "scale": scale if has_norm else None}
@@ -348,7 +358,7 @@ def _adaln_bwd(dy, dout, x, residual, gate, shift, scale, eps: float, frame_len:
     G = frame_len if FRAME in kinds.values() else L  # tokens per group: every reduced row lies in one group
     NG = L // G
     block_d = triton.next_power_of_2(D)
-    block_m = max(1, min(_TILE // block_d, triton.next_power_of_2(G)))
+    block_m = max(1, min((tile or _TILE) // block_d, triton.next_power_of_2(G)))
     NC, rows_per_prog = _bwd_chunks(x, B, NG, G, block_m)
     dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
     dres = torch.empty((B, L, D), dtype=x.dtype, device=x.device) if has_res and has_norm else None
@@ -368,7 +378,7 @@ def _adaln_bwd(dy, dout, x, residual, gate, shift, scale, eps: float, frame_len:
         L, D, G, NC, rows_per_prog, eps,
         HAS_RES=has_res, HAS_NORM=has_norm, GATE_TOKEN=kinds.get("gate") == TOKEN,
         SHIFT_TOKEN=kinds.get("shift") == TOKEN, SCALE_TOKEN=kinds.get("scale") == TOKEN,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_num_warps(block_m, block_d),
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps or _num_warps(block_m, block_d, 8, 16),
     )
     grads = {k: _finish_grad(m, kinds[k], bufs[k][0], B, NG, NC, D) if m is not None else None
              for k, m in mods.items()}

@@ -175,14 +175,17 @@ def ensemble_mean_var_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return _ensemble_mean_var_fwd(x)
 
 
-# Explicit fake (meta) implementations: under TRITON_INTERPRET=1 wrap_triton would otherwise run the
-# interpreter on FakeTensors (it copies their storage to the host), so shape inference must not launch.
-@ensemble_euler_step_triton.register_fake
-def _(x, v, dt, context):
+def _ensemble_euler_step_fake(x, v, dt, context):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
-@ensemble_mean_var_triton.register_fake
-def _(x):
+def _ensemble_mean_var_fake(x):
     return (torch.empty(x.shape[1:], device=x.device, dtype=x.dtype),
             torch.empty(x.shape[1:], device=x.device, dtype=x.dtype))
+
+
+# The opaque custom_ops (interpreter) need explicit fake implementations; a triton_op derives its own by
+# tracing the launcher, whose wrap_triton does not launch under fake tensors.
+if _register is torch.library.custom_op:
+    ensemble_euler_step_triton.register_fake(_ensemble_euler_step_fake)
+    ensemble_mean_var_triton.register_fake(_ensemble_mean_var_fake)

@@ -199,13 +199,17 @@ def _interpreting() -> bool:
 
 
 def block_rows(block_t: int, block_d: int, tiles: int, block_r: int | None = None) -> int:
-    """Rows per program: the [BLOCK_R, BLOCK_T, BLOCK_D] fp32 tiles a program holds (`tiles` of them: k, v
-    in the forward; k, v, dk, dv in the backward) fit ~64 fp32 registers per thread at 4 warps. Untuned: no
-    GPU in the session that wrote this (benchmarks/bench_st_attention.py --sweep-block-rows tunes it).
+    """Rows per program: BLOCK_R * BLOCK_T * BLOCK_D ~ 4096 / tiles elements per [BLOCK_R, BLOCK_T, BLOCK_D] fp32
+    tile a program holds (`tiles`: k, v in the forward and decode; k, v, dk, dv in the backward).
+
+    Why 4096: compiled for sm_90 at 4 warps (ptxas -v, no GPU needed) it gives 64-96 registers a thread in the
+    forward, 72-124 in the backward, 64-80 in the decode, no spills, at T in {5, 6, 8, 16} and Dh in {32, 64,
+    128}; 8192 gives 143-212 (3 resident blocks a SM instead of 5) for the same registers per row. Untimed: no
+    GPU in the session that wrote this; benchmarks/bench_st_attention.py sweeps it on a GPU.
     Under the interpreter each program is a Python loop over numpy ops, so fewer, larger programs are faster."""
     if block_r is not None:
         return block_r
-    budget = 1 << 15 if _interpreting() else 8192
+    budget = 1 << 15 if _interpreting() else 4096
     return max(1, min(256, triton.next_power_of_2(max(1, budget // (tiles * block_t * block_d)))))
 
 
@@ -221,7 +225,10 @@ def _strides4(x):
 
 def _temporal_attention_fwd(q, k, v, causal: bool, block_r: int | None = None, num_warps: int = 4):
     B, T, S, H, Dh = q.shape
+    T, Dh = int(T), int(Dh)  # they set constexpr block sizes: specialise (a guard) if torch.compile made them symbolic
     o = torch.empty((B, T, S, H, Dh), dtype=q.dtype, device=q.device)
+    if o.numel() == 0:  # a launch with an empty grid is an error on some drivers
+        return o
     R, BT, BD = B * S * H, triton.next_power_of_2(T), triton.next_power_of_2(Dh)
     BR = block_rows(BT, BD, 2, block_r)
     _launcher(_temporal_attention_fwd_kernel)[(triton.cdiv(R, BR),)](
@@ -232,9 +239,12 @@ def _temporal_attention_fwd(q, k, v, causal: bool, block_r: int | None = None, n
 
 def _temporal_attention_bwd(do, q, k, v, causal: bool, block_r: int | None = None, num_warps: int = 4):
     B, T, S, H, Dh = q.shape
+    T, Dh = int(T), int(Dh)
     if do.stride(-1) != 1:  # autograd may hand an expanded/strided gradient; the kernel needs Dh contiguous
         do = do.contiguous()
     dq, dk, dv = (torch.empty((B, T, S, H, Dh), dtype=q.dtype, device=q.device) for _ in range(3))
+    if dq.numel() == 0:
+        return dq, dk, dv
     R, BT, BD = B * S * H, triton.next_power_of_2(T), triton.next_power_of_2(Dh)
     BR = block_rows(BT, BD, 4, block_r)
     _launcher(_temporal_attention_bwd_kernel)[(triton.cdiv(R, BR),)](
@@ -246,8 +256,11 @@ def _temporal_attention_bwd(do, q, k, v, causal: bool, block_r: int | None = Non
 
 def _temporal_decode(q, k, v, k_cache, v_cache, t: int, block_r: int | None = None, num_warps: int = 4):
     B, _, S, H, Dh = q.shape
+    Dh, T_max = int(Dh), int(k_cache.shape[3])
     o = torch.empty((B, 1, S, H, Dh), dtype=q.dtype, device=q.device)
-    R, BT, BD = B * S * H, triton.next_power_of_2(k_cache.shape[3]), triton.next_power_of_2(Dh)
+    if o.numel() == 0:
+        return o
+    R, BT, BD = B * S * H, triton.next_power_of_2(T_max), triton.next_power_of_2(Dh)
     BR = block_rows(BT, BD, 2, block_r)
     s3 = lambda x: (x.stride(0), x.stride(2), x.stride(3))  # (b, s, h) strides of [B, 1, S, H, Dh]
     _launcher(_temporal_decode_kernel)[(triton.cdiv(R, BR),)](

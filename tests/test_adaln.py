@@ -183,6 +183,15 @@ def test_modulation_views_not_copied(triton_backend):
     assert seen == [(mod.data_ptr(), (6 * 61, 1), mod.data_ptr() + 61 * 4, (6 * 61, 1))]
 
 
+def test_frame_len_integer_types(triton_backend):
+    import numpy as np
+
+    x, mod = torch.randn(1, 4, 8), torch.randn(1, 2, 6, 8)
+    want = ops.layernorm_modulate(x, mod[:, :, 0], mod[:, :, 1], frame_len=2)
+    for fl in (np.int64(2), torch.tensor(2)):
+        assert torch.equal(ops.layernorm_modulate(x, mod[:, :, 0], mod[:, :, 1], frame_len=fl), want)
+
+
 def test_torch_backend_matches_reference(monkeypatch):
     monkeypatch.setenv("WMFAST_BACKEND", "torch")
     x, res = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
@@ -268,6 +277,8 @@ def _bad_inputs():
         "frame-not-divisor": ("layernorm_modulate", (x, m, m), {"frame_len": 4},
                               r"L=6 .* not a multiple of frame_len=4"),
         "frame-zero": ("layernorm_modulate", (x, m, m), {"frame_len": 0}, "frame_len must be a positive int"),
+        "frame-float": ("layernorm_modulate", (x, m, m), {"frame_len": 2.0}, "frame_len must be a positive int"),
+        "frame-bool": ("layernorm_modulate", (x, m, m), {"frame_len": True}, "frame_len must be a positive int"),
         "eps-negative": ("layernorm_modulate", (x, m, m), {"eps": -1.0}, "eps must be a non-negative"),
         "residual-shape": ("gated_residual", (x[:, :3], x, m), {},
                            r"residual shape \(2, 3, 8\) != x shape \(2, 6, 8\)"),
@@ -376,3 +387,40 @@ def test_gpu_opcheck(name):
     if not name.endswith("_bwd"):
         args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(op, args)
+
+
+def test_gpu_path_fake_pass_and_sm90_compile_without_gpu():
+    """The GPU path, checked where no GPU can run it (tests/adaln_compile_check.py, in a subprocess without
+    TRITON_INTERPRET): the triton_ops' fake pass (what torch.compile runs) gives the right output shapes and
+    dtypes, and every kernel launch it records (Wan2.2, ST-Transformer and odd shapes) compiles, specialised as
+    Triton's JIT would, to an sm_90a cubin without register spills."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")):
+        pytest.skip("this Triton has no NVIDIA backend binaries (ptxas) to compile for sm_90a")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "adaln_compile_check.py")
+    proc = subprocess.run([sys.executable, script, "--compile"], capture_output=True, text=True, timeout=600,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    bf_, f32 = "torch.bfloat16", "torch.float32"
+    want = []
+    for B, L, D, F_ in ((2, 12, 61, 3), (2, 1536, 3072, 6), (2, 5120, 512, 5)):
+        act, frame = [[B, L, D], bf_, "cuda"], [[B, F_, D], f32, "cuda"]
+        tok, sample = [[B, L, D], f32, "cuda"], [[B, D], f32, "cuda"]
+        # y, out, d_res, d_x, d_gate, d_tok, d_scale | y2, d_shift, d_scale | out2, d_gate (per-sample)
+        want += [act] * 4 + [frame, tok, frame] + [act, frame, frame] + [act, sample]
+    assert result["outputs"] == want
+    kernels = {c["kernel"] for c in result["compiled"]}
+    assert kernels == {"_adaln_fwd_kernel", "_adaln_bwd_kernel", "_reduce_partials_kernel"}, kernels
+    spills = [c for c in result["compiled"] if c["spill_bytes"]]
+    assert not spills, spills
+    # the forward at the real widths (D=3072, 512) moves every row with vector (128-bit) loads and stores
+    fwd = [c for c in result["compiled"] if c["kernel"] == "_adaln_fwd_kernel" and c["consts"]["BLOCK_D"] >= 512]
+    assert fwd and all(c["scalar_accesses"] == 0 and c["vector_accesses"] > 0 for c in fwd), fwd

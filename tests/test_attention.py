@@ -235,3 +235,60 @@ def test_opcheck_gpu():
     torch.library.opcheck(temporal_attention_op, (q, k, v, True))
     qd, kd, vd = (x.detach() for x in (q, k, v))
     torch.library.opcheck(temporal_attention_bwd_op, (torch.randn_like(qd), qd, kd, vd, False))
+
+
+_COMPILE_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import wmfast.kernels.temporal_attention as ta
+
+def compile_sm90(kern, ptrs, **constexprs):
+    names = [p.name for p in kern.params if p.is_constexpr]
+    sig = {p: "constexpr" if p in names else f"*{DT}" if p in ptrs else "fp32" if p.startswith("scale") else "i32"
+           for p in kern.arg_names}
+    cx = {(kern.arg_names.index(k),): v for k, v in constexprs.items()}
+    k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
+    assert "cubin" in k.asm, list(k.asm)
+
+DT = "bf16"
+compile_sm90(ta._temporal_attention_fwd_kernel, "QKVO", CAUSAL=True, BLOCK_R=8, BLOCK_T=8, BLOCK_D=64)
+compile_sm90(ta._temporal_attention_fwd_kernel, "QKVO", CAUSAL=False, BLOCK_R=2, BLOCK_T=16, BLOCK_D=128)
+compile_sm90(ta._temporal_attention_bwd_kernel, ("Q", "K", "V", "DO", "DQ", "DK", "DV"), CAUSAL=True,
+             BLOCK_R=4, BLOCK_T=8, BLOCK_D=64)
+DT = "fp32"
+compile_sm90(ta._temporal_decode_kernel, ("Q", "K", "V", "KC", "VC", "O"), BLOCK_R=4, BLOCK_T=8, BLOCK_D=32)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the Triton compiler rejects: compile every kernel ahead of time for an H100
+    (sm_90, through ptxas to a cubin), which needs no GPU. A fresh process: the kernels must not be interpreted."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_empty_batch():
+    q = torch.randn(0, 3, 4, 2, 8, requires_grad=True)
+    o = temporal_attention_op(q, q, q, True)
+    o.sum().backward()
+    assert o.shape == q.shape and q.grad.shape == q.shape
+
+
+@pytest.mark.gpu
+def test_compile_dynamic_shapes_gpu():
+    """Generation without a cache grows T frame by frame: with dynamic shapes the block sizes specialise on T."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, c: temporal_attention(a, b, c, causal=True), fullgraph=True, dynamic=True)
+    for B, T in ((1, 3), (2, 4), (3, 5)):
+        q, k, v = torch.randn(3, B, T, 16, 2, 32, device="cuda").unbind(0)
+        torch.testing.assert_close(f(q, k, v), temporal_attention_ref(q, k, v))

@@ -171,3 +171,14 @@ def test_cli_synth_and_check(tmp_path, capsys):
     assert "train:" in capsys.readouterr().out
     assert main(["data", "check", out, "--split", "val", "--vocab-size", "512"]) == 0
     assert ": ok" in capsys.readouterr().out
+
+
+def test_pickles_without_its_maps(synth):
+    import pickle
+
+    ds = TokenizedDataset(synth, "train", vocab_size=V)
+    first = ds[0]  # maps the first shard in this process
+    assert ds._maps
+    clone = pickle.loads(pickle.dumps(ds))  # what spawn-started DataLoader workers receive
+    assert clone._maps is None
+    assert torch.equal(clone[0]["tokens"], first["tokens"])

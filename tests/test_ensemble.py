@@ -53,15 +53,34 @@ def test_schedule_tables():
 
 @pytest.mark.parametrize("max_batch", [None, 2, 1])
 def test_batched_equals_sequential(max_batch):
-    model, context, cond, F, cfg = _setup(n=5)
+    model, context, cond, F, cfg = _setup(n=4, steps=3)
     cfg.max_batch = max_batch
     batched = sample_ensemble(model, context, cond, F, cfg)
     sequential = run_sequential(model, context, cond, F, cfg)
-    assert batched.shape == (5, 4, F, 6, 5)
+    assert batched.shape == (4, 4, F, 6, 5)
     torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=1e-5)
     # Members differ (own seeds) and the same seeds reproduce the same member wherever it runs.
     assert not torch.allclose(batched[0], batched[1])
-    torch.testing.assert_close(sample_ensemble(model, context, cond, F, cfg, seeds=[2, 3, 4, 5, 6])[0], batched[2])
+    torch.testing.assert_close(sample_ensemble(model, context, cond, F, cfg, seeds=[2, 3, 4, 5])[0], batched[2])
+
+
+class _SmallMemoryToy(ToyDenoiser):
+    """Runs out of (simulated) memory above 2 members per forward."""
+
+    def velocity(self, latents, timestep_per_frame, cond):
+        if latents.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("simulated: N * tokens does not fit")
+        return super().velocity(latents, timestep_per_frame, cond)
+
+
+def test_micro_batches_automatically_on_oom(caplog):
+    model, context, cond, F, cfg = _setup(n=5)
+    small = _SmallMemoryToy()
+    with caplog.at_level("INFO", logger="wmfast"):
+        out = sample_ensemble(small, context, cond, F, cfg)  # 5 -> 3 -> 2 members per forward
+    assert "micro-batches of 3" in caplog.text and "micro-batches of 2" in caplog.text
+    assert {latents.shape[0] for latents, _ in small.calls} == {2, 1}  # chunks of 2, 2, 1 (5 and 3 raised)
+    torch.testing.assert_close(out, sample_ensemble(model, context, cond, F, cfg), atol=1e-5, rtol=1e-5)
 
 
 def test_member_noise_independent_of_batch():
@@ -176,3 +195,67 @@ def test_wan_tiny_batched_equals_sequential(wan_tiny):
     assert batched.shape == (3, 48, sched.num_latents, 4, 4)
     torch.testing.assert_close(batched, sequential, atol=1e-4, rtol=1e-4)
     assert torch.equal(batched[:, :, : context.shape[2]], context.expand(3, -1, -1, -1, -1))
+
+
+@pytest.mark.gpu
+def test_wan_tiny_cuda_graph_equals_eager():
+    from wmfast.models.wan import build_world_model
+
+    torch.manual_seed(0)
+    model = build_world_model("tiny", vae=False, device="cuda").eval()
+    sched = model.schedule
+    context = torch.randn(1, 48, sched.num_context_latents, 4, 4, device="cuda")
+    cfg = EnsembleConfig(n=4, steps=4, progress=False, graph=False)
+    with torch.no_grad():
+        cond = model.prepare_conditioning(torch.randn(1, 77, 25, device="cuda"))
+        eager = sample_ensemble(model, context, cond, sched.num_latents, cfg)
+        cfg.graph = True
+        graphed = sample_ensemble(model, context, cond, sched.num_latents, cfg)
+    torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------- CLI end to end (tiny model)
+
+
+@pytest.fixture(scope="module")
+def raw_data(tmp_path_factory):
+    from wmfast.data.raw import write_synthetic_raw_dataset
+
+    root = tmp_path_factory.mktemp("raw")
+    write_synthetic_raw_dataset(str(root), shards=1, frames=77, size=64, val_frames=77)  # one val sample
+    return str(root)
+
+
+def test_cli_sample_and_eval_psnr(raw_data, tmp_path):
+    import csv
+    import json
+
+    from PIL import Image
+
+    from wmfast.cli import main
+
+    common = ["--model", "tiny", "--data", raw_data, "--no-progress"]
+    out = tmp_path / "sample"
+    assert main(["sample", *common, "--ensemble", "2", "--steps", "2", "--strip", "--out", str(out)]) == 0
+    report = json.loads((out / "sample.json").read_text())
+    assert Image.open(out / "frame76.png").size == (64, 64)
+    # strip: last context frame | 2 members | pixel mean | latent mean | spread | ground truth
+    assert Image.open(out / "strip.png").size == (64 * 7, 64)
+    assert 0 < report["psnr_pixel"] < 100 and 0 < report["psnr_latent"] < 100
+
+    ev = tmp_path / "eval"
+    assert main(["eval-psnr", *common, "--ensemble", "1,2", "--steps", "2", "--out", str(ev)]) == 0
+    rows = list(csv.DictReader((ev / "psnr.csv").read_text().splitlines()))
+    assert [(r["steps"], r["ensemble"]) for r in rows] == [("2", "1"), ("2", "2")]
+    assert (ev / "psnr.md").read_text().startswith("| steps | N |") and (ev / "psnr.png").stat().st_size > 0
+    # The N=2 ensemble of eval-psnr is the first 2 members of its larger run: the same as `sample --ensemble 2`.
+    n2 = rows[1]
+    assert float(n2["psnr_pixel"]) == pytest.approx(report["psnr_pixel"], abs=1e-6)
+    assert float(n2["psnr_latent"]) == pytest.approx(report["psnr_latent"], abs=1e-6)
+
+
+def test_cli_rejects_bad_lists(raw_data):
+    from wmfast.cli import main
+
+    with pytest.raises(ValueError, match="positive integers"):
+        main(["eval-psnr", "--model", "tiny", "--data", raw_data, "--ensemble", "0,2"])

@@ -131,3 +131,13 @@ def test_generate_cli(tmp_path, capsys):
     assert s["samples"] == 2 and len(s["greedy_accuracy_per_frame"]) == 3
     assert 5.0 < s["cross_entropy"] < 8.0 and 0 < s["top500_cross_entropy"] <= s["cross_entropy"] + 1e-4
     assert "top500_cross_entropy" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_cache_matches_recompute():
+    model = _model().cuda()
+    ctx, states = (x.cuda() for x in _inputs(B=4))
+    tok_c, log_c = model.generate(ctx, states, return_logits=True)
+    tok_r, log_r = model.generate(ctx, states, use_cache=False, return_logits=True)
+    assert torch.equal(tok_c, tok_r)
+    torch.testing.assert_close(log_c, log_r, atol=1e-4, rtol=1e-4)

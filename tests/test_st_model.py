@@ -71,9 +71,10 @@ def test_attention_sees_bthd_layout(monkeypatch):
         assert strides == [1, 1, 1]  # head dim contiguous; v is a strided view of the qkv projection
 
 
-@pytest.mark.parametrize("attention", ["factorized", "full"])
+@pytest.mark.parametrize("attention", ["factorized", "full", "full-eager"])
 def test_causal_in_time(attention):
-    c = STTransformerConfig.from_name("tiny", attention=attention)
+    impl = "eager" if attention.endswith("eager") else "sdpa"
+    c = STTransformerConfig.from_name("tiny", attention=attention.split("-")[0], full_attention_impl=impl)
     m = STTransformer(c).eval()
     x = torch.randint(0, 512, (1, 5, 8, 8))
     s = torch.randn(1, 34, 25)
@@ -82,6 +83,10 @@ def test_causal_in_time(attention):
     a, b = m(x, s), m(y, s)
     torch.testing.assert_close(a[:, :3], b[:, :3])
     assert not torch.allclose(a[:, 3:], b[:, 3:])
+    if impl == "eager":  # same weights, same function as the SDPA path
+        sdpa = STTransformer(STTransformerConfig.from_name("tiny", attention="full")).eval()
+        sdpa.load_state_dict(m.state_dict())
+        torch.testing.assert_close(sdpa(x, s), a, atol=1e-5, rtol=1e-5)
 
 
 def test_states_reach_the_predictions():
@@ -145,3 +150,15 @@ def test_kernel_and_reference_train_alike(tmp_path, monkeypatch):
         torch.manual_seed(0)
         curves.append(_train(STTransformer(STTransformerConfig.from_name("tiny")), loader, 3))
     assert curves[0] == pytest.approx(curves[1], abs=2e-4), curves
+
+
+@pytest.mark.gpu
+def test_bf16_training_step_cuda():
+    model = STTransformer(STTransformerConfig.from_name("tiny")).cuda()
+    batch = {"tokens": torch.randint(0, 512, (4, 6, 8, 8)), "states": torch.randn(4, 34, 25)}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, metrics = compression_loss(model, batch)
+    loss.backward()
+    assert set(metrics) >= {"loss", "accuracy", "ce_future_2"}
+    assert torch.isfinite(loss) and 5.5 < loss.item() < 7.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -147,3 +147,24 @@ def test_cli_bad_config_fails_before_work(tmp_path, capsys):
         assert main(["train", *args, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()  # nothing was started
+
+
+def test_compression_task_groups_match_the_model(tmp_path):
+    # the real ST-Transformer: decay exactly on the matrices the model does not list as no-decay
+    from wmfast.data import write_synthetic_dataset
+    from wmfast.train.compression import CompressionTask
+
+    write_synthetic_dataset(str(tmp_path), shards=1, frames=256, grid_size=8, vocab_size=512)
+    task = CompressionTask(str(tmp_path), "tiny")
+    model = task.build_model()
+    decay, no_decay = param_groups(model, task, 0.05)
+    assert set(no_decay["names"]) == model.no_weight_decay_names()
+    assert {"pos_s", "pos_t", "tok_emb.weight"} & set(decay["names"]) == {"tok_emb.weight"}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert task.flops_per_sample() > 0 and task.tokens_per_sample() == 5 * 64
+    batch = task.collate([task.train_dataset()[i] for i in range(2)])
+    assert torch.isfinite(task.loss(model, batch))
+    metrics = task.evaluate(model.eval(), batch)
+    assert set(metrics) == {"ce", "top500_ce"} and all(0 < v < 20 for v in metrics.values())
+    with pytest.raises(ValueError, match="8x8 token grids but the model preset '1x-compression' expects 32x32"):
+        CompressionTask(str(tmp_path), "1x-compression")

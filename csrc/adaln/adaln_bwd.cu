@@ -8,33 +8,10 @@
 // each sample are cut into segments (the gcd of the reduced tensors' group lengths) and each segment into
 // chunks of C rows; a row unit owns one chunk (a "work unit"), accumulates in registers and writes one fp32
 // partial per reduced tensor; adaln_reduce_kernel then sums each modulation row's partials in a fixed order.
-#include <algorithm>
-#include <numeric>
-
 #include "adaln_common.cuh"
 
 namespace wmfast {
 namespace adaln {
-
-// fp32 elements of a row per thread: x, xhat, dy and three accumulators fit in 128 registers. The scalar
-// (unaligned) path holds 4: its per-element address arithmetic spilled at 8 in the gated variant.
-constexpr int kEptBwd = 8;
-constexpr int kEptBwdScalar = 4;
-
-enum Mode : int { kUnused = 0, kPerRow = 1, kReduced = 2 };
-
-struct BwdGeom {
-  int64_t seg = 1;    // rows per segment (gcd of the reduced tensors' rows per modulation row)
-  int64_t chunk = 1;  // rows per work unit
-  int64_t chunks_per_seg = 1;
-  int64_t segs = 1;   // segments per sample
-  int64_t units = 0;  // B * segs * chunks_per_seg
-  int nred = 0;       // reduced tensors (workspace slots)
-  int mode[3] = {kUnused, kUnused, kUnused};  // gate, shift, scale
-  int slot[3] = {0, 0, 0};
-  int nt = 32, per_block = 1;
-  bool vec = true;  // 16-byte loads (every pointer and stride aligned, D % VEC == 0)
-};
 
 template <typename T, typename M, int VEC>
 __device__ __forceinline__ void emit_grad(const AdaLNBwdParams& p, const BwdGeom& g, int k, void* dmod, int64_t row,
@@ -56,10 +33,9 @@ __global__ void __launch_bounds__(512, 1) adaln_bwd_kernel(const AdaLNBwdParams 
   const int nt = g.nt, tid = threadIdx.x % nt;
   const int64_t w = static_cast<int64_t>(blockIdx.x) * g.per_block + threadIdx.x / nt;
   const bool unit_active = w < g.units;
-  const int64_t per_sample = g.segs * g.chunks_per_seg, D = p.D;
-  const int64_t b = unit_active ? w / per_sample : 0, rem = w % per_sample;
-  const int64_t seg = rem / g.chunks_per_seg, l_begin = seg * g.seg + (rem % g.chunks_per_seg) * g.chunk;
-  const int64_t l_end = l_begin + g.chunk < (seg + 1) * g.seg ? l_begin + g.chunk : (seg + 1) * g.seg;
+  const int64_t D = p.D;
+  int64_t b, l_begin, l_end;
+  unit_rows(g, unit_active ? w : 0, b, l_begin, l_end);
 
   float acc[3][MAXC][VEC];
 #pragma unroll
@@ -156,8 +132,8 @@ __global__ void __launch_bounds__(512, 1) adaln_bwd_kernel(const AdaLNBwdParams 
   }
 }
 
-// Stage 2: dmod[b, m, d] = sum_j partial[b, m * J + j, slot, d] over the J work units of modulation row m,
-// in order (J = chunks per modulation row). One thread per output element: coalesced along d.
+// Stage 2: dmod[r, d] = sum_j partial[r * J + j, slot, d] over the J work units of modulation row r
+// (adaln_geom.h), in order. One thread per output element: coalesced along d.
 template <typename M>
 __global__ void adaln_reduce_kernel(const float* __restrict__ ws, M* __restrict__ out, int64_t rows_out,
                                     int64_t J, int nred, int slot, int64_t D) {
@@ -181,36 +157,9 @@ bool bwd_vec_ok(const AdaLNBwdParams& p) {
 }
 
 BwdGeom make_geom(const AdaLNBwdParams& p) {
-  BwdGeom g;
-  g.vec = bwd_vec_ok(p);
-  const ModView* views[3] = {&p.gate, &p.shift, &p.scale};
-  int64_t seg = 0;
-  for (int k = 0; k < 3; ++k) {
-    if (views[k]->ptr == nullptr && k == 0) continue;  // no gate: plain op (shift's pointer may be null)
-    if (k == 0 && p.residual == nullptr) continue;
-    const int64_t group = p.L / views[k]->rows;
-    if (group == 1) {
-      g.mode[k] = kPerRow;
-    } else {
-      g.mode[k] = kReduced;
-      g.slot[k] = g.nred++;
-      seg = std::gcd(seg, group);
-    }
-  }
-  g.seg = seg > 0 ? seg : p.L;
-  g.segs = p.L / g.seg;
-  g.nt = threads_per_row(p.D, g.vec ? kEptBwd : kEptBwdScalar);
-  g.per_block = units_per_block(g.nt);
-  // Enough work units for ~2048 resident threads per SM; reduced gradients keep chunks of >= 16 rows so
-  // the fp32 partials stay <= nred/8 of dy's bytes (bf16). Untuned: no GPU measurement yet.
-  const int64_t rows = p.B * p.L;
-  const int64_t target = std::max<int64_t>(1, static_cast<int64_t>(p.num_sms) * 2048 / g.nt);
-  int64_t chunk = std::max<int64_t>(1, (rows + target - 1) / target);
-  if (g.nred > 0) chunk = std::max<int64_t>(chunk, 16);
-  g.chunk = std::min(chunk, g.seg);
-  g.chunks_per_seg = (g.seg + g.chunk - 1) / g.chunk;
-  g.units = p.B * g.segs * g.chunks_per_seg;
-  return g;
+  // The gate exists only in the gated op; shift and scale always (only their row counts are read).
+  const int64_t rows[3] = {p.residual != nullptr ? p.gate.rows : 0, p.shift.rows, p.scale.rows};
+  return make_geom(p.B, p.L, p.D, rows, bwd_vec_ok(p), p.num_sms);
 }
 
 template <typename T, typename M, bool GATED>
@@ -219,9 +168,9 @@ Status launch_bwd(const AdaLNBwdParams& p, const BwdGeom& g, cudaStream_t stream
   const dim3 grid(static_cast<unsigned>((g.units + g.per_block - 1) / g.per_block));
   const int threads = g.nt * g.per_block;
   if (g.vec) {
-    adaln_bwd_kernel<T, M, VEC, GATED><<<grid, threads, 0, stream>>>(p, g);
+    launch_kernel(adaln_bwd_kernel<T, M, VEC, GATED>, grid, dim3(threads), stream, p, g);
   } else {
-    adaln_bwd_kernel<T, M, 1, GATED><<<grid, threads, 0, stream>>>(p, g);
+    launch_kernel(adaln_bwd_kernel<T, M, 1, GATED>, grid, dim3(threads), stream, p, g);
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return cuda_status(e);
@@ -230,10 +179,11 @@ Status launch_bwd(const AdaLNBwdParams& p, const BwdGeom& g, cudaStream_t stream
   for (int k = 0; k < 3; ++k) {
     if (g.mode[k] != kReduced) continue;
     const int64_t rows_out = p.B * views[k]->rows;
-    const int64_t J = (p.L / views[k]->rows / g.seg) * g.chunks_per_seg;
+    const int64_t J = reduce_len(g, p.L, views[k]->rows);
     const int64_t n = rows_out * p.D;
-    adaln_reduce_kernel<M><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        p.workspace, static_cast<M*>(outs[k]), rows_out, J, g.nred, g.slot[k], p.D);
+    launch_kernel(adaln_reduce_kernel<M>, dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256), stream,
+                  static_cast<const float*>(p.workspace), static_cast<M*>(outs[k]), rows_out, J, g.nred, g.slot[k],
+                  p.D);
   }
   return cuda_status(cudaGetLastError());
 }

@@ -2,22 +2,10 @@
 #pragma once
 #include "../common/vec.cuh"
 #include "adaln.h"
+#include "adaln_geom.h"
 
 namespace wmfast {
 namespace adaln {
-
-// Threads per row unit: the smallest multiple of 32 whose threads hold the row in `ept` registers each.
-// nt == 32 is the "one warp per row" regime (D <= 32 * ept: reductions are shuffles only); larger D gets a
-// block of nt threads per row (reductions through shared memory).
-inline int threads_per_row(int64_t D, int ept) {
-  int64_t nt = (D + ept - 1) / ept;
-  nt = (nt + 31) / 32 * 32;
-  return static_cast<int>(nt < 32 ? 32 : nt);
-}
-
-// Row units per block: small rows share a 128-thread block (4 warps) so a block still has enough
-// independent loads in flight; a row of >= 128 threads is its own block.
-inline int units_per_block(int nt) { return nt >= 128 ? 1 : 128 / nt; }
 
 // The VEC elements at column d0 of modulation row (b, l): 16-byte loads when VEC > 1 (the host only picks
 // VEC > 1 when stride_d == 1 and every row start is 16-byte aligned), strided scalar loads otherwise.

@@ -86,9 +86,9 @@ Status launch_fwd(const AdaLNFwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.B * p.L;
   const dim3 grid(static_cast<unsigned>((rows + units - 1) / units));
   if (vec) {
-    adaln_fwd_kernel<T, M, VEC, GATED><<<grid, nt * units, 0, stream>>>(p, nt);
+    launch_kernel(adaln_fwd_kernel<T, M, VEC, GATED>, grid, dim3(nt * units), stream, p, nt);
   } else {
-    adaln_fwd_kernel<T, M, 1, GATED><<<grid, nt * units, 0, stream>>>(p, nt);
+    launch_kernel(adaln_fwd_kernel<T, M, 1, GATED>, grid, dim3(nt * units), stream, p, nt);
   }
   return cuda_status(cudaGetLastError());
 }

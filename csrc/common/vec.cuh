@@ -117,6 +117,18 @@ struct CudaType<DType::F16> { using type = __half; };
 template <>
 struct CudaType<DType::BF16> { using type = __nv_bfloat16; };
 
+// Launches a kernel: `kernel<<<grid, block, 0, stream>>>(args...)`. Built with WMFAST_EMULATE (the CPU test
+// of csrc/tests/cuda_emu.h), the same kernel code runs on host threads instead.
+template <typename... KArgs, typename... Args>
+inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+#ifdef WMFAST_EMULATE
+  (void)stream;
+  ::emu::launch(grid, block, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, 0, stream>>>(args...);
+#endif
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 inline Status cuda_status(cudaError_t e) {

@@ -111,9 +111,9 @@ Status launch(const TemporalDecodeParams& p, cudaStream_t stream) {
   const int64_t per_block = kThreads / tps;
   const dim3 grid(static_cast<unsigned>((seqs + per_block - 1) / per_block));
   if (vec) {
-    temporal_decode_kernel<T, DH, VEC><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel(temporal_decode_kernel<T, DH, VEC>, grid, dim3(kThreads), stream, p);
   } else {
-    temporal_decode_kernel<T, DH, 1><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel(temporal_decode_kernel<T, DH, 1>, grid, dim3(kThreads), stream, p);
   }
   return cuda_status(cudaGetLastError());
 }

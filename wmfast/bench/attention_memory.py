@@ -12,6 +12,8 @@ What is measured, per (T, S) at fixed batch B, heads H and head dim D:
 - modes: "fwd" (no grad), "fwd+bwd" (a training step of the attention), and, for eager, "saved": the
   bytes autograd keeps for backward (non-input tensors through saved_tensors_hooks), what accumulates over
   the layers of a model in training.
+- GPU only: the largest batch that fits a training step of the 136M model with full vs factorized attention
+  at T = 5 (wmfast.bench.largest_batch).
 - memory: the peak allocated during one call above the inputs (wmfast.benchmarking.peak_memory): CUDA
   max_memory_allocated, or on the CPU the live-bytes estimate of a TorchDispatchMode (fused kernels'
   internal scratch is invisible to it, so CPU fused numbers are lower bounds).
@@ -48,32 +50,10 @@ CHECKED_MODES = ("fwd", "saved")
 
 
 def formula_ratio(T: int, S: int) -> float:
-    """(T S^2 + S T^2) / (T S)^2 from wmfast.analysis when it is installed, else the same formula here."""
-    try:
-        from wmfast.analysis import attention_memory_table
-    except ImportError:
-        return _formula_ratio(T, S)
-    return _ratio_from_table(attention_memory_table(T, S), T, S)
+    """(T S^2 + S T^2) / (T S)^2: the design card's table, from wmfast.analysis (the one source of the formula)."""
+    from wmfast.analysis import attention_memory_table
 
-
-def _formula_ratio(T: int, S: int) -> float:
-    return (T * S * S + S * T * T) / (T * S) ** 2
-
-
-def _ratio_from_table(table, T: int, S: int) -> float:
-    """Pull the factorized/full ratio out of attention_memory_table's result (a number, a mapping, or rows)."""
-    if isinstance(table, (int, float)):
-        return float(table)
-    rows = list(table.values()) if isinstance(table, dict) and "ratio" not in table else [table]
-    if isinstance(table, (list, tuple)):
-        rows = list(table)
-    for row in rows:
-        row = row if isinstance(row, dict) else getattr(row, "__dict__", {})
-        for key in ("ratio", "relative", "relative_cost", "fraction"):
-            value = row.get(key)
-            if isinstance(value, (int, float)) and 0 < value < 1:
-                return float(value)
-    raise ValueError(f"wmfast.analysis.attention_memory_table({T}, {S}) returned {table!r}: no ratio in (0, 1) found")
+    return attention_memory_table(T, S)["ratio"]
 
 
 def sequential_ratio(T: int, S: int) -> float:
@@ -139,6 +119,8 @@ def _fused_full(device, inp: Inputs, T: int, S: int):
             block_mask = create_block_mask(lambda b, h, q, kv: q // S >= kv // S, None, None, T * S, T * S,
                                            device=device)
             flex = torch.compile(flex_attention, dynamic=False)
+            with torch.no_grad():  # compile now, inside the try: a failure falls back instead of ending the suite
+                flex(*inp.full, block_mask=block_mask)
             return (lambda: (flex(*inp.full, block_mask=block_mask),)), "flex_attention"
         except Exception as e:  # noqa: BLE001 - an old torch or a compile failure: say so and use SDPA
             print(f"attention-memory: flex_attention unavailable ({type(e).__name__}: {e}); fused full uses SDPA")
@@ -246,7 +228,23 @@ def run(ctx: BenchContext) -> list[dict]:
     for line in ratio_table(rows):
         ctx.log(line)
     plot_ratios(rows, Path(ctx.out_dir) / "attention_memory.png")
+    if ctx.device.type == "cuda" and not ctx.quick:
+        _largest_batch(ctx)
+    else:
+        ctx.log("attention-memory: largest batch of the 136M model: GPU only (skipped)")
     return rows
+
+
+def _largest_batch(ctx: BenchContext) -> None:
+    try:
+        import wmfast.models  # noqa: F401
+    except ImportError as e:
+        ctx.log(f"attention-memory: largest batch skipped (wmfast.models not importable: {e})")
+        return
+    from wmfast.bench import largest_batch
+
+    found = largest_batch.run(ctx)
+    ctx.log(f"attention-memory: largest batch, 136M model, T=5, training step: {found}")
 
 
 def write_ratio_csv(rows: list[dict], path: Path) -> None:

@@ -140,7 +140,12 @@ def summary_markdown(out_dir: str | Path) -> str:
                   "max-of-steps: max(T S^2, S T^2) / (T S)^2, the peak when the two steps run one after the "
                   "other. fwd+bwd peaks also hold the q/k/v gradients (linear in T S D), which the formula "
                   "leaves out. Details: wmfast/bench/attention_memory.py."), "",
-                  *ratio_table(ratio_rows), "", "![attention memory](attention_memory.png)", ""]
+                  *ratio_table(ratio_rows), "", "![attention memory](attention_memory.png)", "",
+                  "The design card's table (wmfast.analysis):", "", _seed_table(), ""]
+        fits = [f"{r['provider'].removeprefix('st-transformer-')} attention: {r['shape']}" for r in rows
+                if r["op"] == "largest-batch"]
+        if fits:
+            lines += ["Largest batch that fits a training step: " + "; ".join(fits) + ".", ""]
     tele = status.get("telemetry") or {}
     if tele:
         lines += ["## GPU telemetry during the run (min / median / max)", ""]
@@ -148,6 +153,12 @@ def summary_markdown(out_dir: str | Path) -> str:
         lines.append("")
     lines += ["## All results"] + _result_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+def _seed_table() -> str:
+    from wmfast.analysis import attention_memory_table, format_memory_table
+
+    return format_memory_table(attention_memory_table(5, 1024))
 
 
 def plot_name(op: str) -> str:

@@ -116,12 +116,15 @@ def run_suite(ctx: bm.BenchContext, suite: str, by_suite: dict, bench_dir: Path 
 
 
 def _fresh_out_dir(out: Path) -> None:
-    """The directory holds the latest run only: the previous run's files are removed (git keeps history)."""
+    """The directory holds the latest run only: the previous run's files (listed in its status.json, plus
+    the fixed OUTPUTS) are removed, nothing else (git keeps the history of committed results)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
-        (out / name).unlink(missing_ok=True)
-    for png in out.glob("*.png"):
-        png.unlink()
+    names = set(OUTPUTS)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        names |= set(json.loads((out / "status.json").read_text())["files"])
+    for name in names:
+        if "/" not in name and not name.startswith("."):
+            (out / name).unlink(missing_ok=True)
 
 
 def run_bench(suite: str = "all", *, quick: bool = False, out: str | Path | None = None, device: str | None = None,
@@ -129,12 +132,14 @@ def run_bench(suite: str = "all", *, quick: bool = False, out: str | Path | None
     """Run `wmfast bench`; returns the exit status: 0 all ran, 1 something failed, 2 something is missing."""
     suites = resolve_suites(suite)
     device = torch.device(device) if device else bm.default_device()
-    out = Path(out) if out else bm.default_out_dir(device)
-    _fresh_out_dir(out)
     try:
         bdir, dir_error = bm.find_bench_dir(bench_dir), ""
     except FileNotFoundError as e:
         bdir, dir_error = None, str(e)
+    if out is None:  # results/<gpu>/ beside the scripts (the checkout's benchmarks/), else ./benchmarks/results
+        out = bdir / "results" / bm.default_out_dir(device).name if bdir else bm.default_out_dir(device)
+    out = Path(out)
+    _fresh_out_dir(out)
     with open(out / "bench.log", "w") as log_file, contextlib.redirect_stdout(_Tee(sys.stdout, log_file)):
         handler = logging.StreamHandler(sys.stdout)
         logging.getLogger().addHandler(handler)
@@ -150,6 +155,7 @@ def run_bench(suite: str = "all", *, quick: bool = False, out: str | Path | None
 def _run_all(suites, quick, out: Path, device, bdir, dir_error) -> list[SuiteStatus]:
     from wmfast.bench import report
 
+    before = {p.name for p in out.iterdir() if p.is_file()}  # not this run's: never removed by the next
     env = bm.environment(str(device))
     print(f"wmfast bench: suites {', '.join(suites)}{' (quick)' if quick else ''} on {env['gpu_name']} "
           f"(torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}) -> {out}")
@@ -170,6 +176,9 @@ def _run_all(suites, quick, out: Path, device, bdir, dir_error) -> list[SuiteSta
               "statuses": [asdict(s) for s in statuses]}
     (out / "status.json").write_text(json.dumps(status, indent=2))
     report.write_report(out)
+    # what this run wrote (scripts may add their own files): the next run removes exactly these
+    status["files"] = sorted({p.name for p in out.iterdir() if p.is_file()} - before | {"status.json"})
+    (out / "status.json").write_text(json.dumps(status, indent=2))
     for s in statuses:
         print(f"{s.status.upper():8} {s.suite:<17} {s.script:<32} {s.seconds:7.1f} s  {s.message}")
     print(f"wrote {out}/: " + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file())))

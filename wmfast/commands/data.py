@@ -13,9 +13,15 @@ def _add_synth(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid-size", type=int, default=32, help="token grid side (the real data: 32)")
     p.add_argument("--vocab-size", type=int, default=64000, help="token ids drawn from [0, V) (real: 64000)")
+    p.add_argument("--raw", action="store_true",
+                   help="write the raw format instead (sampling track: video_{i}.mp4 + states + segments, "
+                        "train_v2.0_raw/ and val_v2.0_raw/; moving shapes driven by the states)")
+    p.add_argument("--size", type=int, default=512, help="--raw: frame side in pixels (real: 512; tiny Wan: 64)")
 
 
 def _run_synth(args) -> int:
+    if args.raw:
+        return _run_synth_raw(args)
     from wmfast.data import TokenizedDataset, write_synthetic_dataset
 
     paths = write_synthetic_dataset(args.out, args.shards, args.frames, args.seed, grid_size=args.grid_size,
@@ -41,8 +47,43 @@ def _run_check(args) -> int:
     return 0
 
 
+def _run_synth_raw(args) -> int:
+    from wmfast.data.raw import RawVideoDataset, write_synthetic_raw_dataset
+
+    paths = write_synthetic_raw_dataset(args.out, args.shards, args.frames, args.seed, size=args.size, progress=True)
+    for split, path in paths.items():
+        print(f"{split}: {path} ({len(RawVideoDataset(path))} disjoint 77-frame samples)")
+    return 0
+
+
+def _add_encode(p):
+    p.add_argument("--data", required=True, help="raw 1X dataset root (train_v2.0_raw/, val_v2.0_raw/)")
+    p.add_argument("--out", required=True, help="output directory (gets train/ and val/ with latents.npy)")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local Wan2.2-TI2V-5B diffusers directory (its VAE)")
+    p.add_argument("--hop", type=int, default=16, help="frames between training sample starts")
+    p.add_argument("--max-samples", type=int, default=None, help="encode at most this many samples per split")
+    p.add_argument("--batch", type=int, default=1, help="samples per VAE call")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_encode(args) -> int:
+    from wmfast.models.wan_task import encode_dataset
+
+    for split, path in encode_dataset(args.data, args.out, args.model, hop=args.hop, max_samples=args.max_samples,
+                                      batch=args.batch, device=args.device).items():
+        print(f"{split}: {path}")
+    return 0
+
+
 SUBCOMMANDS["synth"] = (_add_synth, _run_synth, "write a synthetic tokenized dataset (1X v2.0 format)")
 SUBCOMMANDS["check"] = (_add_check, _run_check, "validate a tokenized dataset (token ids, states, sizes)")
+SUBCOMMANDS["encode"] = (_add_encode, _run_encode, "precompute the Wan VAE latents of a raw dataset (sampling track)")
 
 
 def add_arguments(p):

@@ -43,6 +43,9 @@ class STTransformerConfig:
     dropout: float = 0.1
     qk_norm: bool = True
     attention: str = "factorized"  # or "full": block-causal attention over all T*S tokens (memory comparison)
+    # attention="full" only: "sdpa" (PyTorch picks a fused kernel where it can; on GPU the memory-efficient one
+    # takes the mask and never materialises scores) or "eager" (scores materialised: the O((T S)^2) of the table)
+    full_attention_impl: str = "sdpa"
     init_std: float = 0.02
     norm_eps: float = 1e-5
 
@@ -51,6 +54,8 @@ class STTransformerConfig:
             raise ValueError(f"d_model={self.d_model} must be a multiple of num_heads={self.num_heads}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
+        if self.full_attention_impl not in ("sdpa", "eager"):
+            raise ValueError(f"full_attention_impl={self.full_attention_impl!r}: expected 'sdpa' or 'eager'")
         if not 1 <= self.context_frames <= self.num_frames:
             raise ValueError(f"context_frames={self.context_frames} must be in [1, num_frames={self.num_frames}]")
 
@@ -122,6 +127,7 @@ class Attention(nn.Module):
     def __init__(self, c: STTransformerConfig, kind: str):
         super().__init__()
         self.kind, self.h, self.dh = kind, c.num_heads, c.head_dim
+        self.eager_full = c.full_attention_impl == "eager"
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
         self.proj = nn.Linear(c.d_model, c.d_model)
         # QK-norm: LayerNorm over the head dim, shared by the heads (keeps logits bounded at lr 8e-4)
@@ -138,6 +144,10 @@ class Attention(nn.Module):
             o = ops.spatial_attention(q, k, v)
         elif self.kind == "temporal":
             o = self._temporal(q, k, v, kv_cache, pos)
+        elif self.eager_full:
+            from wmfast.analysis import eager_full_attention
+
+            o = eager_full_attention(q, k, v)
         else:
             o = block_causal_attention(q, k, v)
         return self.resid_drop(self.proj(self.attn_drop(o.reshape(B, T, S, D))))

@@ -358,23 +358,11 @@ class WanWorldModel(nn.Module):
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """frames [B, F, 3, H, W] uint8 (0..255) or float in [0, 1], F % 4 == 1 -> normalised latents
         [B, 48, 1 + (F-1)//4, H/16, W/16] (the posterior mode: deterministic, so precomputed == on the fly)."""
-        vae = self._need_vae()
-        if frames.dim() != 5 or frames.shape[2] != 3:
-            raise ValueError(f"frames: expected [B, F, 3, H, W], got {tuple(frames.shape)}")
-        x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
-        x = (x * 2 - 1).permute(0, 2, 1, 3, 4).to(_module_dtype(vae))           # [B, 3, F, H, W] in [-1, 1]
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mode()
-        mean, std = _latent_stats(vae, z)
-        return (z - mean) / std
+        return vae_encode(self._need_vae(), frames)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """normalised latents [B, 48, F', H', W'] -> frames [B, 4(F'-1)+1, 3, 16H', 16W'] float in [0, 1]."""
-        vae = self._need_vae()
-        mean, std = _latent_stats(vae, latents)
-        with torch.no_grad():
-            x = vae.decode((latents * std + mean).to(_module_dtype(vae))).sample   # [B, 3, F, H, W] in [-1, 1]
-        return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
+        return vae_decode(self._need_vae(), latents)
 
     def _need_vae(self):
         if self.vae is None:
@@ -384,6 +372,26 @@ class WanWorldModel(nn.Module):
     @property
     def num_context_latents(self) -> int:
         return self.schedule.num_context_latents
+
+
+def vae_encode(vae, frames: torch.Tensor) -> torch.Tensor:
+    """WanWorldModel.encode_frames with an explicit VAE (the training task holds its VAE apart)."""
+    if frames.dim() != 5 or frames.shape[2] != 3:
+        raise ValueError(f"frames: expected [B, F, 3, H, W], got {tuple(frames.shape)}")
+    x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
+    x = (x * 2 - 1).permute(0, 2, 1, 3, 4).to(_module_dtype(vae))              # [B, 3, F, H, W] in [-1, 1]
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+    mean, std = _latent_stats(vae, z)
+    return (z - mean) / std
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """WanWorldModel.decode_latents with an explicit VAE."""
+    mean, std = _latent_stats(vae, latents)
+    with torch.no_grad():
+        x = vae.decode((latents * std + mean).to(_module_dtype(vae))).sample      # [B, 3, F, H, W] in [-1, 1]
+    return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
 
 
 def _module_dtype(m):

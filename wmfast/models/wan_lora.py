@@ -91,3 +91,25 @@ def load_lora(transformer, directory: str, adapter_name: str = "default") -> Non
     transformer.load_lora_adapter(directory, weight_name=WEIGHT_NAME, prefix="transformer",
                                   adapter_name=adapter_name)
     transformer.set_adapters([adapter_name])
+
+
+def export_adapter(checkpoint: str, out_dir: str, model: str = "tiny", rank: int = 32) -> str:
+    """A `wmfast train` checkpoint directory (…/checkpoints/step_N, any ZeRO stage) -> the adapter file.
+
+    DeepSpeed's ZeRO checkpoint holds fp32 master copies of exactly the trainable parameters (LoRA + state
+    modules); they are consolidated on the CPU, loaded into a fresh model with the adapter and saved."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from wmfast.models.wan import build_world_model
+
+    root, tag = os.path.split(os.path.abspath(checkpoint).rstrip("/"))
+    sd = get_fp32_state_dict_from_zero_checkpoint(root, tag)
+    preset = "tiny" if model == "tiny" else "ti2v-5b"
+    world = build_world_model(preset, None if model in ("tiny", "ti2v-5b") else model, vae=False)
+    add_lora(world.transformer, rank=rank)
+    trainable = {n for n, p in world.named_parameters() if p.requires_grad}
+    missing = trainable - set(sd)
+    if missing:
+        raise ValueError(f"export_adapter: {checkpoint} lacks {len(missing)} adapter tensors (e.g. {min(missing)})")
+    world.load_state_dict({k: v for k, v in sd.items() if k in trainable}, strict=False)
+    return save_lora(world.transformer, out_dir)

@@ -11,6 +11,8 @@ bf16/fp16; the kernels read it through its strides and never copy it.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from wmfast.backend import select_backend
@@ -42,14 +44,21 @@ def _check_x(name: str, x, like=None) -> None:
             raise ValueError(f"{name} is on {x.device}, x on {like.device}")
 
 
-def _check_frame_len(frame_len, x) -> None:
+def _check_frame_len(frame_len, x) -> int | None:
+    """frame_len as a Python int (numpy / 0-d integer tensors accepted), or None."""
     if frame_len is None:
-        return
-    if isinstance(frame_len, bool) or not isinstance(frame_len, int) or frame_len <= 0:
+        return None
+    try:
+        value = None if isinstance(frame_len, bool) else operator.index(frame_len)
+    except TypeError:
+        value = None
+    if value is None or value <= 0:
         raise ValueError(f"frame_len must be a positive int, got {frame_len!r}")
+    frame_len = value
     L = x.shape[1]
     if L % frame_len != 0:
         raise ValueError(f"L={L} (x shape {_shape(x)}) is not a multiple of frame_len={frame_len}")
+    return frame_len
 
 
 def _check_mod(name: str, mod, x, frame_len) -> None:
@@ -140,7 +149,7 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     x's dtype or fp32, any strides. Returns y: [B, L, D] in x.dtype. Differentiable in x, shift and scale."""
     _check_x("x", x)
     _check_eps(eps)
-    _check_frame_len(frame_len, x)
+    frame_len = _check_frame_len(frame_len, x)
     _check_mod("shift", shift, x, frame_len)
     _check_mod("scale", scale, x, frame_len)
     backend = _pick_backend("layernorm_modulate", x, (shift, scale), lambda: {
@@ -161,7 +170,7 @@ def gated_residual(residual, x, gate, *, frame_len=None):
     [B, L, D], x's dtype or fp32, any strides. Returns out: [B, L, D]. Differentiable in all three."""
     _check_x("x", x)
     _check_x("residual", residual, like=x)
-    _check_frame_len(frame_len, x)
+    frame_len = _check_frame_len(frame_len, x)
     _check_mod("gate", gate, x, frame_len)
     backend = _pick_backend("gated_residual", x, (gate,), lambda: {
         "triton": lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0),
@@ -183,7 +192,7 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
     _check_x("x", x)
     _check_x("residual", residual, like=x)
     _check_eps(eps)
-    _check_frame_len(frame_len, x)
+    frame_len = _check_frame_len(frame_len, x)
     for name, mod in (("gate", gate), ("shift", shift), ("scale", scale)):
         _check_mod(name, mod, x, frame_len)
     backend = _pick_backend("gated_residual_layernorm_modulate", x, (gate, shift, scale), lambda: {

@@ -34,6 +34,7 @@ class TrainConfig:
     # optimizer (AdamW): decay only on matrices (ndim >= 2) the task does not exempt (position embeddings)
     lr: float = 8e-4
     warmup_steps: int = 2000
+    lr_schedule: str = "linear"  # "linear": decay to 0 after the warm-up; "constant": hold the peak (1x-sampling)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.05
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         if self.steps <= 0 or self.warmup_steps < 0:
@@ -161,8 +164,9 @@ def load_override(path: str | None) -> dict[str, Any]:
         raise ValueError(f"DeepSpeed override JSON {path!r} does not exist")
     with open(path) as f:
         data = json.load(f)
-    if not isinstance(data, dict):  # noqa: TRY004 - a bad file is a user error, reported like the others
-        raise ValueError(f"DeepSpeed override JSON {path!r} must hold an object, got {type(data).__name__}")
+    if not isinstance(data, dict):
+        raise ValueError(  # noqa: TRY004 - a bad file is a user error, reported like the others
+            f"DeepSpeed override JSON {path!r} must hold an object, got {type(data).__name__}")
     return data
 
 

@@ -139,7 +139,8 @@ def build_engine(task: Task, cfg: TrainConfig, micro_batch: int, world: int, dev
         g.pop("names")
     # torch's fused AdamW on GPU (one kernel for all parameters); plain AdamW on CPU. A client optimizer
     # means DeepSpeed builds none of its own ops (its FusedAdam/CPUAdam are JIT-compiled on first use).
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr_at(0, cfg.lr, cfg.warmup_steps, cfg.steps),
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr_at(0, cfg.lr, cfg.warmup_steps, cfg.steps,
+                                                                          cfg.lr_schedule),
                                   betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
     ds_config = deepspeed_config(cfg, micro_batch, world, precision)
     engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, config=ds_config)
@@ -176,7 +177,7 @@ def _fault_nan(step: int) -> bool:
 
 def train_step(engine, optimizer, task: Task, batches, cfg: TrainConfig, step: int, device, precision: str):
     """One optimizer step over the accumulation micro-batches. Returns (mean loss, skipped)."""
-    lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+    lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "autocast-bf16"
                 else contextlib.nullcontext())
     float_dtype = torch.bfloat16 if precision == "bf16" else None
@@ -360,7 +361,7 @@ def _trainer_state(cfg: TrainConfig, task: Task, step: int, world: int, micro_ba
     return {"step": step, "data_position": {"step": step, "samples_seen": step * cfg.global_batch},
             "lr_schedule": {"kind": "linear-warmup-linear-decay", "peak": cfg.lr, "warmup_steps": cfg.warmup_steps,
                             "total_steps": cfg.steps,
-                            "next_lr": lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps) if step < cfg.steps else 0.0},
+                            "next_lr": lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule) if step < cfg.steps else 0.0},
             "train_config": cfg.to_dict(), "model_config": task.model_config(), "world_size": world,
             "micro_batch": micro_batch, "time": time.time()}
 
@@ -383,7 +384,7 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
     flops, tokens = float(task.flops_per_sample()), task.tokens_per_sample()
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     bar = tqdm(total=cfg.steps, initial=start_step, disable=rank != 0 or os.environ.get("WMFAST_PROGRESS", "1") != "1",
-               desc="train", dynamic_ncols=True)
+               desc="train", dynamic_ncols=True, mininterval=1.0)
     step, loss, t_last, steps_since = start_step, None, time.perf_counter(), 0
     skipped_total = 0
     if device.type == "cuda":

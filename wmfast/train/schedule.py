@@ -6,7 +6,7 @@ step counter, so a resumed run gets exactly the LRs of an uninterrupted one.
 from __future__ import annotations
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+def lr_at(step: int, peak: float, warmup: int, total: int, schedule: str = "linear") -> float:
     """LR of optimizer step `step` (0-based) of `total`.
 
     warm-up, step < warmup:  peak * (step + 1) / warmup   (the first step already moves; the last reaches peak)
@@ -16,6 +16,8 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
         raise ValueError(f"step must be >= 0, got {step}")
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":  # the sampling recipe: constant LR after the warm-up
+        return peak if step < total else 0.0
     if step >= total:
         return 0.0
     return peak * (total - step) / (total - warmup)

@@ -1,0 +1,155 @@
+"""Training throughput of the ST-Transformer: samples/s, tokens/s and MFU at the automatically found micro-batch,
+for ZeRO-1/2/3, with and without activation checkpointing, wmfast kernels vs plain torch modules (eager and
+torch.compile).
+
+One row per configuration: op "train_step", mode "step" (one micro-batch forward + backward + optimizer step,
+gradient accumulation 1), `tflops` = achieved model TFLOP/s (task FLOP formula, wmfast/models/st_transformer.py)
+and `fraction_of_ceiling` = that over the bf16 matmul ceiling measured in the same run. MFU against the
+datasheet peak, samples/s and tokens/s go to bench_train_summary.csv beside the CSV.
+Providers: "wmfast" (the default dispatch: Triton/CUDA kernels on GPU), "torch" (WMFAST_BACKEND=torch: the
+pure-torch reference modules), "torch.compile" (the torch modules under torch.compile), "wmfast+compile".
+Anchor (the issue): the winning team trained at ~50 samples/s per B200, ~11% of its bf16 peak.
+
+    python benchmarks/bench_train.py [--quick] [--out DIR]       # --quick: the tiny preset on CPU, seconds
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import time
+
+import torch
+
+from wmfast.benchmarking import script_main
+
+SUITE = "train"
+
+
+def _synthetic_task(preset: str):
+    """The compression task on random tokens/states held in memory (the throughput does not depend on the
+    values; no dataset needs to exist on the benchmark machine)."""
+    from wmfast.models import STTransformerConfig
+    from wmfast.train.compression import CompressionTask
+
+    class _Random(torch.utils.data.Dataset):
+        def __init__(self, c, n=256):
+            g = torch.Generator().manual_seed(0)
+            self.tokens = torch.randint(0, c.vocab_size, (n, c.num_frames + 1, c.grid_size, c.grid_size), generator=g)
+            self.states = torch.randn(n, 34, c.state_dim, generator=g)
+
+        def __len__(self):
+            return len(self.tokens)
+
+        def __getitem__(self, i):
+            return {"tokens": self.tokens[i], "states": self.states[i]}
+
+    task = CompressionTask.__new__(CompressionTask)
+    task.preset, task.config, task.top_k = preset, STTransformerConfig.from_name(preset), 500
+    task._train, task._val = _Random(task.config), None
+    return task
+
+
+@contextlib.contextmanager
+def _backend(provider: str):
+    old = os.environ.get("WMFAST_BACKEND")
+    if provider.startswith("torch"):
+        os.environ["WMFAST_BACKEND"] = "torch"
+    else:
+        os.environ.pop("WMFAST_BACKEND", None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WMFAST_BACKEND", None)
+        else:
+            os.environ["WMFAST_BACKEND"] = old
+
+
+def _configs(quick: bool):
+    if quick:  # CI smoke test: both ZeRO code paths, checkpointing on and off, both module kinds
+        return [(2, False, "wmfast"), (3, True, "torch")]
+    return [(zero, ckpt, provider) for zero in (1, 2, 3) for ckpt in (False, True)
+            for provider in ("wmfast", "torch", "torch.compile", "wmfast+compile")]
+
+
+def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
+    from wmfast.train import TrainConfig
+    from wmfast.train.config import resolve_precision
+    from wmfast.train.loop import build_engine, destroy_engine, find_micro_batch, train_step
+    from wmfast.train.metrics import peak_flops
+
+    device = ctx.device
+    precision = resolve_precision("auto", device.type)
+    # the search candidates are the divisors of the per-rank batch: 240 = 2^4 * 3 * 5 keeps them dense
+    cfg = TrainConfig(name="bench", model=preset, global_batch=1 if ctx.quick else 240, micro_batch="auto",
+                      steps=10**6, warmup_steps=10, zero_stage=zero, activation_checkpointing=ckpt,
+                      precision=precision)
+    run_dir = str(ctx.out_dir / "bench_train_runs" / f"z{zero}-{'ckpt' if ckpt else 'nockpt'}-{provider}")
+    os.makedirs(run_dir, exist_ok=True)
+    with _backend(provider):
+        t0 = time.perf_counter()
+        mb = find_micro_batch(task, cfg, 1, device, precision, run_dir, rank=0)
+        search_s = time.perf_counter() - t0
+        cfg = cfg.replace(global_batch=mb, micro_batch=mb)
+        engine, optimizer, _ = build_engine(task, cfg, mb, 1, device, precision)
+        if provider.endswith("compile"):
+            engine.compile()
+        batch = task.collate([task.train_dataset()[i % len(task.train_dataset())] for i in range(mb)])
+        step = [0]
+
+        def fn():
+            train_step(engine, optimizer, task, [batch], cfg, step[0], device, precision)
+            step[0] += 1
+
+        try:
+            m = ctx.measure(fn, memory=False)
+        finally:
+            destroy_engine(engine)
+    flops = task.flops_per_sample() * mb
+    shape = f"{preset} zero={zero} ckpt={'on' if ckpt else 'off'} mb={mb} {precision}"
+    ctx.writer.add("train_step", shape, provider, "step", m, flops=flops, dtype=torch.bfloat16)
+    sps = mb / (m.median_ms * 1e-3)
+    peak = peak_flops(device)
+    mfu = sps * task.flops_per_sample() / peak if peak else None
+    summary.append({"preset": preset, "zero": zero, "activation_checkpointing": ckpt, "provider": provider,
+                    "micro_batch": mb, "search_s": round(search_s, 2), "median_ms": round(m.median_ms, 3),
+                    "samples_per_s": round(sps, 3), "tokens_per_s": round(sps * task.tokens_per_sample(), 1),
+                    "mfu": "" if mfu is None else round(mfu, 4), "device": str(device)})
+    ctx.log(f"train_step {shape:<48} {provider:<15} {sps:9.2f} samples/s "
+            + ("" if mfu is None else f"MFU {100 * mfu:5.1f}%"))
+
+
+def run(ctx) -> None:
+    from wmfast.train.loop import setup_distributed
+
+    preset = "tiny" if ctx.quick else "1x-compression"
+    if ctx.device.type == "cpu" and not ctx.quick:
+        ctx.log("bench_train: the 136M preset needs a GPU; on CPU run --quick (the tiny preset)")
+        return
+    setup_distributed()  # a 1-rank group (gloo on CPU, nccl on GPU) for DeepSpeed
+    task = _synthetic_task(preset)
+    summary: list[dict] = []
+    for zero, ckpt, provider in _configs(ctx.quick):
+        try:
+            _bench_one(ctx, task, preset, zero, ckpt, provider, summary)
+        except Exception as e:  # one failing configuration (e.g. compile) must not hide the others
+            if ctx.quick:
+                raise
+            ctx.log(f"bench_train: zero={zero} ckpt={ckpt} {provider}: skipped ({type(e).__name__}: {e})")
+    path = ctx.out_dir / "bench_train_summary.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]) if summary else ["preset"])
+        if new:
+            w.writeheader()
+        w.writerows(summary)
+    ctx.log(f"bench_train: summary in {path}")
+
+
+def main(argv=None) -> int:
+    return script_main(run, argv, name="train")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

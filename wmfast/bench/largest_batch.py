@@ -1,0 +1,96 @@
+"""The largest batch that fits a training step of the ST-Transformer (136M preset), full vs factorized
+attention at T = 5: the end-to-end consequence of the memory-complexity table.
+
+A trial is one real training step (bf16 autocast forward, backward, fused AdamW step, as wmfast train
+does) at batch b; the search is wmfast.train.microbatch's (gallop then bisect, OOM caught and memory
+freed), over 1..max_batch. On CUDA a trial fails on out-of-memory; `capacity_bytes` (used by the CPU test,
+where nothing runs out of memory) fails a trial whose peak exceeds it, the peak then coming from the
+CPU live-bytes estimate.
+"""
+from __future__ import annotations
+
+import torch
+
+from wmfast.benchmarking import BenchContext, LiveBytesTracker, measure
+
+ROW_OP = "largest-batch"
+
+
+def _model_and_optimizer(attention: str, preset: str, device: torch.device, overrides: dict):
+    from wmfast.models import STTransformer, STTransformerConfig
+
+    config = STTransformerConfig.from_name(preset, attention=attention, **overrides)
+    model = STTransformer(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    return model, opt
+
+
+def _batch(config, b: int, device: torch.device) -> dict:
+    from wmfast.data.format import SAMPLE_FRAMES, STATE_DIM
+
+    g = config.grid_size
+    return {"tokens": torch.randint(0, config.vocab_size, (b, config.num_frames + 1, g, g), device=device),
+            "states": torch.randn(b, SAMPLE_FRAMES, STATE_DIM, device=device)}
+
+
+def _train_step(model, opt, batch: dict, device: torch.device) -> None:
+    from wmfast.models import compression_loss
+
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, _ = compression_loss(model, batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def largest_batch(attention: str, *, device, preset: str = "1x-compression", max_batch: int = 1024,
+                  capacity_bytes: int | None = None, log=print, **overrides):
+    """(largest fitting batch, trials, model, optimizer) for STTransformer(preset, attention=attention,
+    **overrides)."""
+    from wmfast.train import microbatch
+
+    device = torch.device(device)
+    model, opt = _model_and_optimizer(attention, preset, device, overrides)
+    _train_step(model, opt, _batch(model.config, 1, device), device)  # AdamW state exists in every trial
+
+    def body(b: int):
+        opt.zero_grad(set_to_none=True)  # an out-of-memory trial may have left gradients behind
+        batch = _batch(model.config, b, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            _train_step(model, opt, batch, device)
+            torch.cuda.synchronize(device)
+            capacity = capacity_bytes or torch.cuda.get_device_properties(device).total_memory
+            return torch.cuda.max_memory_allocated(device), capacity
+        with LiveBytesTracker() as tracker:
+            _train_step(model, opt, batch, device)
+        return tracker.peak, capacity_bytes
+
+    best, trials = microbatch.search(list(range(1, max_batch + 1)), lambda b: microbatch.run_trial(b, body, 0.0))
+    log(f"largest batch ({preset}, {attention} attention, T={model.config.num_frames}, "
+        f"S={model.config.seq_len}): {best} ({len(trials)} trials)")
+    return best, trials, model, opt
+
+
+def run(ctx: BenchContext, *, preset: str = "1x-compression", max_batch: int = 1024) -> dict[str, int]:
+    """Both attentions: a row each (op "largest-batch", the step's time and peak memory at that batch)."""
+    found = {}
+    for attention in ("full", "factorized"):
+        best, _, model, opt = largest_batch(attention, device=ctx.device, preset=preset, max_batch=max_batch,
+                                            log=ctx.log)
+        _write_step_row(ctx, model, opt, best, preset, attention)
+        found[attention] = best
+        del model, opt
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return found
+
+
+def _write_step_row(ctx: BenchContext, model, opt, b: int, preset: str, attention: str) -> None:
+    """Time the training step at the largest batch and write its row (peak memory included)."""
+    c = model.config
+    batch = _batch(c, b, ctx.device)
+    m = measure(lambda: _train_step(model, opt, batch, ctx.device), device=ctx.device, warmup=ctx.warmup, rep=ctx.rep)
+    ctx.writer.add(ROW_OP, f"{preset} B={b} T={c.num_frames} S={c.seq_len} bf16-autocast",
+                   f"st-transformer-{attention}", "train-step", m)

@@ -1,0 +1,271 @@
+"""The 1X raw format (sampling track): reader and synthetic writer.
+
+Per shard `i` of a split directory:
+- `video_{i}.mp4`: H.264, 512x512, 30 Hz, `shard_num_frames` frames;
+- `states_{i}.bin`: float32 (shard_num_frames, 25); `segment_idx_{i}.bin`: int32 (shard_num_frames,);
+- `metadata_{i}.json` {"shard_num_frames", "shard_ind"}; the split has `metadata.json`
+  {"num_shards", "query", "hz", "num_images"}.
+
+A sample is 77 consecutive frames inside one segment (17 context + up to the 77th, the scored one) and
+their 77 states. The reader decodes only the frames the sample needs (`frame_offsets`, e.g. the stride-3
+schedule of wmfast.models.wan_schedule needs 25 of the 77).
+
+Decoder: PyAV. torchvision is not a dependency here (and its video API is deprecated in favour of
+TorchCodec); PyAV gives what the reader needs directly: seek to the keyframe before the first needed frame,
+decode forward, convert (and resize, in swscale) only the needed frames to RGB, and stop after the last
+one. With a GOP of g frames a sample costs at most g - 1 + 77 decoded frames, not the shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+STATE_DIM = 25
+HZ = 30
+SAMPLE_FRAMES = 77
+
+
+class RawDataError(ValueError):
+    """A raw-format file is missing, has the wrong size, or cannot be decoded."""
+
+
+@dataclass
+class RawShard:
+    index: int
+    video: str
+    states: np.ndarray        # [N, 25] float32 (memmap)
+    segment_idx: np.ndarray   # [N] int32 (memmap)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.states.shape[0])
+
+
+def resolve_split_dir(root: str, split: str | None) -> str:
+    if split is None:
+        return root
+    for name in (split, f"{split}_v2.0_raw", f"{split}_v2.0"):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise RawDataError(f"no split {split!r} under {root} (tried {split}, {split}_v2.0_raw, {split}_v2.0)")
+
+
+def _memmap(path: str, dtype, cols: int | None, n: int | None) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise RawDataError(f"missing file {path}")
+    item = np.dtype(dtype).itemsize * (cols or 1)
+    size = os.path.getsize(path)
+    if size % item or (n is not None and size // item != n):
+        raise RawDataError(f"{path}: {size} bytes is not {n if n is not None else 'a whole number of'} rows of "
+                           f"{item} bytes")
+    arr = np.memmap(path, dtype=dtype, mode="r")
+    return arr.reshape(-1, cols) if cols else arr
+
+
+def load_shards(split_dir: str) -> list[RawShard]:
+    meta_path = os.path.join(split_dir, "metadata.json")
+    if not os.path.isfile(meta_path):
+        raise RawDataError(f"missing {meta_path}")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    shards = []
+    for i in range(int(meta["num_shards"])):
+        n = None
+        shard_meta = os.path.join(split_dir, f"metadata_{i}.json")
+        if os.path.isfile(shard_meta):
+            with open(shard_meta) as f:
+                n = int(json.load(f)["shard_num_frames"])
+        states = _memmap(os.path.join(split_dir, f"states_{i}.bin"), np.float32, STATE_DIM, n)
+        seg = _memmap(os.path.join(split_dir, f"segment_idx_{i}.bin"), np.int32, None, states.shape[0])
+        video = os.path.join(split_dir, f"video_{i}.mp4")
+        if not os.path.isfile(video) or os.path.getsize(video) == 0:
+            raise RawDataError(f"missing or empty video {video}")
+        shards.append(RawShard(i, video, states, seg))
+    return shards
+
+
+def sample_starts(seg: np.ndarray, length: int, hop: int) -> np.ndarray:
+    """Start frames s (multiples of `hop` inside each segment) with frames s..s+length-1 in one segment."""
+    starts = []
+    bounds = np.flatnonzero(np.diff(seg)) + 1
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(seg)]):
+        starts.extend(range(int(a), int(b) - length + 1, hop))
+    return np.asarray(starts, dtype=np.int64)
+
+
+def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
+    """Frames `indices` (sorted, 0-based, constant frame rate) of an mp4 -> uint8 [n, H, W, 3] (RGB).
+    Seeks to the keyframe before indices[0] and stops after indices[-1]; `size` = (H, W) resizes."""
+    import av
+
+    want = {int(i): k for k, i in enumerate(indices)}
+    first, last = min(want), max(want)
+    out: list = [None] * len(indices)
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            fps = float(stream.average_rate or HZ)
+            tb = float(stream.time_base)
+            start = stream.start_time or 0
+            container.seek(start + int(first / fps / tb), stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                idx = round((frame.pts - start) * tb * fps)
+                if idx > last:
+                    break
+                if idx in want:
+                    kw = {"width": size[1], "height": size[0]} if size else {}
+                    out[want[idx]] = frame.to_ndarray(format="rgb24", **kw)
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise RawDataError(f"cannot decode frames {first}..{last} of {path}: {e}") from e
+    missing = [i for i, k in want.items() if out[k] is None]
+    if missing:
+        raise RawDataError(f"{path}: frames {missing[:5]}{'...' if len(missing) > 5 else ''} not found "
+                           f"(truncated or corrupt video?)")
+    return np.stack(out)
+
+
+class RawVideoDataset(Dataset):
+    """Samples of the 1X raw format.
+
+    item: {"frames": uint8 [len(frame_offsets), 3, H, W] (RGB), "states": float32 [77, 25],
+           "frame_offsets": long [len(frame_offsets)], "shard": int, "start": int}
+    frame_offsets: which of the sample's 77 frames to decode (default all); hop: distance between sample
+    starts (default 77: disjoint samples); size: (H, W) to resize to while converting (default native)."""
+
+    def __init__(self, root: str, split: str | None = None, *, frame_offsets=None, hop: int = SAMPLE_FRAMES,
+                 size: tuple[int, int] | None = None, max_samples: int | None = None):
+        self.dir = resolve_split_dir(root, split)
+        self.shards = load_shards(self.dir)
+        self.frame_offsets = sorted(frame_offsets) if frame_offsets is not None else list(range(SAMPLE_FRAMES))
+        if self.frame_offsets[0] < 0 or self.frame_offsets[-1] >= SAMPLE_FRAMES:
+            raise ValueError(f"frame_offsets must lie in [0, {SAMPLE_FRAMES}), got {self.frame_offsets}")
+        self.size = size
+        index = [(s.index, int(st)) for s in self.shards for st in sample_starts(np.asarray(s.segment_idx),
+                                                                                   SAMPLE_FRAMES, hop)]
+        self.index = index[:max_samples] if max_samples else index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        shard_id, start = self.index[i]
+        shard = self.shards[shard_id]
+        frames = decode_frames(shard.video, [start + o for o in self.frame_offsets], self.size)
+        states = np.array(shard.states[start:start + SAMPLE_FRAMES], dtype=np.float32)
+        return {"frames": torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(),
+                "states": torch.from_numpy(states),
+                "frame_offsets": torch.tensor(self.frame_offsets), "shard": shard_id, "start": start}
+
+
+# ------------------------------------------------------------------------------------- synthetic writer
+LIN_VEL, ANG_VEL, LEFT_HAND = 23, 24, 21
+
+
+def _synthetic_states(rng, n: int, first_segment: int):
+    """states [n, 25], segment_idx [n]: velocities (23, 24) held for 17 frames, hand closure (21) toggling,
+    hip joints (0, 1) smooth random walks, other joints small noise."""
+    states = np.zeros((n, STATE_DIM), np.float32)
+    seg = np.zeros(n, np.int32)
+    f, sid = 0, first_segment
+    while f < n:
+        length = min(int(rng.integers(3 * SAMPLE_FRAMES, 6 * SAMPLE_FRAMES)), n - f)
+        sl = slice(f, f + length)
+        seg[sl] = sid
+        held = -(-length // 17)
+        states[sl, LIN_VEL] = np.repeat(rng.uniform(-1, 1, held), 17)[:length]
+        states[sl, ANG_VEL] = np.repeat(rng.uniform(-1, 1, held), 17)[:length]
+        states[sl, LEFT_HAND] = np.repeat(rng.integers(0, 2, held), 17)[:length]
+        states[sl, :2] = np.cumsum(rng.normal(0, 0.04, (length, 2)), axis=0) + rng.uniform(-1, 1, 2)
+        states[sl, 2:21] = rng.normal(0, 0.05, (length, 19))
+        f, sid = f + length, sid + 1
+    return states, seg
+
+
+def render_frames(states: np.ndarray, seg: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 [n, size, size, 3]: per segment a background colour; a square that moves with the integrated
+    velocities (x += 2 px * v_lin, y += 2 px * v_ang per frame at 64 px, wrapping), red with the hand open and
+    green closed; a disc placed by the hip joints (sin of states 0 and 1). The future is a function of the
+    context and the states."""
+    rng = np.random.default_rng(seed)
+    n = len(states)
+    scale = size / 64
+    yy, xx = np.mgrid[:size, :size]
+    out = np.empty((n, size, size, 3), np.uint8)
+    pos = np.zeros(2)
+    colours = {}
+    for f in range(n):
+        sid = int(seg[f])
+        if sid not in colours:
+            colours[sid] = rng.integers(30, 120, 3)
+            pos = rng.uniform(0, size, 2)
+        else:
+            pos = (pos + 2 * scale * states[f, [LIN_VEL, ANG_VEL]]) % size
+        img = np.broadcast_to(colours[sid], (size, size, 3)).copy()
+        half = 6 * scale
+        dx = np.abs(((xx - pos[0]) + size / 2) % size - size / 2)
+        dy = np.abs(((yy - pos[1]) + size / 2) % size - size / 2)
+        img[(dx < half) & (dy < half)] = (40, 220, 60) if states[f, LEFT_HAND] > 0.5 else (230, 50, 40)
+        cx, cy = size / 2 * (1 + 0.7 * np.sin(states[f, 0])), size / 2 * (1 + 0.7 * np.sin(states[f, 1]))
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < (5 * scale) ** 2] = (240, 240, 90)
+        out[f] = img
+    return out
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = HZ, gop: int = 30, crf: int = 12) -> None:
+    """H.264 mp4 (yuv420p, keyframe every `gop` frames, no B-frames so pts order = decode order)."""
+    import av
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "g": str(gop), "bf": "0", "preset": "veryfast"}
+        for i, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_raw_split(out_dir: str, shards: int, frames: int, seed: int, *, size: int = 512,
+                    first_segment: int = 0, progress: bool = False) -> str:
+    """One split directory in the raw format (moving shapes driven by the states); returns its path."""
+    if shards < 1 or frames < SAMPLE_FRAMES:
+        raise ValueError(f"shards={shards} must be >= 1 and frames={frames} >= {SAMPLE_FRAMES}")
+    if size % 32:
+        raise ValueError(f"size={size} must be a multiple of 32 (the Wan VAE and H.264 need it)")
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in tqdm(range(shards), desc=f"raw {os.path.basename(out_dir)}", disable=not progress):
+        states, seg = _synthetic_states(rng, frames, first_segment)
+        first_segment = int(seg[-1]) + 1
+        write_video(os.path.join(out_dir, f"video_{i}.mp4"), render_frames(states, seg, size, seed + i))
+        states.tofile(os.path.join(out_dir, f"states_{i}.bin"))
+        seg.tofile(os.path.join(out_dir, f"segment_idx_{i}.bin"))
+        with open(os.path.join(out_dir, f"metadata_{i}.json"), "w") as f:
+            json.dump({"shard_num_frames": frames, "shard_ind": i}, f)
+    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+        json.dump({"num_shards": shards, "query": "wmfast synthetic raw (state-driven shapes)", "hz": HZ,
+                   "num_images": shards * frames}, f, indent=1)
+    return out_dir
+
+
+def write_synthetic_raw_dataset(out_dir: str, shards: int = 1, frames: int = 1024, seed: int = 0, *,
+                                size: int = 512, val_frames: int | None = None, progress: bool = False) -> dict:
+    """`out_dir/train_v2.0_raw` and `out_dir/val_v2.0_raw`; returns {"train": path, "val": path}."""
+    val_frames = val_frames or max(frames // 4, 3 * SAMPLE_FRAMES)
+    train = write_raw_split(os.path.join(out_dir, "train_v2.0_raw"), shards, frames, seed, size=size,
+                            progress=progress)
+    val = write_raw_split(os.path.join(out_dir, "val_v2.0_raw"), 1, val_frames, seed + 1_000_003, size=size,
+                          first_segment=10**6, progress=progress)
+    return {"train": train, "val": val}
