@@ -202,8 +202,8 @@ def block_rows(block_t: int, block_d: int, tiles: int, block_r: int | None = Non
     """Rows per program: BLOCK_R * BLOCK_T * BLOCK_D ~ 4096 / tiles elements per [BLOCK_R, BLOCK_T, BLOCK_D] fp32
     tile a program holds (`tiles`: k, v in the forward and decode; k, v, dk, dv in the backward).
 
-    Why 4096: compiled for sm_90 at 4 warps (ptxas -v, no GPU needed) it gives 90-96 registers a thread in the
-    forward, 109-124 in the backward, 64-80 in the decode, no spills, at T in {5, 6, 8, 16} and Dh in {32, 64,
+    Why 4096: compiled for sm_90 at 4 warps (ptxas -v, no GPU needed) it gives 64-96 registers a thread in the
+    forward, 72-124 in the backward, 64-80 in the decode, no spills, at T in {5, 6, 8, 16} and Dh in {32, 64,
     128}; 8192 gives 143-212 (3 resident blocks a SM instead of 5) for the same registers per row. Untimed: no
     GPU in the session that wrote this; benchmarks/bench_st_attention.py sweeps it on a GPU.
     Under the interpreter each program is a Python loop over numpy ops, so fewer, larger programs are faster."""

@@ -9,7 +9,7 @@ with or without a GPU:
    ships; `ptxas -v` gives registers and spill bytes.
 
 Prints one JSON object: {"outputs": [[shape, dtype, device], ...], "compiled": [{kernel, consts, num_warps,
-regs, spill_bytes}, ...]}.
+regs, spill_bytes, vector_accesses, scalar_accesses}, ...]} (global loads/stores in the PTX, vector = 64/128-bit).
 """
 import json
 import os
@@ -91,9 +91,12 @@ def compile_launch(kernel, args, kwargs):
                               text=True, check=True)
     info = proc.stdout + proc.stderr
     regs = re.search(r"Used (\d+) registers", info)
+    accesses = re.findall(r"\b(ld|st)\.global\.(v\d\.)?", compiled.asm["ptx"])
     return {"kernel": kernel.__name__, "consts": {k: v for k, v in kwargs.items() if k != "num_warps"},
             "num_warps": kwargs["num_warps"], "regs": int(regs.group(1)),
-            "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))}
+            "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)),
+            "vector_accesses": sum(1 for _, v in accesses if v),
+            "scalar_accesses": sum(1 for _, v in accesses if not v)}
 
 
 def main():

@@ -193,3 +193,13 @@ def test_ti2v_5b_counts_on_meta():
     base = sum(p.numel() for n, p in m.transformer.named_parameters() if "state_" not in n)
     assert abs(base - 4_999_800_000) < 1e6, base
     assert 700e6 < sum(p.numel() for p in m.vae.parameters()) < 710e6
+
+
+def test_backend_torch_turns_the_patch_off(model, monkeypatch):
+    lat, t, states = _inputs(model)
+    with torch.no_grad():
+        cond = model.prepare_conditioning(states)
+        ref = model.velocity(lat, t, cond, fused=False)
+        monkeypatch.setenv("WMFAST_BACKEND", "torch")
+        off = model.velocity(lat, t, cond)
+    assert torch.equal(off, ref)
