@@ -133,7 +133,7 @@ def run(ctx) -> None:
     for zero, ckpt, provider in _configs(ctx.quick):
         try:
             _bench_one(ctx, task, preset, zero, ckpt, provider, summary)
-        except Exception as e:  # noqa: BLE001 - one failing configuration (e.g. compile) must not hide the others
+        except Exception as e:  # one failing configuration (e.g. compile) must not hide the others
             if ctx.quick:
                 raise
             ctx.log(f"bench_train: zero={zero} ckpt={ckpt} {provider}: skipped ({type(e).__name__}: {e})")

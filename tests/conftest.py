@@ -1,13 +1,16 @@
 """Shared test set-up: the Triton interpreter (so the real kernels run on the CPU), seeding, GPU marker."""
 import os
 
-# Must be set before anything imports triton: the interpreter then runs the Triton kernels on CPU tensors.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (importing torch does not import triton)
+
+# Must be set before anything imports triton. Without a GPU the interpreter runs the real Triton kernels on CPU
+# tensors; with one, the compiled kernels run (an explicit TRITON_INTERPRET in the environment always wins).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import random  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_configure(config):

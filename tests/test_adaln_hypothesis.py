@@ -28,6 +28,8 @@ def problems(draw):
         "layouts": [draw(st.sampled_from(LAYOUTS)) for _ in range(3)],  # gate, shift, scale
         "slots": [draw(st.integers(1, 4)) for _ in range(3)],  # the view is 1 of `slots` interleaved tensors
         "x_pad": draw(st.integers(0, 3)),  # x read from a wider [B, L, D + pad] tensor (row stride != D)
+        "x_transposed": draw(st.booleans()),  # x a transposed view ([B, D, L] storage, feature stride L)
+        "eps": draw(st.sampled_from((1e-6, 1e-5, 0.1))),
         "op": draw(st.sampled_from(("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate"))),
         "seed": draw(st.integers(0, 2**16)),
     }
@@ -47,19 +49,21 @@ def _run(p, dt, mdt, parents, views, x_wide, res, cots, upcast):
     leaves = [m.detach().to(mdt).requires_grad_() for m in parents]
     gate, shift, scale = (v(m) for v, m in zip(views, leaves))
     xv = x[..., : p["D"]]
-    fl = p["frame_len"]
+    if p["x_transposed"]:  # same values, feature stride L instead of 1
+        xv = xv.transpose(1, 2).contiguous().transpose(1, 2)
+    fl, eps = p["frame_len"], p["eps"]
     if upcast is None:
         fn, kw = getattr(ops, p["op"]), {}
     else:
         fn, kw = getattr(K, p["op"] + "_ref"), {"upcast": upcast}
     if p["op"] == "layernorm_modulate":
-        outs = (fn(xv, shift, scale, frame_len=fl, **kw),)
+        outs = (fn(xv, shift, scale, eps=eps, frame_len=fl, **kw),)
         inputs = [x, leaves[1], leaves[2]]
     elif p["op"] == "gated_residual":
         outs = (fn(r, xv, gate, frame_len=fl, **kw),)
         inputs = [r, x, leaves[0]]
     else:
-        outs = tuple(fn(r, xv, gate, shift, scale, frame_len=fl, **kw))
+        outs = tuple(fn(r, xv, gate, shift, scale, eps=eps, frame_len=fl, **kw))
         inputs = [r, x] + leaves
     loss = sum((o.float() * c).sum() for o, c in zip(outs, cots))
     return outs, torch.autograd.grad(loss, inputs)

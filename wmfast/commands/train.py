@@ -1,7 +1,7 @@
 """Train a model with DeepSpeed ZeRO (single process by default; torchrun / the deepspeed launcher for more).
 
     wmfast train --config 1x-compression --data DIR [--zero 1|2|3] [--micro-batch N|auto] [--steps N] [--resume]
-    deepspeed --num_gpus 8 -m wmfast.train --config 1x-compression --data DIR
+    deepspeed --num_gpus 8 --module wmfast.train --config 1x-compression --data DIR
     torchrun --nproc_per_node 8 -m wmfast.train --config 1x-compression --data DIR
 """
 from __future__ import annotations

@@ -30,7 +30,9 @@ def _step_fn(compile_step: bool):
     if not compile_step:
         return decode_step
     if "step" not in _compiled_steps:
-        _compiled_steps["step"] = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+        # dynamic=False: t stays a constant of each graph (automatic dynamic shapes would turn the second
+        # distinct t into a SymInt); 2 positions for the challenge's 3 frames -> 2 graphs
+        _compiled_steps["step"] = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return _compiled_steps["step"]
 
 
@@ -87,6 +89,8 @@ def _cached(model, ctx, sg, num_frames, keep_logits, compile_step, cache_dtype):
     step = _step_fn(compile_step)
     if compile_step:
         cache.mark_static()
+        # a new generation for CUDA-graph trees: the last call's graph outputs may be reused (we copied them)
+        torch.compiler.cudagraph_mark_step_begin()
     for t in range(C, C + num_frames - 1):  # t: a Python int, the temporal position of the grid fed in
         logits, nxt = step(model, new[-1], sg, t, cache)
         new.append(nxt)

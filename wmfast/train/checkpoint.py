@@ -15,6 +15,7 @@ the checkpoint directory (the usual DeepSpeed set-up).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger("wmfast")
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 FAULT_ENV = "WMFAST_TRAIN_FAULT"  # test hook: "kill_in_checkpoint:STEP" or "kill_after_step:STEP"
 
@@ -145,4 +147,7 @@ def load(engine, path: str) -> dict[str, Any]:
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
+    else:  # e.g. resuming on more ranks than were saved: training continues, but not bit-for-bit
+        logger.warning("wmfast train: %s has no RNG state for rank %d: dropout masks will differ from the "
+                       "uninterrupted run", path, rank)
     return state
