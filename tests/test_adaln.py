@@ -146,6 +146,26 @@ def test_mixed_layouts(triton_backend, op):
 
 
 @pytest.mark.parametrize("op", OPS)
+def test_batch_broadcast_modulation(triton_backend, op):
+    """Stride-0 batch views: a batch-1 modulation expanded to B (Wan's batch-1 conditioning) and a constant gate
+    `ones(1, D).expand(B, -1)`; the modulation's gradient sums over the batch through autograd's expand."""
+    B, L, D, fl = 3, 6, 61, 2
+    x, res = torch.randn(B, L, D, requires_grad=True), torch.randn(B, L, D, requires_grad=True)
+    base = torch.randn(1, L // fl, 6, D, requires_grad=True)
+    mod = base.expand(B, -1, -1, -1)
+    shift, scale = mod[:, :, 0], mod[:, :, 1]
+    gate = torch.ones(1, D).expand(B, -1)
+    outs = call(op, res, x, shift, scale, gate, fl)
+    refs = call(op, res, x, shift, scale, gate, fl, upcast=True)
+    cots = [torch.randn(B, L, D) for _ in outs]
+    inputs = (x, base) if op == "layernorm_modulate" else (res, x) if op == "gated_residual" else (res, x, base)
+    for a, e in zip(outs, refs):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    for a, e in zip(torch.autograd.grad(outs, inputs, cots), torch.autograd.grad(refs, inputs, cots)):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_nan_parity(triton_backend, op):
     check_2x(op, 2, 6, 61, fp32, "frame", fp32, 3, nan=True)
 
