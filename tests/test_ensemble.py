@@ -254,6 +254,30 @@ def test_cli_sample_and_eval_psnr(raw_data, tmp_path):
     assert float(n2["psnr_latent"]) == pytest.approx(report["psnr_latent"], abs=1e-6)
 
 
+def test_cli_sample_with_lora(raw_data, tmp_path):
+    import json
+
+    from wmfast.cli import main
+    from wmfast.models.wan import build_world_model
+    from wmfast.models.wan_lora import add_lora, save_lora
+
+    torch.manual_seed(0)  # the tiny weights `--model tiny --seed 0` builds
+    model = build_world_model("tiny", vae=False)
+    add_lora(model.transformer, rank=4)
+    with torch.no_grad():
+        for name, p in model.transformer.named_parameters():
+            if "lora_B" in name:  # B = 0 at init (identity adapter): make it change the output
+                p.normal_(std=0.5)
+    save_lora(model.transformer, str(tmp_path / "lora"))
+    args = ["sample", "--model", "tiny", "--data", raw_data, "--ensemble", "1", "--steps", "1", "--average",
+            "latent", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "base")]) == 0
+    assert main([*args, "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "lora_out")]) == 0
+    base = json.loads((tmp_path / "base" / "sample.json").read_text())["psnr_latent"]
+    tuned = json.loads((tmp_path / "lora_out" / "sample.json").read_text())["psnr_latent"]
+    assert base != pytest.approx(tuned, abs=1e-6)  # the adapter is applied
+
+
 def test_cli_rejects_bad_lists(raw_data):
     from wmfast.cli import main
 

@@ -51,7 +51,7 @@ def load_model(args):
         from wmfast.models.wan_lora import load_lora
 
         load_lora(model.transformer, args.lora)
-        model.transformer.to(device=device, dtype=dtype)
+        model.transformer.to(device)  # the adapter loads on the CPU; dtypes stay as loaded (fp32 modules kept)
     return model.eval()
 
 

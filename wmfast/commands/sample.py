@@ -4,8 +4,9 @@ Writes the predicted 77th frame (frame 76, 2 s after the last context frame) as 
 averagings against the ground truth, and with --strip a side-by-side strip: the last context frame, each
 member, the ensemble mean, the per-pixel spread and the ground truth.
 
-Quick start (random tiny model, no download, a few seconds on 2 CPU cores):
-    wmfast data synth --raw --out /tmp/raw && wmfast sample --model tiny --data /tmp/raw --ensemble 4 --steps 4 --out /tmp/s
+Quick start (random tiny model, no download, seconds on 2 CPU cores):
+    wmfast data synth --raw --out /tmp/raw --shards 1 --frames 154 --size 64
+    wmfast sample --model tiny --data /tmp/raw --ensemble 4 --steps 4 --strip --out /tmp/sample
 """
 from __future__ import annotations
 

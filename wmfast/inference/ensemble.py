@@ -140,6 +140,7 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+@torch.no_grad()  # sampling is forward only: no autograd graph over the steps
 def sample_ensemble(model: Denoiser, context_latents: torch.Tensor, cond: Any, num_latent_frames: int,
                     cfg: EnsembleConfig, seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Denoise N members conditioned on the same clean context; returns the final latents [N, C, F', H', W'].
@@ -212,6 +213,7 @@ class EnsembleFrames:
     latent_mean: torch.Tensor | None  # average the latents, decode once (N - 1 fewer VAE decodes)
 
 
+@torch.no_grad()
 def average_frames(latents: torch.Tensor, decode_frame: Callable[[torch.Tensor], torch.Tensor],
                    modes: Sequence[str] = ("pixel", "latent"), decode_batch: int = 1) -> EnsembleFrames:
     """Average N members' final latents [N, C, F', H', W'] in pixel space and/or latent space.

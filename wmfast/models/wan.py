@@ -49,6 +49,9 @@ TINY_VAE = {
     "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48}
 
 
+VAE_SEED = 1234  # seed of the random VAE weights when no pretrained VAE is given
+
+
 @dataclass(frozen=True)
 class WanPreset:
     name: str
@@ -242,7 +245,10 @@ def build_vae(preset: WanPreset, pretrained: str | None = None, device="cpu", dt
         path = sub if os.path.isdir(sub) else pretrained
         vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device)
     else:
-        with torch.device(device):
+        # Random weights from a fixed seed, apart from the global RNG: training (the task's VAE), `data encode`
+        # and sampling then all use the same VAE, so tiny latents stay meaningful across processes.
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(VAE_SEED)
             vae = _cast(AutoencoderKLWan(**preset.vae), dtype)
     vae.requires_grad_(False).eval()
     return vae
@@ -337,9 +343,15 @@ class WanWorldModel(nn.Module):
         tr = self.transformer
         ps = [p for n, p in tr.named_parameters() if "text_embedder" in n or ".attn2.to_k" in n
               or ".attn2.to_v" in n or ".attn2.norm_k" in n]
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps) + (self.empty_text.data_ptr(),)
+        try:  # switching adapters changes the K/V without touching any parameter's version
+            adapters = tuple(tr.active_adapters()) if getattr(tr, "_hf_peft_config_loaded", False) else ()
+        except ValueError:
+            adapters = ()
+        return (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps)
+                + (self.empty_text.data_ptr(), adapters))
 
     def clear_cache(self) -> None:
+        """Drop the cached text K/V (needed only after changing LoRA scales with set_adapters(weights=...))."""
         self._kv_cache = self._kv_key = None
 
     # ------------------------------------------------------------------ denoiser

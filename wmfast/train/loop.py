@@ -317,6 +317,18 @@ def _write_run_config(run_dir: str, cfg: TrainConfig, task: Task, ds_config: dic
                    "world_size": world}, f, indent=1, default=str)
 
 
+def _warn_config_drift(state: dict, cfg: TrainConfig, world: int, rank: int) -> None:
+    """A resumed run matches the uninterrupted one only with the same batch, seed, schedule and world size."""
+    saved = state.get("train_config", {})
+    keys = ("global_batch", "seed", "lr", "warmup_steps", "steps", "zero_stage")
+    changed = [f"{k}: {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
+    if state.get("world_size", world) != world:
+        changed.append(f"world_size: {state['world_size']} -> {world}")
+    if changed and rank == 0:
+        logger.warning("wmfast train: resuming with a different configuration (%s): the run will not match an "
+                       "uninterrupted one", "; ".join(changed))
+
+
 def _run(cfg, task, run_dir, resume, rank, world, device, progress) -> RunResult:
     precision = resolve_precision(cfg.precision, device.type)
     os.makedirs(run_dir, exist_ok=True)
@@ -337,6 +349,7 @@ def _run(cfg, task, run_dir, resume, rank, world, device, progress) -> RunResult
         else:
             state = ckpt.load(engine, found[1])
             start_step, last_ckpt = state["step"], found[1]
+            _warn_config_drift(state, cfg, world, rank)
             if rank == 0:
                 print(f"wmfast train: resumed from {found[1]} (step {start_step})", flush=True)
     try:
@@ -366,6 +379,17 @@ def _trainer_state(cfg: TrainConfig, task: Task, step: int, world: int, micro_ba
             "micro_batch": micro_batch, "time": time.time()}
 
 
+def _train_record(engine, step, loss, lr, dt, cfg, micro_batch, accum, world, device, flops, tokens, peak,
+                  skipped_total) -> dict[str, Any]:
+    sps = cfg.global_batch / dt
+    gn = engine.get_global_grad_norm()  # the norm before clipping, over all ranks
+    return {"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": float(gn) if gn is not None else None,
+            "step_time_s": dt, "samples_per_s": sps, "tokens_per_s": sps * tokens,
+            "mfu": (sps * flops / (peak * world)) if peak else None,  # see wmfast.train.metrics
+            "peak_mem_gb": peak_memory_bytes(device) / 2**30, "skipped_steps": skipped_total,
+            "micro_batch": micro_batch, "grad_accum": accum, "world_size": world, "time": time.time()}
+
+
 def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precision, run_dir, start_step, last_ckpt):
     from tqdm.auto import tqdm
 
@@ -385,7 +409,7 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     bar = tqdm(total=cfg.steps, initial=start_step, disable=rank != 0 or os.environ.get("WMFAST_PROGRESS", "1") != "1",
                desc="train", dynamic_ncols=True, mininterval=1.0)
-    step, loss, t_last, steps_since = start_step, None, time.perf_counter(), 0
+    step, loss, t_last, steps_since, paused = start_step, None, time.perf_counter(), 0, 0.0
     skipped_total = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -400,20 +424,15 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
                 print(f"wmfast train: non-finite loss at step {step - 1}: step skipped (nan_policy=skip)", flush=True)
             ckpt.fault_hook("kill_after_step", step)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                dt = (now - t_last) / steps_since
-                t_last, steps_since = now, 0
-                sps = cfg.global_batch / dt
-                gn = engine.get_global_grad_norm()
-                rec = {"kind": "train", "step": step, "loss": loss, "lr": lr,
-                       "grad_norm": float(gn) if gn is not None else None, "step_time_s": dt, "samples_per_s": sps,
-                       "tokens_per_s": sps * tokens, "mfu": (sps * flops / (peak * world)) if peak else None,
-                       "peak_mem_gb": peak_memory_bytes(device) / 2**30, "skipped_steps": skipped_total,
-                       "micro_batch": micro_batch, "grad_accum": accum, "world_size": world, "time": time.time()}
+                dt = (time.perf_counter() - t_last - paused) / steps_since  # validation/checkpoints excluded
+                t_last, steps_since, paused = time.perf_counter(), 0, 0.0
+                rec = _train_record(engine, step, loss, lr, dt, cfg, micro_batch, accum, world, device, flops, tokens,
+                                    peak, skipped_total)
                 rec.update(telemetry.read())
                 log.write(rec)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{rec['samples_per_s']:.1f}")
             bar.update(1)
+            t_pause = time.perf_counter()
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
                 metrics = validate(engine, task, cfg, micro_batch, rank, world, device, precision)
                 if metrics:
@@ -423,6 +442,7 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
                 last_ckpt = ckpt.save(engine, ckpt_dir, step, _trainer_state(cfg, task, step, world, micro_batch),
                                       cfg.keep_checkpoints)
+            paused += time.perf_counter() - t_pause
     finally:
         bar.close()
         log.close()
