@@ -73,3 +73,19 @@ def test_shape_key_names_the_layouts():
     keys = adaln_ops._shape_key(x, (torch.randn(2, 8), torch.randn(2, 3, 8), torch.randn(2, 6, 8)))
     assert keys == "B=2,L=6,D=8,bf16,per-sample+per-frame+per-token"
     assert adaln_ops._shape_key(x, (torch.randn(2, 1, 8),)) == "B=2,L=6,D=8,bf16,per-sample"
+
+
+def test_too_wide_for_triton_falls_back_or_raises_when_forced(monkeypatch, caplog):
+    from wmfast.kernels import adaln as K
+
+    monkeypatch.setattr(K, "MAX_D", 4)
+    x, (shift, scale, *_) = _inputs()  # D = 8 > 4
+    monkeypatch.delenv("WMFAST_BACKEND", raising=False)
+    adaln_ops._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="wmfast"):
+        y = ops.layernorm_modulate(x, shift, scale, frame_len=2)
+    assert torch.equal(y, K.layernorm_modulate_ref(x, shift, scale, frame_len=2))
+    assert "exceeds the Triton kernels' limit D <= 4; using the torch reference" in caplog.text
+    monkeypatch.setenv("WMFAST_BACKEND", "triton")
+    with pytest.raises(ValueError, match=r"WMFAST_BACKEND=triton: D=8 \(x shape \(2, 4, 8\)\) exceeds"):
+        ops.layernorm_modulate(x, shift, scale, frame_len=2)

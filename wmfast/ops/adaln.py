@@ -11,12 +11,16 @@ bf16/fp16; the kernels read it through its strides and never copy it.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import operator
 
 import torch
 
-from wmfast.backend import select_backend
+from wmfast.backend import forced_backend, select_backend
 from wmfast.kernels import adaln as _k
+
+logger = logging.getLogger("wmfast")
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SUPPORTED = ("cuda", "triton", "torch")  # preference order on CUDA tensors
@@ -89,10 +93,22 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
-def _check_triton_limits(x) -> None:
-    if x.shape[2] > _k.MAX_D:
-        raise ValueError(f"x shape {_shape(x)}: D={x.shape[2]} exceeds the Triton kernels' limit D <= {_k.MAX_D} "
-                         "(set WMFAST_BACKEND=torch)")
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
+
+
+def _triton_fits(op: str, x) -> bool:
+    """Whether the Triton kernels take this D. Too wide: an error when WMFAST_BACKEND=triton forced them, else
+    the torch reference with one log line (dispatch picks what fits and says why)."""
+    D = x.shape[2]
+    if D <= _k.MAX_D:
+        return True
+    why = f"D={D} (x shape {_shape(x)}) exceeds the Triton kernels' limit D <= {_k.MAX_D}"
+    if forced_backend() == "triton":
+        raise ValueError(f"WMFAST_BACKEND=triton: {why}")
+    _log_once(f"wmfast: {op}: {why}; using the torch reference")
+    return False
 
 
 def _shape_key(x, mods) -> str:
@@ -155,8 +171,7 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     backend = _pick_backend("layernorm_modulate", x, (shift, scale), lambda: {
         "triton": lambda: _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0),
         "cuda": lambda: _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)})
-    if backend == "triton":
-        _check_triton_limits(x)
+    if backend == "triton" and _triton_fits("layernorm_modulate", x):
         return _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0)
     if backend == "cuda":
         return _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)
@@ -175,8 +190,7 @@ def gated_residual(residual, x, gate, *, frame_len=None):
     backend = _pick_backend("gated_residual", x, (gate,), lambda: {
         "triton": lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0),
         "cuda": lambda: _csrc().gated_residual(residual, x, gate, frame_len=frame_len)})
-    if backend == "triton":
-        _check_triton_limits(x)
+    if backend == "triton" and _triton_fits("gated_residual", x):
         return _k.gated_residual_op(residual, x, gate, frame_len or 0)
     if backend == "cuda":
         return _csrc().gated_residual(residual, x, gate, frame_len=frame_len)
@@ -200,8 +214,7 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
                                                                    frame_len or 0),
         "cuda": lambda: _csrc().gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
                                                                   frame_len=frame_len)})
-    if backend == "triton":
-        _check_triton_limits(x)
+    if backend == "triton" and _triton_fits("gated_residual_layernorm_modulate", x):
         return _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps), frame_len or 0)
     if backend == "cuda":
         return _csrc().gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
