@@ -203,3 +203,37 @@ def test_backend_torch_turns_the_patch_off(model, monkeypatch):
         monkeypatch.setenv("WMFAST_BACKEND", "torch")
         off = model.velocity(lat, t, cond)
     assert torch.equal(off, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_real_block_bf16_2x_rule_and_compile():
+    """One real-size block (D = 3072) in bf16 on the GPU: the patched block (Triton ops, per-frame modulation)
+    vs diffusers' block in bf16, both against diffusers in fp32 (2x rule); and torch.compile(fullgraph=True)."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
+
+    from wmfast.models.wan_blocks import patch_blocks, text_kv
+    from wmfast.testing import assert_2x_rule
+
+    torch.manual_seed(0)
+    ref = WanTransformerBlock(3072, 14336, 24, "rms_norm_across_heads", True, 1e-6).cuda()
+    low = WanTransformerBlock(3072, 14336, 24, "rms_norm_across_heads", True, 1e-6).cuda()
+    low.load_state_dict(ref.state_dict())
+    low.to(torch.bfloat16).scale_shift_table.data = ref.scale_shift_table.data.clone()
+    holder = torch.nn.Module()
+    holder.blocks = torch.nn.ModuleList([low])
+    B, F, S = 2, 3, 256
+    x = torch.randn(B, F * S, 3072, device="cuda")
+    text = torch.randn(1, 64, 3072, device="cuda")
+    temb = torch.randn(B, F, 6, 3072, device="cuda") * 0.1
+    rotary = WanRotaryPosEmbed(128, (1, 2, 2), 1024).cuda()(torch.empty(1, 1, F, 32, 32, device="cuda"))
+    args = (text.expand(B, -1, -1), temb.repeat_interleave(S, 1), rotary)
+    with torch.no_grad():
+        out_ref = ref(x, *args)
+        out_low = low(x.bfloat16(), args[0].bfloat16(), args[1].bfloat16(), rotary)
+        patch_blocks(holder)
+        kv = text_kv(low.attn2, text.bfloat16())
+        out_fused = low(x.bfloat16(), None, temb.bfloat16(), rotary, frame_len=S, kv=kv)
+        assert_2x_rule(out_fused, out_ref, out_low, "block output")
+        compiled = torch.compile(low, fullgraph=True)
+        out_c = compiled(x.bfloat16(), None, temb.bfloat16(), rotary, frame_len=S, kv=kv)
+    assert_2x_rule(out_c, out_ref, out_low, "compiled block output")

@@ -172,13 +172,13 @@ class SamplingTask(Task):
 
     def flops_per_sample(self) -> float:
         """~3x the forward (activation gradients through every frozen layer; LoRA weight gradients are
-        negligible): forward = 2 * DiT params * L + 4 * L^2 * D per layer (QK^T and PV)."""
+        negligible). Forward per layer and token: 2 * (6 D^2 (self q, k, v, o; cross q, o) + 2 D ffn) for the
+        linears, 4 L D + 4 S D for self- and cross-attention scores and values (S = text tokens)."""
         cfg = self.preset.transformer
-        D = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-        per_layer = 4 * D * D * 2 + 2 * D * cfg["ffn_dim"]  # self + cross q,k,v,o (cross K/V on 512 text) + FFN
+        D, ffn, S = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], self.preset.text_len
         L = self.tokens_per_sample()
-        fwd = 2 * per_layer * L * cfg["num_layers"] + 4 * L * L * D * cfg["num_layers"]
-        return 3.0 * fwd
+        per_token = 2 * (6 * D * D + 2 * D * ffn) + 4 * L * D + 4 * S * D
+        return 3.0 * per_token * L * cfg["num_layers"]
 
     def weight_decay_exempt(self, name, param) -> bool:
         return True  # LoRA/state adapters: no weight decay (the team's value was not published)
