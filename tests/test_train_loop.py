@@ -165,3 +165,26 @@ def test_resume_restores_dropout_rng_and_data_order(tmp_path):
     (run2 / "checkpoints" / "step_00000003" / "rng_rank0.pt").unlink()
     train(_cfg(steps=6, ckpt_every=0, val_every=0), str(tmp_path), str(run2), resume=True, task=ToyTask())
     assert _losses(str(run2)) != la
+
+
+class _FrozenFirstBlock(ToyTask):
+    """A frozen part (as a pretrained base under LoRA): left out of the optimizer and of checkpoints."""
+
+    def build_model(self):
+        model = super().build_model()
+        model.blocks[0].requires_grad_(False)
+        return model
+
+
+def test_frozen_parameters_not_trained_nor_checkpointed(tmp_path):
+    from wmfast.train import param_groups
+
+    task = _FrozenFirstBlock()
+    names = [n for g in param_groups(task.build_model(), task, 0.05) for n in g["names"]]
+    assert names and not any(n.startswith("blocks.0.") for n in names)
+    run = str(tmp_path / "run")
+    train(_cfg(steps=3, ckpt_every=2, val_every=0, keep_checkpoints=5), str(tmp_path), run, task=task)
+    w2 = _weights(run, 2)
+    assert not any(k.startswith("blocks.0.") for k in w2) and "blocks.1.fc1.weight" in w2
+    res = train(_cfg(steps=4, ckpt_every=2, val_every=0), str(tmp_path), run, resume=True, task=task)
+    assert res.status == "done" and res.step == 4

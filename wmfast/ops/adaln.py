@@ -8,6 +8,9 @@ Shapes: x, residual [B, L, D]; each of shift, scale, gate one of
     per-sample [B, D] or [B, 1, D];  per-frame [B, F, D] with frame_len (F * frame_len == L);  per-token [B, L, D].
 Modulation may be a strided view (e.g. `mod.unbind(1)` of [B, 6, D] or [B, F, 6, D]) and fp32 while x is
 bf16/fp16; the kernels read it through its strides and never copy it.
+
+Every bad input raises ValueError (not TypeError, even for a non-tensor) naming the argument and the shapes,
+before any kernel launch: one exception type for callers to catch.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def _shape(t) -> str:
 
 def _check_x(name: str, x, like=None) -> None:
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")  # noqa: TRY004 - the API promises ValueError
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")  # noqa: TRY004
     if x.dim() != 3:
         raise ValueError(f"{name} must be [B, L, D], got shape {_shape(x)}")
     if x.dtype not in _DTYPES:
@@ -69,7 +72,7 @@ def _check_mod(name: str, mod, x, frame_len) -> None:
     """Per-sample [B, D] / [B, 1, D], per-frame [B, F, D] (needs frame_len, F * frame_len == L), per-token [B, L, D]."""
     B, L, D = x.shape
     if not isinstance(mod, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(mod).__name__}")  # noqa: TRY004 - the API promises ValueError
+        raise ValueError(f"{name} must be a tensor, got {type(mod).__name__}")  # noqa: TRY004
     if mod.dtype not in (x.dtype, torch.float32):
         raise ValueError(f"{name} dtype {mod.dtype} must be x's dtype {x.dtype} or float32")
     if mod.device != x.device:

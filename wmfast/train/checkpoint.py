@@ -104,6 +104,10 @@ def latest_checkpoint(ckpt_dir: str) -> tuple[int, str] | None:
     return found[-1] if found else None
 
 
+def _has_frozen(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def save(engine, ckpt_dir: str, step: int, trainer_state: dict[str, Any], keep: int) -> str:
     """Write checkpoint `step` atomically (collective: every rank calls it). Returns the final path."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -115,7 +119,8 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict[str, Any], keep: 
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a save that was killed
         os.makedirs(tmp_root, exist_ok=True)
     _barrier()
-    engine.save_checkpoint(tmp_root, tag=tag, save_latest=False)
+    # frozen parameters (e.g. a pretrained base under LoRA) are rebuilt by the task, not checkpointed
+    engine.save_checkpoint(tmp_root, tag=tag, save_latest=False, exclude_frozen_parameters=_has_frozen(engine))
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -139,7 +144,7 @@ def load(engine, path: str) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt_dir, tag = os.path.split(path.rstrip("/"))
     load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+                                          load_lr_scheduler_states=False, load_module_strict=not _has_frozen(engine))
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     with open(os.path.join(path, "trainer_state.json")) as f:
