@@ -121,6 +121,22 @@ def test_checkpoint_round_trip(tmp_path):
     for path in (tmp_path / "m.pt", d):
         loaded = load_checkpoint(str(path))
         assert loaded.config == model.config and torch.equal(loaded.generate(ctx, states), expected)
+    # a run directory resolves to its newest complete checkpoint: an older one with other weights and a newer,
+    # incomplete one (no trainer_state.json: killed mid-write) must both be passed over
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    d.rename(run / "checkpoints" / "step_00000010")
+    old = run / "checkpoints" / "step_00000005"
+    old.mkdir()
+    torch.save({"module": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}},
+               old / "mp_rank_00_model_states.pt")
+    (old / "trainer_state.json").write_text(json.dumps({"step": 5, "model_config": model.config.to_dict()}))
+    (run / "checkpoints" / "step_00000020").mkdir()
+    assert torch.equal(load_checkpoint(str(run)).generate(ctx, states), expected)
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        (run / "checkpoints" / "step_00000010" / "trainer_state.json").unlink()
+        (old / "trainer_state.json").unlink()
+        load_checkpoint(str(run))
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(ValueError, match="no model config"):
         load_checkpoint(str(tmp_path / "bare.pt"))

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (mod, help_) in _available().items():
         module = importlib.import_module(f"wmfast.commands.{mod}")
-        p = sub.add_parser(name, help=help_, description=(module.__doc__ or help_).strip())
+        p = sub.add_parser(name, help=help_, description=(module.__doc__ or help_).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -74,12 +74,15 @@ def _stage_commands(args) -> dict[str, list[str]]:
     out = args.out
     run_dir = os.path.join(out, "run")
     return {
-        "data": ["data", "synth", "--out", os.path.join(out, "tokens"), "--shards", "2", "--frames", "1020"],
+        # the tiny preset: 8x8 token grids, vocabulary 512 (the real data: 32x32, 64,000)
+        "data": ["data", "synth", "--out", os.path.join(out, "tokens"), "--shards", "2", "--frames", "1020",
+                 "--grid-size", "8", "--vocab-size", "512"],
         "train": ["train", "--config", "tiny", "--data", os.path.join(out, "tokens"), "--steps",
                   str(args.train_steps), "--out", run_dir],
         "generate": ["generate", "--data", os.path.join(out, "tokens"), "--checkpoint", run_dir, "--preset", "tiny",
                      "--samples", "2", "--json", os.path.join(out, "generate.json")],
-        "raw": ["data", "synth", "--raw", "--out", os.path.join(out, "raw")],
+        "raw": ["data", "synth", "--raw", "--out", os.path.join(out, "raw"), "--shards", "1", "--frames", "154",
+                "--size", "64"],
         "sample": ["sample", "--model", "tiny", "--data", os.path.join(out, "raw"), "--ensemble", "4", "--steps", "4",
                    "--strip", "--out", os.path.join(out, "sample")],
         "plot": ["plot", run_dir],

@@ -356,12 +356,20 @@ def _clean_state_dict(sd: dict) -> dict:
 
 def load_checkpoint(path: str, *, preset: str | None = None, map_location="cpu") -> STTransformer:
     """An STTransformer with the weights of `path`:
+    - a `wmfast train` run directory (its newest complete checkpoint);
     - a training checkpoint directory (wmfast train: DeepSpeed's mp_rank_00_model_states.pt with the weights
       under "module", and trainer_state.json whose "model_config" gives the config);
     - a torch.save file: {"model" | "module" | "state_dict": weights, optional "config": dict} or bare weights;
     - a .safetensors file of weights.
     The config comes from the checkpoint when it has one, else from `preset` (a ValueError if neither)."""
     config_dict, sd = None, None
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # a `wmfast train` run dir: its newest complete checkpoint
+        from wmfast.train.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(os.path.join(path, "checkpoints"))
+        if found is None:
+            raise ValueError(f"{path}: a run directory with no complete checkpoint under checkpoints/")
+        path = found[1]
     if os.path.isdir(path):
         state_json = os.path.join(path, "trainer_state.json")
         if os.path.isfile(state_json):
