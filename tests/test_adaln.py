@@ -357,10 +357,10 @@ def test_bench_wan_block_providers_compute_the_same(triton_backend):
             torch.testing.assert_close(a.float(), e.float(), atol=5e-2, rtol=2e-2)
 
 
-# ---- GPU: the compiled kernels (run with `TRITON_INTERPRET=0 python -m pytest -m gpu tests/test_adaln.py`) ----
+# ---- GPU: the compiled kernels (`python -m pytest -m gpu tests/test_adaln.py` on a GPU machine) ----
 compiled_kernels = pytest.mark.skipif(
     triton_interpret(),
-    reason="tests the compiled kernels and the triton_op registration: run with TRITON_INTERPRET=0")
+    reason="tests the compiled kernels and the triton_op registration (TRITON_INTERPRET must be unset)")
 
 
 def _gpu_case(op, B, L, D, layout, frame_len):
