@@ -11,14 +11,29 @@ import torch
 from wmfast.kernels import adaln as K
 
 from wmfast import ops
+from wmfast.backend import triton_interpret
 from wmfast.testing import assert_2x_rule
 
 OPS = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate")
 
 
+# Where the Triton kernels run in this session: CPU tensors under the interpreter (CI), else the GPU (conftest
+# leaves TRITON_INTERPRET unset when a GPU is present, so the same tests then run the compiled kernels).
+DEVICE = "cpu" if triton_interpret() or not torch.cuda.is_available() else "cuda"
+needs_interpreter = pytest.mark.skipif(not triton_interpret(), reason="checks the interpreter-mode registration "
+                                       "(custom_op) on CPU tensors; the gpu-marked tests cover the triton_ops")
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
+    """WMFAST_BACKEND=triton, tensors created on DEVICE by default."""
     monkeypatch.setenv("WMFAST_BACKEND", "triton")
+    if DEVICE == "cpu":  # (a default-device mode costs every op a Python dispatch: only when needed)
+        yield
+        return
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
 
 
 def make_mod(B, L, D, layout, dtype, frame_len=None, scale=0.5):
@@ -240,6 +255,7 @@ def _opcheck_args():
     }
 
 
+@needs_interpreter
 @pytest.mark.parametrize("name", list(_opcheck_args()))
 def test_opcheck(name):
     op, args = _opcheck_args()[name]
@@ -260,7 +276,8 @@ def _compiled_matches_eager(op):
     return f, (res, x, mod)
 
 
-@pytest.mark.parametrize("backend, compiler", [("torch", "inductor"), ("triton", "aot_eager")])
+@pytest.mark.parametrize("backend, compiler", [
+    ("torch", "inductor"), pytest.param("triton", "aot_eager", marks=needs_interpreter)])
 def test_compile_fullgraph(monkeypatch, backend, compiler):
     """fullgraph=True fails on any graph break. The torch backend goes through Inductor; the Triton backend's
     interpreted kernels go through aot_eager (Inductor adds nothing for an opaque op on the CPU and costs time)."""
@@ -340,10 +357,10 @@ def test_bench_wan_block_providers_compute_the_same(triton_backend):
             torch.testing.assert_close(a.float(), e.float(), atol=5e-2, rtol=2e-2)
 
 
-# ---- GPU: the compiled kernels (run with `TRITON_INTERPRET=0 python -m pytest -m gpu tests/test_adaln.py`) ----
+# ---- GPU: the compiled kernels (`python -m pytest -m gpu tests/test_adaln.py` on a GPU machine) ----
 compiled_kernels = pytest.mark.skipif(
-    __import__("wmfast.backend").backend.triton_interpret(),
-    reason="tests the compiled kernels and the triton_op registration: run with TRITON_INTERPRET=0")
+    triton_interpret(),
+    reason="tests the compiled kernels and the triton_op registration (TRITON_INTERPRET must be unset)")
 
 
 def _gpu_case(op, B, L, D, layout, frame_len):
@@ -364,11 +381,7 @@ def _gpu_case(op, B, L, D, layout, frame_len):
     pytest.param(3, 999, 1000, "frame", 333, id="odd"),
 ])
 def test_gpu_2x_rule_real_shapes(triton_backend, op, B, L, D, layout, frame_len):
-    torch.set_default_device("cuda")
-    try:
-        check_2x(op, B, L, D, bf, layout, fp32, frame_len)
-    finally:
-        torch.set_default_device(None)
+    check_2x(op, B, L, D, bf, layout, fp32, frame_len)
 
 
 @pytest.mark.gpu

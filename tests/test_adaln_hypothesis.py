@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 from wmfast.kernels import adaln as K
 
 from wmfast import ops
+from wmfast.backend import triton_interpret
 from wmfast.testing import assert_2x_rule
+
+# CPU tensors under the interpreter (CI), else the GPU (the compiled kernels). Data is drawn on the CPU.
+DEVICE = "cpu" if triton_interpret() or not torch.cuda.is_available() else "cuda"
 
 LAYOUTS = ("sample2", "sample3", "frame", "token")
 
@@ -80,10 +84,10 @@ def test_random_shapes_and_strides(p):
         gen = torch.Generator().manual_seed(p["seed"])
         B, L, D, fl = p["B"], p["L"], p["D"], p["frame_len"]
         made = [_mod(B, L, D, fl, lay, s, gen) for lay, s in zip(p["layouts"], p["slots"])]
-        parents, views = [m[0] for m in made], [m[1] for m in made]
-        x_wide = torch.randn(B, L, D + p["x_pad"], generator=gen)
-        res = torch.randn(B, L, D, generator=gen)
-        cots = [torch.randn(B, L, D, generator=gen) for _ in range(2)]
+        parents, views = [m[0].to(DEVICE) for m in made], [m[1] for m in made]
+        x_wide = torch.randn(B, L, D + p["x_pad"], generator=gen).to(DEVICE)
+        res = torch.randn(B, L, D, generator=gen).to(DEVICE)
+        cots = [torch.randn(B, L, D, generator=gen).to(DEVICE) for _ in range(2)]
         dt = p["dtype"]
         mdt = torch.float32 if p["mod_fp32"] else dt
         outs, grads = _run(p, dt, mdt, parents, views, x_wide, res, cots, None)

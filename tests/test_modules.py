@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wmfast.backend import triton_interpret
 from wmfast.modules import AdaLNZero, DiTBlock
+
+# CPU tensors under the interpreter (CI), else the GPU: the Triton backend runs the compiled kernels there.
+DEVICE = "cpu" if triton_interpret() or not torch.cuda.is_available() else "cuda"
 
 
 def test_adaln_zero_init_and_shapes():
@@ -19,9 +23,9 @@ def test_adaln_zero_init_and_shapes():
                          ids=["per-sample", "per-frame", "per-token"])
 def test_block_is_identity_at_init_and_gates_get_gradients(monkeypatch, cond_shape, frame_len):
     monkeypatch.setenv("WMFAST_BACKEND", "triton")
-    block = DiTBlock(dim=16, num_heads=2, cond_dim=5)
-    x = torch.randn(2, 6, 16, requires_grad=True)
-    y = block(x, torch.randn(cond_shape), frame_len=frame_len)
+    block = DiTBlock(dim=16, num_heads=2, cond_dim=5).to(DEVICE)
+    x = torch.randn(2, 6, 16, device=DEVICE, requires_grad=True)
+    y = block(x, torch.randn(cond_shape, device=DEVICE), frame_len=frame_len)
     assert torch.equal(y, x)  # zero-initialised gates: exactly the identity
     y.square().sum().backward()
     w = block.adaln.linear.weight.grad.view(6, 16, 5)
@@ -39,9 +43,9 @@ def _trained_like_block():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_triton_matches_torch_backend(monkeypatch, dtype):
-    block = _trained_like_block().to(dtype)
-    x = torch.randn(2, 6, 16, dtype=dtype)
-    cond = torch.randn(2, 3, 5, dtype=dtype)
+    block = _trained_like_block().to(DEVICE, dtype)
+    x = torch.randn(2, 6, 16, dtype=dtype, device=DEVICE)
+    cond = torch.randn(2, 3, 5, dtype=dtype, device=DEVICE)
     results = {}
     for backend in ("triton", "torch"):
         monkeypatch.setenv("WMFAST_BACKEND", backend)
@@ -61,9 +65,10 @@ def _train_losses(monkeypatch, backend: str, steps: int = 4) -> list[float]:
     torch.manual_seed(3)
     blocks = torch.nn.ModuleList(DiTBlock(dim=16, num_heads=2, cond_dim=4, mlp_ratio=2.0) for _ in range(2))
     head = torch.nn.Linear(16, 16)
+    blocks.to(DEVICE), head.to(DEVICE)
     params = list(blocks.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-2)
-    x, cond, target = torch.randn(2, 6, 16), torch.randn(2, 3, 4), torch.randn(2, 6, 16)
+    x, cond, target = (torch.randn(*shape).to(DEVICE) for shape in ((2, 6, 16), (2, 3, 4), (2, 6, 16)))
     losses = []
     for _ in range(steps):
         h = x

@@ -123,9 +123,9 @@ def test_activation_checkpointing_matches(tmp_path):
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "autocast-bf16"])
-def test_bf16_modes_train(tmp_path, precision):
-    result = train(_cfg(steps=4, ckpt_every=0, val_every=0, precision=precision), str(tmp_path),
+@pytest.mark.parametrize("precision,zero", [("bf16", 1), ("autocast-bf16", 3)])
+def test_bf16_modes_train(tmp_path, precision, zero):
+    result = train(_cfg(steps=4, ckpt_every=0, val_every=0, precision=precision, zero_stage=zero), str(tmp_path),
                    str(tmp_path / precision), task=ToyTask())
     losses = _losses(result.run_dir)
     assert result.status == "done" and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]

@@ -402,7 +402,7 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
     loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=task.collate, num_workers=cfg.num_workers,
                              pin_memory=device.type == "cuda", persistent_workers=False,
                              generator=torch.Generator().manual_seed(cfg.seed + start_step)))
-    log = RunLog(run_dir, enabled=rank == 0)
+    log = RunLog(run_dir, enabled=rank == 0, append=start_step > 0)
     telemetry = GpuTelemetry(device)
     peak = peak_flops(device)
     flops, tokens = float(task.flops_per_sample()), task.tokens_per_sample()

@@ -83,10 +83,11 @@ class GpuTelemetry:
 class RunLog:
     """Rank-0 writer of RUN_DIR/metrics.jsonl (one JSON object per line, flushed) and TensorBoard events."""
 
-    def __init__(self, run_dir: str, enabled: bool):
+    def __init__(self, run_dir: str, enabled: bool, append: bool = True):
+        """append: keep earlier records (a resumed run); a run starting at step 0 starts a fresh file."""
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.f = open(self.path, "a") if enabled else None  # noqa: SIM115 - open for the run, closed by close()
+        self.f = open(self.path, "a" if append else "w") if enabled else None  # noqa: SIM115 - closed by close()
         self.tb = None
         if enabled:
             try:
