@@ -4,7 +4,6 @@ and matches the uninterrupted run step for step. Each case is a few short multi-
 ops are never built: see docs/training.md)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,12 +13,6 @@ from wmfast.train.checkpoint import FAULT_ENV, list_checkpoints
 from wmfast.train.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +25,7 @@ def data_dir(tmp_path_factory):
 
 
 def _launch(data_dir, run, *extra, ranks=2, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone",
            "-m", "wmfast.train", "--config", "tiny", "--data", str(data_dir),
            "--out", str(run), "--log-every", "1", *extra]
     full_env = {**os.environ, "WMFAST_PROGRESS": "0", "OMP_NUM_THREADS": "1", **(env or {})}

@@ -3,7 +3,6 @@ the ZeRO-3 save (partitioned parameters gathered), two-rank ZeRO-2 training thro
 loss falls, and the adapter exported from its checkpoint."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -88,12 +87,6 @@ def test_round_trip_into_plain_diffusers_transformer(tmp_path):
     assert plain.peft_config["default"].lora_alpha == 16.0
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ZERO3_SCRIPT = r"""
 import sys, torch, deepspeed
 from peft import get_peft_model_state_dict
@@ -143,7 +136,7 @@ def test_two_rank_zero2_training_loss_falls_and_exports(tmp_path):
     write_synthetic_raw_dataset(str(tmp_path / "raw"), shards=1, frames=240, size=64, val_frames=231)
     encode_dataset(str(tmp_path / "raw"), str(tmp_path / "lat"), splits=("train",), max_samples=2, progress=False)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "-m", "wmfast.train", "--config", "tiny-sampling", "--data", str(tmp_path / "lat"), "--out", str(run),
            "--steps", "10", "--ckpt-every", "10", "--zero", "2"]
     env = {**os.environ, "WMFAST_PROGRESS": "0", "OMP_NUM_THREADS": "1"}

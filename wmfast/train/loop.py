@@ -81,7 +81,8 @@ def setup_distributed() -> tuple[int, int, torch.device, bool]:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.setdefault("LOCAL_RANK", "0")
-            dist.init_process_group(backend, rank=0, world_size=1)
+            # an in-memory store: one rank needs no TCP rendezvous (and no port that another process could take)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         created = True
         # kept for the life of the process: DeepSpeed caches the group objects, so a second run in the same
         # process (tests, notebooks) must find the same group rather than a re-created one
