@@ -1,16 +1,16 @@
 """Shared test set-up: the Triton interpreter (so the real kernels run on the CPU), seeding, GPU marker."""
 import os
 
-import torch  # noqa: E402  (importing torch does not import triton)
+import torch
 
 # Must be set before anything imports triton. Without a GPU the interpreter runs the real Triton kernels on CPU
 # tensors; with one, the compiled kernels run (an explicit TRITON_INTERPRET in the environment always wins).
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import random  # noqa: E402
+import random
 
-import pytest  # noqa: E402
+import pytest
 
 
 def pytest_configure(config):
@@ -37,5 +37,5 @@ def _seed():
 def pytest_report_header(config):
     import wmfast
 
-    return [f"wmfast {wmfast.__version__} from {os.path.dirname(wmfast.__file__)}; "
-            f"torch {torch.__version__}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"]
+    return [(f"wmfast {wmfast.__version__} from {os.path.dirname(wmfast.__file__)}; "
+             f"torch {torch.__version__}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}")]

@@ -4,8 +4,9 @@ import subprocess
 import sys
 import tempfile
 
-import wmfast
 import wmfast.kernels
+
+import wmfast
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,12 +5,12 @@ from wmfast.ops.attention import spatial_attention, temporal_attention, temporal
 from wmfast.ops.sampler import ensemble_euler_step, ensemble_mean_var
 
 __all__ = [
-    "layernorm_modulate",
+    "ensemble_euler_step",
+    "ensemble_mean_var",
     "gated_residual",
     "gated_residual_layernorm_modulate",
+    "layernorm_modulate",
     "spatial_attention",
     "temporal_attention",
     "temporal_decode_step",
-    "ensemble_euler_step",
-    "ensemble_mean_var",
 ]
