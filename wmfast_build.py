@@ -66,8 +66,13 @@ def cuda_extension_kwargs(root):
     if not cu:
         print("wmfast: no CUDA sources under csrc/: skipping the CUDA extension")
         return {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as e:  # pip's isolated build environment has no torch: install with --no-build-isolation
+        print(f"wmfast: skipping the CUDA extension: torch is not importable at build time ({e}); "
+              "to build it, install with `pip install --no-build-isolation`")
+        return {}
 
     if torch.version.cuda is None or CUDA_HOME is None:
         why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (nvcc / CUDA_HOME) found"

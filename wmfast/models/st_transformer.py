@@ -320,7 +320,9 @@ def compression_loss(model, batch: dict, *, chunk_size: int = 4096):
     an STTransformer or a wrapper that forwards to it (DeepSpeed engine, DDP): it is called, not inspected
     beyond `.config`. metrics: loss, accuracy (top-1), ce_future_{0,1,2}; no host sync happens here.
     """
-    c = model.config if hasattr(model, "config") else model.module.config
+    # wrappers (DeepSpeed engine, DDP) hold the model in .module; a DeepSpeed engine's own .config is its
+    # DeepSpeed config dict, so unwrap first (torch.compile's wrapper forwards .config to the model)
+    c = getattr(model, "module", model).config
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device, non_blocking=True)
     states = batch["states"].to(device, non_blocking=True)

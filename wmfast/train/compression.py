@@ -13,20 +13,6 @@ import torch
 from .task import Task, register_task
 
 
-class _ModelView:
-    """What `compression_loss` reads of a model (`.config`, `.parameters()`, calling it), for a DeepSpeed
-    engine: the engine's own `.config` is its DeepSpeed config dict, so it cannot be passed as is."""
-
-    def __init__(self, model, config):
-        self._model, self.config = model, config
-
-    def __call__(self, *args, **kwargs):
-        return self._model(*args, **kwargs)
-
-    def parameters(self):
-        return self._model.parameters()
-
-
 class CompressionTask(Task):
     name = "compression"
 
@@ -67,7 +53,7 @@ class CompressionTask(Task):
     def loss(self, model, batch):
         from wmfast.models import compression_loss
 
-        loss, _ = compression_loss(_ModelView(model, self.config), batch)
+        loss, _ = compression_loss(model, batch)
         return loss
 
     def train_dataset(self):
