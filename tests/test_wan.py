@@ -80,29 +80,40 @@ def _grads(transformer):
     return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
 
 
+def _velocity_and_grads(m, lat, t, states, fused):
+    m.transformer.zero_grad(set_to_none=True)
+    x = lat.clone().requires_grad_(True)
+    v = m.velocity(x, t, m.prepare_conditioning(states), fused=fused)
+    (v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view_as(v)).sum().backward()
+    return v.detach(), {**_grads(m.transformer), "latents": x.grad}
+
+
 @pytest.mark.parametrize("ckpt", [False, True], ids=["eager", "grad-ckpt"])
 def test_fused_matches_unfused_fwd_bwd(ckpt):
-    """fp32, non-zero state modules: fused per-frame path vs diffusers' per-token blocks; outputs and the
-    gradients of every parameter (base, state modules) and of the input latents."""
+    """fp32, non-zero state modules: fused per-frame path vs diffusers' per-token blocks, for the output and the
+    gradients of every parameter (base, state modules) and of the input latents, by the suite's 2x rule: the fused
+    fp32 error against an fp64 run of diffusers' path is at most twice diffusers' own fp32 error + the fp32 floor.
+    (An elementwise 1e-5 bound flaked: gradients like patch_embedding.weight are long fp32 sums with cancellation,
+    whose last bits move with the summation order.)"""
+    import copy
+
+    from wmfast.testing import assert_2x_rule
+
     torch.manual_seed(0)
     m = build_world_model("tiny", vae=False)
     _randomize_state_modules(m.transformer)
     if ckpt:
         m.transformer.enable_gradient_checkpointing()
+    m64 = copy.deepcopy(m).double()
     lat, t, states = _inputs(m)
-    outs, grads = [], []
-    for fused in (True, False):
-        m.transformer.zero_grad(set_to_none=True)
-        x = lat.clone().requires_grad_(True)
-        v = m.velocity(x, t, m.prepare_conditioning(states), fused=fused)
-        (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
-        outs.append(v.detach())
-        grads.append({**_grads(m.transformer), "latents": x.grad})
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
-    assert grads[0]["state_embedder.fc1.weight"].abs().max() > 0
+    v_fused, g_fused = _velocity_and_grads(m, lat, t, states, fused=True)
+    v_plain, g_plain = _velocity_and_grads(m, lat, t, states, fused=False)
+    v_ref, g_ref = _velocity_and_grads(m64, lat.double(), t.double(), states.double(), fused=False)
+    assert_2x_rule(v_fused, v_ref, v_plain, name="velocity", dtype=torch.float32)
+    assert g_fused.keys() == g_plain.keys() == g_ref.keys() and len(g_fused) > 20
+    for name in g_ref:
+        assert_2x_rule(g_fused[name], g_ref[name], g_plain[name], name=f"d {name}", dtype=torch.float32)
+    assert g_fused["state_embedder.fc1.weight"].abs().max() > 0
 
 
 def test_fused_vs_plain_diffusers_grads(model):
