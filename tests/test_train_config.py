@@ -1,6 +1,8 @@
 """Training configuration, LR schedule, weight-decay grouping, micro-batch search logic, data sharding, CLI
 errors: fast unit tests (no DeepSpeed engine)."""
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -116,6 +118,26 @@ def test_microbatch_search_margin_and_errors():
         raise RuntimeError("shape mismatch")  # not an OOM: must surface, not be taken as "does not fit"
     with pytest.raises(RuntimeError, match="shape mismatch"):
         microbatch.run_trial(1, broken, 0.0)
+
+
+def test_microbatch_oom_memory_is_freed_after_the_exception_is_released(monkeypatch):
+    # on a GPU, empty_cache() can only return the failed trial's activations once nothing references them; the
+    # exception being handled keeps its traceback (and the trial's frames) alive for the whole except block
+    refs, seen = [], []
+
+    def body(m):
+        activations = torch.zeros(1000)
+        refs.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def recording_free():
+        gc.collect()
+        seen.append(refs[-1]() is None)
+
+    monkeypatch.setattr(microbatch, "free_memory", recording_free)
+    trial = microbatch.run_trial(4, body, 0.0)
+    assert not trial.fits and trial.error == "out of memory"
+    assert seen == [True], "free_memory ran while the failed trial's tensors were still referenced"
 
 
 def test_step_sampler_is_deterministic_and_shards():

@@ -254,6 +254,7 @@ def find_micro_batch(task: Task, cfg: TrainConfig, world: int, device, precision
 
     def body(m: int):
         trial_cfg = cfg.replace(global_batch=m * world, micro_batch=m)
+        microbatch.free_memory()  # start from an empty cache, so the peak is this trial's alone
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         engine = optimizer = None

@@ -3,9 +3,9 @@
 Candidates are the divisors of the per-rank batch (so the global batch stays exact through gradient
 accumulation), capped by `auto_max_micro_batch`. The search gallops upwards (1, 2, 4, ... in candidate
 index) until a trial fails, then bisects between the last success and the first failure: O(log n) trials.
-A trial fails on an out-of-memory error (caught; the trial's objects are dropped, `gc.collect()` and
-`torch.cuda.empty_cache()` return the memory) or when its peak memory exceeds (1 - margin) x capacity:
-the margin leaves room for what the trial does not see (allocator fragmentation over a long run, the
+A trial fails on an out-of-memory error (caught; once the exception is released the trial's objects are
+dropped, `gc.collect()` and `torch.cuda.empty_cache()` return the memory) or when its peak memory exceeds
+(1 - margin) x capacity: the margin leaves room for what the trial does not see (allocator fragmentation over a long run, the
 validation pass, checkpoint buffers). Monotonicity (bigger never fits when smaller does not) is assumed.
 """
 from __future__ import annotations
@@ -49,15 +49,19 @@ def free_memory() -> None:
 
 def run_trial(micro_batch: int, body: Callable[[int], tuple[int | None, int | None]], margin: float) -> Trial:
     """Run `body(micro_batch) -> (peak_bytes, capacity_bytes)`; OOM -> a failed trial with memory freed."""
+    oom = False
     try:
         peak, capacity = body(micro_batch)
     except Exception as exc:
         if not is_oom(exc):
             raise
-        del exc  # the traceback holds the trial's tensors: drop it before freeing
-        free_memory()
-        return Trial(micro_batch, False, error="out of memory")
+        oom = True
+    # freed only here, after the except block: inside it the exception being handled (sys.exc_info) keeps the
+    # traceback alive, and its frames keep the failed trial's activations, so empty_cache() would return nothing
+    # and the next trial's peak would start near capacity
     free_memory()
+    if oom:
+        return Trial(micro_batch, False, error="out of memory")
     if peak is not None and capacity:
         limit = (1.0 - margin) * capacity
         if peak > limit:
