@@ -562,6 +562,63 @@ def test_bad_modulation_layout_is_a_value_error(standin):
         csrc_ops.layernorm_modulate(x, torch.randn(3, 8), torch.randn(2, 8))
 
 
+def test_residual_dtype_mismatch_is_a_value_error(standin):
+    x, gate = torch.randn(2, 6, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"residual dtype torch.float64 must be x's dtype torch.float32"):
+        csrc_ops.gated_residual_layernorm_modulate(x.double(), x, gate, gate, gate)
+
+
+def test_rows_wider_than_triton_max_d_fall_back_to_the_reference(monkeypatch, caplog):
+    """A row the CUDA kernel does not take and Triton's MAX_D excludes (it would spill) runs the reference."""
+    import logging
+
+    from wmfast.kernels import adaln as k
+
+    def refuse(*args):
+        raise AssertionError("the Triton kernel must not see D > MAX_D")
+
+    monkeypatch.setattr(k, "MAX_D", 16)
+    monkeypatch.setattr(k, "layernorm_modulate_op", refuse)
+    monkeypatch.setattr(k, "gated_residual_layernorm_modulate_op", refuse)
+    x, res, gate, shift, scale = (torch.randn(2, 3, 24) for _ in range(5))
+    with caplog.at_level(logging.INFO, logger="wmfast"):
+        y = csrc_ops.layernorm_modulate(x, shift, scale)  # CPU tensors: supports_adaln says no
+        y2, out = csrc_ops.gated_residual_layernorm_modulate(res, x, gate, shift, scale)
+    torch.testing.assert_close(y, layernorm_modulate_ref(x, shift, scale), rtol=0, atol=0)
+    torch.testing.assert_close((y2, out), gated_residual_layernorm_modulate_ref(res, x, gate, shift, scale),
+                               rtol=0, atol=0)
+    assert "D = 24 > the Triton kernels' MAX_D = 16" in caplog.text
+
+
+def test_timing_runner_for_triton_runs_the_reference_for_too_wide_rows(monkeypatch):
+    """First-use timing must time what choosing "triton" runs: the reference when D > MAX_D."""
+    from wmfast.kernels import adaln as k
+
+    from wmfast.ops import adaln as adaln_ops
+
+    def refuse(*args):
+        raise AssertionError("the Triton kernel must not see D > MAX_D")
+
+    ran = []
+
+    def pick(op, x, mods, runners, *args, **kwargs):
+        ran.append(runners()["triton"]())
+        return "torch"
+
+    monkeypatch.setattr(k, "MAX_D", 16)
+    for name in ("layernorm_modulate_op", "gated_residual_op", "gated_residual_layernorm_modulate_op"):
+        monkeypatch.setattr(k, name, refuse)
+    monkeypatch.setattr(adaln_ops, "_pick_backend", pick)
+    x, res, gate, shift, scale = (torch.randn(2, 3, 24) for _ in range(5))
+    adaln_ops.layernorm_modulate(x, shift, scale)
+    adaln_ops.gated_residual(res, x, gate)
+    adaln_ops.gated_residual_layernorm_modulate(res, x, gate, shift, scale)
+    torch.testing.assert_close(ran[0], layernorm_modulate_ref(x, shift, scale), rtol=0, atol=0)
+    torch.testing.assert_close(ran[2], gated_residual_layernorm_modulate_ref(res, x, gate, shift, scale),
+                               rtol=0, atol=0)
+    assert len(ran) == 3
+
+
 # ----------------------------------------------------------------------------------------------- backend choice
 @pytest.fixture
 def fake_gpu(monkeypatch):

@@ -212,13 +212,16 @@ def _log_fallback(message: str) -> None:
     logger.info(message)
 
 
-def _fallback_adaln():
-    """The Triton kernels when usable (CUDA tensors here), else the torch references."""
+def _fallback_adaln(D: int):
+    """The Triton kernels when usable (CUDA tensors here) and the row fits them (D <= MAX_D: wider rows spill,
+    kernels/adaln.py), else the torch references."""
     from wmfast.backend import triton_available
     from wmfast.kernels import adaln as k
 
-    if triton_available()[0]:
+    if triton_available()[0] and D <= k.MAX_D:
         return k.layernorm_modulate_op, k.gated_residual_layernorm_modulate_op, "triton"
+    if D > k.MAX_D:
+        return None, None, f"the torch reference (D = {D} > the Triton kernels' MAX_D = {k.MAX_D})"
     return None, None, "torch"
 
 
@@ -228,7 +231,7 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     not take (supports_adaln) go to Triton, else the reference, with one log line."""
     ok, why = supports_adaln(x, shift, scale)
     if not ok:
-        op, _, name = _fallback_adaln()
+        op, _, name = _fallback_adaln(x.shape[-1])
         _log_fallback(f"wmfast: layernorm_modulate: CUDA kernel skipped ({why}); using {name}")
         if op is not None:
             return op(x, shift, scale, float(eps), frame_len or 0)
@@ -245,9 +248,12 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
     CUDA kernel. Shapes as in layernorm_modulate; residual like x. Differentiable."""
     if residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    if residual.dtype != x.dtype:
+        # The kernel reads residual in x's dtype; a silent cast would hide the caller's mismatch (and copy).
+        raise ValueError(f"residual dtype {residual.dtype} must be x's dtype {x.dtype}")
     ok, why = supports_adaln(x, residual, gate, shift, scale)
     if not ok:
-        _, op, name = _fallback_adaln()
+        _, op, name = _fallback_adaln(x.shape[-1])
         _log_fallback(f"wmfast: gated_residual_layernorm_modulate: CUDA kernel skipped ({why}); using {name}")
         if op is not None:
             return op(residual, x, gate, shift, scale, float(eps), frame_len or 0)
@@ -256,7 +262,7 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
         return gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps, frame_len=frame_len)
     gate3, shift3, scale3 = _mods(x, (("gate", gate), ("shift", shift), ("scale", scale)), frame_len)
     y, out, _, _ = getattr(torch.ops, NAMESPACE).gated_residual_layernorm_modulate_fwd(
-        _act(residual.to(x.dtype)), _act(x), gate3, shift3, scale3, float(eps))
+        _act(residual), _act(x), gate3, shift3, scale3, float(eps))
     return y, out
 
 

@@ -114,6 +114,12 @@ def _triton_fits(op: str, x) -> bool:
     return False
 
 
+def _triton_runner(x, kernel, reference):
+    """The first-use timing runner for "triton": what choosing it would run. Rows wider than MAX_D never reach
+    the Triton kernels (they spill there, kernels/adaln.py); the op then runs the torch reference."""
+    return kernel if x.shape[2] <= _k.MAX_D else reference
+
+
 def _shape_key(x, mods) -> str:
     """The shape class for the backend table / first-use timing, e.g. "B=1,L=1536,D=3072,bf16,per-frame"."""
     B, L, D = x.shape
@@ -172,7 +178,8 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     _check_mod("shift", shift, x, frame_len)
     _check_mod("scale", scale, x, frame_len)
     backend = _pick_backend("layernorm_modulate", x, (shift, scale), lambda: {
-        "triton": lambda: _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0),
+        "triton": _triton_runner(x, lambda: _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0),
+                                 lambda: _k.layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)),
         "cuda": lambda: _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)})
     if backend == "triton" and _triton_fits("layernorm_modulate", x):
         return _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0)
@@ -191,7 +198,8 @@ def gated_residual(residual, x, gate, *, frame_len=None):
     frame_len = _check_frame_len(frame_len, x)
     _check_mod("gate", gate, x, frame_len)
     backend = _pick_backend("gated_residual", x, (gate,), lambda: {
-        "triton": lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0),
+        "triton": _triton_runner(x, lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0),
+                                 lambda: _k.gated_residual_ref(residual, x, gate, frame_len=frame_len)),
         "cuda": lambda: _csrc().gated_residual(residual, x, gate, frame_len=frame_len)})
     if backend == "triton" and _triton_fits("gated_residual", x):
         return _k.gated_residual_op(residual, x, gate, frame_len or 0)
@@ -213,8 +221,11 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
     for name, mod in (("gate", gate), ("shift", shift), ("scale", scale)):
         _check_mod(name, mod, x, frame_len)
     backend = _pick_backend("gated_residual_layernorm_modulate", x, (gate, shift, scale), lambda: {
-        "triton": lambda: _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps),
-                                                                   frame_len or 0),
+        "triton": _triton_runner(
+            x, lambda: _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps),
+                                                                frame_len or 0),
+            lambda: _k.gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps,
+                                                             frame_len=frame_len)),
         "cuda": lambda: _csrc().gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
                                                                   frame_len=frame_len)})
     if backend == "triton" and _triton_fits("gated_residual_layernorm_modulate", x):
