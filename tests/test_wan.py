@@ -160,6 +160,48 @@ def test_text_kv_cached_once_and_invalidated(model):
     assert d[0][0].requires_grad
 
 
+def _alias_into_flat_buffer(params):
+    """What DeepSpeed ZeRO-1/2 does to trainable parameters: each .data becomes a view of one flat buffer,
+    and the optimizer later writes into the buffer (bumping its version counter, not the parameters')."""
+    flat = torch.cat([p.detach().flatten() for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def test_text_kv_cache_sees_writes_through_a_flat_buffer():
+    torch.manual_seed(0)
+    model = build_world_model("tiny", vae=False)
+    kv_params = [p for n, p in model.transformer.named_parameters() if ".attn2.to_k" in n or ".attn2.to_v" in n]
+    flat = _alias_into_flat_buffer(kv_params)
+    lat, t, states = _inputs(model)
+    with torch.no_grad():
+        v_old = model.velocity(lat, t, model.prepare_conditioning(states))   # caches the K/V
+        versions = [p._version for p in kv_params]
+        flat.add_(0.05 * torch.randn(flat.shape, generator=torch.Generator().manual_seed(3)))  # the "optimizer step"
+        assert [p._version for p in kv_params] == versions  # the parameters' versions did not move: the bug's premise
+        v_new = model.velocity(lat, t, model.prepare_conditioning(states))
+        model.clear_cache()
+        v_fresh = model.velocity(lat, t, model.prepare_conditioning(states))
+    assert not torch.allclose(v_new, v_old)
+    torch.testing.assert_close(v_new, v_fresh, rtol=0, atol=0)
+
+
+def test_train_and_eval_drop_the_text_kv_cache():
+    torch.manual_seed(0)
+    model = build_world_model("tiny", vae=False).requires_grad_(False)  # frozen: no fingerprint in the key
+    _, _, states = _inputs(model)
+    with torch.no_grad():
+        a = model.prepare_conditioning(states).text_kv
+        model.train()
+        model.eval()
+        b = model.prepare_conditioning(states).text_kv
+    assert b is not a  # recomputed after the mode switch (engine.eval() around validation reaches here)
+    torch.testing.assert_close(b[0][0], a[0][0], rtol=0, atol=0)
+
+
 def test_bad_inputs_raise(model):
     lat, t, states = _inputs(model)
     cond = model.prepare_conditioning(states)

@@ -316,8 +316,9 @@ class WanWorldModel(nn.Module):
     # ------------------------------------------------------------------ conditioning
     def prepare_conditioning(self, states: torch.Tensor) -> WanConditioning:
         """states [Bc, 77, 25] (30 Hz, frames 0..76) -> WanConditioning. Call once per sample; the text K/V
-        are cached on the model under no_grad (keyed on the weights' versions, so training invalidates it)
-        and recomputed with autograd when gradients are enabled (LoRA trains to_k/to_v)."""
+        are cached on the model under no_grad (keyed on the weights' versions and the trainable weights'
+        contents, and dropped by train()/eval(), so training invalidates it) and recomputed with autograd when
+        gradients are enabled (LoRA trains to_k/to_v)."""
         tr = self.transformer
         emb = tr.state_embedder(states)                                            # [Bc, F', E]
         act = F.silu(emb)
@@ -339,16 +340,37 @@ class WanWorldModel(nn.Module):
         hidden = tr.condition_embedder.text_embedder(self.empty_text.to(dtype))   # [1, S, D]
         return [text_kv(block.attn2, hidden) for block in tr.blocks]
 
+    def _text_params(self):
+        return [p for n, p in self.transformer.named_parameters() if "text_embedder" in n or ".attn2.to_k" in n
+                or ".attn2.to_v" in n or ".attn2.norm_k" in n]
+
     def _text_params_key(self):
+        """(data_ptr, _version) of every parameter the K/V depend on, plus a content fingerprint of the
+        trainable ones. The version alone is not enough: DeepSpeed ZeRO-1/2 makes each trainable parameter's
+        .data a view of a flat buffer and writes the optimizer's result into that buffer, which bumps the
+        buffer's version counter, not the parameter's. Frozen parameters change only through in-place ops on
+        themselves (load_state_dict, copy_), which do bump it, so only trainable ones are fingerprinted
+        (LoRA: the small A/B matrices; one host sync per prepare_conditioning)."""
         tr = self.transformer
-        ps = [p for n, p in tr.named_parameters() if "text_embedder" in n or ".attn2.to_k" in n
-              or ".attn2.to_v" in n or ".attn2.norm_k" in n]
+        ps = self._text_params()
         try:  # switching adapters changes the K/V without touching any parameter's version
             adapters = tuple(tr.active_adapters()) if getattr(tr, "_hf_peft_config_loaded", False) else ()
         except ValueError:
             adapters = ()
+        trainable = [p.detach() for p in ps if p.requires_grad]
+        fingerprint = ()
+        if trainable:  # sum and squared norm per tensor, in fp32, fetched with one sync
+            sums = torch.stack([torch.stack([p.sum(dtype=torch.float32), p.float().square().sum()])
+                                for p in trainable])
+            fingerprint = tuple(sums.flatten().tolist())
         return (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps)
-                + (self.empty_text.data_ptr(), adapters))
+                + (self.empty_text.data_ptr(), adapters, fingerprint))
+
+    def train(self, mode: bool = True):
+        """Also drops the cached text K/V: engine.eval() / engine.train() around a validation pass reach here,
+        so validation never scores with K/V cached before the last optimizer steps."""
+        self.clear_cache()
+        return super().train(mode)
 
     def clear_cache(self) -> None:
         """Drop the cached text K/V (needed only after changing LoRA scales with set_adapters(weights=...))."""
