@@ -2,7 +2,10 @@
 
 Layout of `RUN_DIR/checkpoints/`:
     step_00000040/            one complete checkpoint (a DeepSpeed tag directory plus ours)
-        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (every rank writes its ZeRO shard)
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (every rank writes its ZeRO shard;
+                              under ZeRO-3 the model states are zero_pp_rank_R_mp_rank_00_model_states.pt
+                              with empty placeholders: wmfast.models.load_checkpoint rebuilds the fp32
+                              weights from the optimizer shards with deepspeed.utils.zero_to_fp32)
         trainer_state.json    step, data position, LR schedule, TrainConfig, model config, world size
         rng_rank{r}.pt        python/numpy/torch(/cuda) RNG states of rank r
     .tmp/step_00000060/       a checkpoint being written (ignored on resume, removed by the next save)
