@@ -120,8 +120,9 @@ def _triton_runner(x, kernel, reference):
     return kernel if x.shape[2] <= _k.MAX_D else reference
 
 
-def _shape_key(x, mods) -> str:
-    """The shape class for the backend table / first-use timing, e.g. "B=1,L=1536,D=3072,bf16,per-frame"."""
+def _shape_key(x, mods, grad: bool = False) -> str:
+    """The shape class for the backend table / first-use timing, e.g. "B=1,L=1536,D=3072,bf16,per-frame";
+    ",grad" is appended when the call needs a backward (the choice is then timed forward + backward)."""
     B, L, D = x.shape
     kinds = []
     for m in mods:
@@ -130,31 +131,43 @@ def _shape_key(x, mods) -> str:
         if kind not in kinds:
             kinds.append(kind)
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[x.dtype]
-    return f"B={B},L={L},D={D},{dtype},{'+'.join(kinds)}"
+    return f"B={B},L={L},D={D},{dtype},{'+'.join(kinds)}" + (",grad" if grad else "")
 
 
 @torch.compiler.assume_constant_result
-def _backend_constant(op: str, device: torch.device) -> str:
+def _backend_constant(op: str, device: torch.device, shape_key: str) -> str:
     """select_backend while torch.compile traces: evaluated once, its result baked into the graph (dynamo cannot
-    trace the device queries and logging inside, and a graph break would defeat fullgraph=True)."""
-    return select_backend(op, device, _SUPPORTED)
+    trace the device queries and logging inside, and a graph break would defeat fullgraph=True). With the shape
+    key, a choice eager timing already cached for this shape class is reused (no timing happens here)."""
+    return select_backend(op, device, _SUPPORTED, shape_key=shape_key)
 
 
-def _pick_backend(op: str, x, mods, runners) -> str:
+def _pick_backend(op: str, x, mods, runners, tensors) -> str:
     """The backend for this call. On CUDA tensors `runners` (backend -> zero-argument forward) lets
-    select_backend time the usable backends once per shape class when no measured table entry decides."""
+    select_backend time the usable backends once per shape class when no measured table entry decides;
+    `tensors` (the op's inputs) say whether a backward is needed, which is then timed too."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():
-        return _backend_constant(op, x.device)
+        return _backend_constant(op, x.device, _shape_key(x, mods, grad))
     if x.device.type != "cuda":
         return select_backend(op, x.device, _SUPPORTED)
-    return select_backend(op, x.device, _SUPPORTED, shape_key=_shape_key(x, mods), runners=_no_grad(runners()))
+    return select_backend(op, x.device, _SUPPORTED, shape_key=_shape_key(x, mods, grad),
+                          runners=_timing_runners(runners(), tensors, grad))
 
 
-def _no_grad(runners: dict) -> dict:
+def _timing_runners(runners: dict, tensors, grad: bool) -> dict:
+    """Runners as timed: forward only under no_grad, or forward + backward (torch.autograd.grad, so nothing
+    accumulates into the callers' .grad) when the call needs a backward, as training then runs both."""
+    needs = [t for t in tensors if t.requires_grad] if grad else []
+
     def wrap(fn):
         def run():
-            with torch.no_grad():
-                return fn()
+            if not grad:
+                with torch.no_grad():
+                    return fn()
+            outs = fn()
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            return torch.autograd.grad(outs, needs, [torch.ones_like(o) for o in outs])
 
         return run
 
@@ -180,7 +193,7 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     backend = _pick_backend("layernorm_modulate", x, (shift, scale), lambda: {
         "triton": _triton_runner(x, lambda: _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0),
                                  lambda: _k.layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)),
-        "cuda": lambda: _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)})
+        "cuda": lambda: _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)}, (x, shift, scale))
     if backend == "triton" and _triton_fits("layernorm_modulate", x):
         return _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0)
     if backend == "cuda":
@@ -200,7 +213,7 @@ def gated_residual(residual, x, gate, *, frame_len=None):
     backend = _pick_backend("gated_residual", x, (gate,), lambda: {
         "triton": _triton_runner(x, lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0),
                                  lambda: _k.gated_residual_ref(residual, x, gate, frame_len=frame_len)),
-        "cuda": lambda: _csrc().gated_residual(residual, x, gate, frame_len=frame_len)})
+        "cuda": lambda: _csrc().gated_residual(residual, x, gate, frame_len=frame_len)}, (residual, x, gate))
     if backend == "triton" and _triton_fits("gated_residual", x):
         return _k.gated_residual_op(residual, x, gate, frame_len or 0)
     if backend == "cuda":
@@ -227,7 +240,8 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
             lambda: _k.gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps,
                                                              frame_len=frame_len)),
         "cuda": lambda: _csrc().gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
-                                                                  frame_len=frame_len)})
+                                                                  frame_len=frame_len)},
+        (residual, x, gate, shift, scale))
     if backend == "triton" and _triton_fits("gated_residual_layernorm_modulate", x):
         return _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps), frame_len or 0)
     if backend == "cuda":

@@ -121,16 +121,59 @@ def _check_decode(q, k, v, k_cache, v_cache, t) -> None:
                          f"0..{T_max - 1}")
 
 
+_DECODE_BACKENDS = ("cuda", "triton", "torch")  # preference order on CUDA tensors when nothing is measured
+
+
+def _decode_shape_key(q, k_cache) -> str:
+    """The decode step's shape class for the backend table / first-use timing, e.g.
+    "B=1,S=1024,H=8,T_max=16,Dh=64,bf16"."""
+    B, _, S, H, Dh = q.shape
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[q.dtype]
+    return f"B={B},S={S},H={H},T_max={k_cache.shape[3]},Dh={Dh},{dtype}"
+
+
+@torch.compiler.assume_constant_result
+def _decode_backend_constant(device: torch.device, shape_key: str) -> str:
+    """select_backend while torch.compile traces: evaluated once and baked into the graph; with the shape key
+    it reuses the choice eager first-use timing cached for this shape class (no timing while tracing)."""
+    return select_backend("temporal_decode_step", device, _DECODE_BACKENDS, shape_key=shape_key)
+
+
+def _cuda_decode_step(*args):
+    from wmfast.csrc_ops import temporal_decode_step as cuda_decode_step  # imported only when chosen
+
+    return cuda_decode_step(*args)
+
+
+def _decode_backend(q, k, v, k_cache, v_cache, t) -> str:
+    """The backend for this decode step: on CUDA tensors with both kernels usable, the measured-table entry or
+    the faster one by first-use timing (per shape class), as for the AdaLN ops."""
+    key = _decode_shape_key(q, k_cache)
+    if torch.compiler.is_compiling():
+        return _decode_backend_constant(q.device, key)
+    if q.device.type != "cuda":
+        return select_backend("temporal_decode_step", q.device, _DECODE_BACKENDS)
+    args = (q, k, v, k_cache, v_cache, t)
+
+    def timed(fn):
+        def run():
+            with torch.no_grad():  # rewrites slot t of the caches with the same k, v: harmless
+                return fn(*args)
+
+        return run
+
+    runners = {"cuda": timed(_cuda_decode_step), "triton": timed(temporal_decode_op)}
+    return select_backend("temporal_decode_step", q.device, _DECODE_BACKENDS, shape_key=key, runners=runners)
+
+
 def temporal_decode_step(q, k, v, k_cache, v_cache, t: int):
     """Cached decode step: write k, v ([B, 1, S, H, Dh]) at position t of k_cache, v_cache
     ([B, S, H, T_max, Dh], updated in place) and attend the new frame's q over positions <= t.
     Returns [B, 1, S, H, Dh]. t is a Python int (no host sync). Inference only (no autograd)."""
     _check_decode(q, k, v, k_cache, v_cache, t)
-    backend = select_backend("temporal_decode_step", q.device, ("cuda", "triton", "torch"))
+    backend = _decode_backend(q, k, v, k_cache, v_cache, t)
     if backend == "cuda":
-        from wmfast.csrc_ops import temporal_decode_step as cuda_decode_step  # built by the CUDA issue
-
-        return cuda_decode_step(q, k, v, k_cache, v_cache, t)
+        return _cuda_decode_step(q, k, v, k_cache, v_cache, t)
     if backend == "triton":
         return temporal_decode_op(q, k, v, k_cache, v_cache, t)
     return temporal_decode_ref(q, k, v, k_cache, v_cache, t)
