@@ -64,6 +64,34 @@ def test_batched_equals_sequential(max_batch):
     torch.testing.assert_close(sample_ensemble(model, context, cond, F, cfg, seeds=[2, 3, 4, 5])[0], batched[2])
 
 
+def test_step_runners_cached_on_the_model_per_key(monkeypatch):
+    """A runner (on a GPU: a captured, verified CUDA graph) is built once per (cond, context, shapes, batch),
+    not once per call; a new conditioning replaces the cached runners."""
+    from wmfast.inference import ensemble
+
+    built = []
+
+    class CountingRunner(ensemble._StepRunner):
+        def __init__(self, *args):
+            built.append(args)
+            super().__init__(*args)
+
+    monkeypatch.setattr(ensemble, "_StepRunner", CountingRunner)
+    model, context, cond, F, cfg = _setup(n=3, steps=2)
+    cfg.max_batch = 2  # micro-batches of 2 and 1: two runners
+    first = sample_ensemble(model, context, cond, F, cfg)
+    assert len(built) == 2
+    again = sample_ensemble(model, context, cond, F, cfg)
+    assert len(built) == 2  # reused: no second capture / verification
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    sample_ensemble(model, context, cond, F + 1, cfg)  # other shapes: new runners
+    assert len(built) == 4
+    cond2 = model.prepare_conditioning(torch.randn(1, 9, 25))
+    other = sample_ensemble(model, context, cond2, F, cfg)
+    assert len(built) == 6 and all(args[1] is cond2 for args in built[4:])
+    assert not torch.allclose(other, first)  # the new conditioning is really used
+
+
 class _SmallMemoryToy(ToyDenoiser):
     """Runs out of (simulated) memory above 2 members per forward."""
 

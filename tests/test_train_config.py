@@ -190,3 +190,31 @@ def test_compression_task_groups_match_the_model(tmp_path):
     assert set(metrics) == {"ce", "top500_ce"} and all(0 < v < 20 for v in metrics.values())
     with pytest.raises(ValueError, match="8x8 token grids but the model preset '1x-compression' expects 32x32"):
         CompressionTask(str(tmp_path), "1x-compression")
+
+
+def test_validation_off_is_warned_once_on_rank_0(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from wmfast.data import write_synthetic_dataset
+    from wmfast.train.compression import CompressionTask
+    from wmfast.train.loop import _warn_if_validation_off
+
+    cfg = TrainConfig.from_name("tiny", task="toy", val_every=3)
+    task = ToyTask()  # 64 val samples
+    with caplog.at_level(logging.WARNING, logger="wmfast"):
+        _warn_if_validation_off(task, cfg, micro_batch=4, world=2, rank=0)
+        assert not caplog.records  # 64 >= 4 x 2: validation runs, nothing to say
+        _warn_if_validation_off(task, cfg, micro_batch=40, world=2, rank=1)
+        assert not caplog.records  # rank 0 speaks for everyone
+        _warn_if_validation_off(task, cfg, micro_batch=40, world=2, rank=0)
+        assert len(caplog.records) == 1 and "validation is off" in caplog.text and "64 samples" in caplog.text
+        _warn_if_validation_off(task, cfg.replace(val_every=0), micro_batch=40, world=2, rank=0)
+        assert len(caplog.records) == 1  # the user turned validation off: no warning
+        caplog.clear()
+        paths = write_synthetic_dataset(str(tmp_path), shards=1, frames=256, grid_size=8, vocab_size=512)
+        shutil.rmtree(paths["val"])
+        no_val = CompressionTask(str(tmp_path), "tiny")
+        assert no_val.val_dataset() is None
+        _warn_if_validation_off(no_val, cfg, micro_batch=1, world=1, rank=0)
+        assert len(caplog.records) == 1 and "no val split" in caplog.text

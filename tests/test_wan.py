@@ -290,3 +290,50 @@ def test_gpu_real_block_bf16_2x_rule_and_compile():
         compiled = torch.compile(low, fullgraph=True)
         out_c = compiled(x.bfloat16(), None, temb.bfloat16(), rotary, frame_len=S, kv=kv)
     assert_2x_rule(out_c, out_ref, out_low, "compiled block output")
+
+
+@pytest.fixture
+def fake_pretrained(monkeypatch, tmp_path):
+    """build_world_model(pretrained=dir) with the tiny transformer standing in for the weights (no download);
+    counts the UMT5 runs."""
+    from wmfast.models import wan
+
+    calls = []
+
+    def fake_umt5(path, text_len):
+        calls.append(path)
+        return torch.randn(1, text_len, get_preset("tiny").transformer["text_dim"])
+
+    real = wan.build_transformer
+    monkeypatch.setattr(wan, "build_transformer", lambda preset, pretrained, device, dtype:
+                        real(preset, None, device, dtype))
+    monkeypatch.setattr(wan, "_umt5_empty_prompt", fake_umt5)
+    return tmp_path, calls
+
+
+def test_pretrained_without_text_encoder_or_cache_raises(fake_pretrained):
+    weights, calls = fake_pretrained
+    with pytest.raises(ValueError, match="text_encoder/ and tokenizer/.*text_cache="):
+        build_world_model("tiny", pretrained=str(weights), vae=False)
+    assert not calls
+
+
+def test_text_embedding_cached_beside_the_weights_and_reused(fake_pretrained):
+    from wmfast.models.wan import default_text_cache
+
+    weights, calls = fake_pretrained
+    (weights / "text_encoder").mkdir()
+    a = build_world_model("tiny", pretrained=str(weights), vae=False)
+    b = build_world_model("tiny", pretrained=str(weights), vae=False)  # a second rank / engine build / sample
+    assert len(calls) == 1  # UMT5 ran once
+    cache = default_text_cache(str(weights), get_preset("tiny").text_len)
+    assert cache.startswith(str(weights))
+    torch.testing.assert_close(torch.load(cache), a.empty_text, rtol=0, atol=0)
+    torch.testing.assert_close(b.empty_text, a.empty_text, rtol=0, atol=0)
+    (weights / "text_encoder").rmdir()  # the cache alone suffices once written
+    c = build_world_model("tiny", pretrained=str(weights), vae=False)
+    torch.testing.assert_close(c.empty_text, a.empty_text, rtol=0, atol=0)
+    assert len(calls) == 1
+    torch.save(torch.zeros(1, 3, 4), cache)
+    with pytest.raises(ValueError, match="expected"):
+        build_world_model("tiny", pretrained=str(weights), vae=False)

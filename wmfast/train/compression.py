@@ -27,15 +27,17 @@ class CompressionTask(Task):
         # opening the split validates its metadata and file sizes: a wrong directory fails here, before any work
         self._train = TokenizedDataset(data_dir, "train", vocab_size=self.config.vocab_size)
         self._check_grid(self._train)
+        # a missing val split is allowed (validation is then off); the loop warns with this reason on rank 0
+        self.val_missing_reason: str | None = None
         try:
             self._val = TokenizedDataset(data_dir, "val", vocab_size=self.config.vocab_size)
             self._check_grid(self._val)
-        except FileNotFoundError:
-            self._val = None
+        except FileNotFoundError as e:
+            self._val, self.val_missing_reason = None, f"no val split in {data_dir}: {e}"
         except ValueError as e:
             if "no metadata.json" not in str(e):
                 raise
-            self._val = None
+            self._val, self.val_missing_reason = None, f"no val split in {data_dir}: {e}"
         if len(self._train) == 0:
             raise ValueError(f"{self._train.dir}: no training sample (a sample needs two windows in one segment)")
         self.top_k = min(top_k, self.config.vocab_size)

@@ -392,8 +392,24 @@ def _train_record(engine, step, loss, lr, dt, cfg, micro_batch, accum, world, de
             "micro_batch": micro_batch, "grad_accum": accum, "world_size": world, "time": time.time()}
 
 
+def _warn_if_validation_off(task: Task, cfg: TrainConfig, micro_batch: int, world: int, rank: int) -> None:
+    """Periodic validation silently doing nothing would look like a run that validates: say so once, on rank 0."""
+    if not cfg.val_every or rank != 0:
+        return
+    dataset = task.val_dataset()
+    if dataset is None:
+        reason = getattr(task, "val_missing_reason", None) or f"task {task.name!r} has no validation split"
+        logger.warning("wmfast train: validation is off (%s); set --val-every 0 to silence this", reason)
+    elif len(dataset) < micro_batch * world:
+        logger.warning("wmfast train: validation is off: the val split has %d samples, fewer than one micro-batch "
+                       "per rank (%d x %d ranks = %d); every rank must evaluate the same number of full batches",
+                       len(dataset), micro_batch, world, micro_batch * world)
+
+
 def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precision, run_dir, start_step, last_ckpt):
     from tqdm.auto import tqdm
+
+    _warn_if_validation_off(task, cfg, micro_batch, world, rank)
 
     dataset = task.train_dataset()
     accum = cfg.grad_accum(micro_batch, world)
