@@ -16,8 +16,9 @@ Providers (op "ensemble_sample", one row per N; mode "fwd"):
 The ensemble_sample rows carry steps x the DiT forward FLOPs at batch N (the useful work of every provider).
 Without CUDA the kernels run under TRITON_INTERPRET=1 (set here unless already set): CPU rows compare the
 kernels' code paths, not speed.
-Op "dit_forward": one velocity call at batch N, with its FLOPs, so the row's fraction_of_ceiling is the MFU
-against the bf16 matmul ceiling measured in the same run.
+Op "dit_forward": one velocity call at batch N, with its FLOPs: the row's fraction_of_ceiling is the fraction of
+the bf16 matmul ceiling measured in the same run, and the log line adds the MFU (model FLOP/s over the datasheet
+dense bf16 peak, wmfast.train.metrics.mfu: the same MFU as the training log and bench_train).
 Targets on an H100: per-sample cost at N=8 <= 0.8x the N=1 cost; N=8 batched >= 1.25x faster than sequential.
 """
 from __future__ import annotations
@@ -91,6 +92,7 @@ def _setup(ctx):
 
 def run(ctx) -> None:
     from wmfast.inference.ensemble import EnsembleConfig, sample_ensemble
+    from wmfast.train.metrics import mfu
 
     model, context, states, ns, steps, (h, w) = _setup(ctx)
     F = model.schedule.num_latents
@@ -116,9 +118,11 @@ def run(ctx) -> None:
                 results[provider, n] = m.median_ms
             x = torch.randn(n, 48, F, h, w, device=ctx.device, dtype=context.dtype)
             t = torch.full((1, F), 500.0, device=ctx.device)
-            ctx.bench("dit_forward", f"B={n} L={F * h * w // 4} {model.preset.name}", "fused", "fwd",
-                      lambda x=x, t=t: model.velocity(x, t, cond), flops=dit_flops(model, n, F, h, w),
-                      dtype=context.dtype)
+            flops = dit_flops(model, n, F, h, w)
+            m = ctx.bench("dit_forward", f"B={n} L={F * h * w // 4} {model.preset.name}", "fused", "fwd",
+                          lambda x=x, t=t: model.velocity(x, t, cond), flops=flops, dtype=context.dtype)
+            util = mfu(flops / (m.median_ms * 1e-3), ctx.device)
+            ctx.log(f"  dit_forward N={n}: MFU {'n/a' if util is None else f'{util:.3f}'} (datasheet bf16 peak)")
     _summary(ctx, results, ns)
 
 

@@ -12,8 +12,10 @@ Sections (rows in bench_st_attention.csv, shared harness wmfast.benchmarking):
    `flash_attn_with_kvcache` (cache [B*S, T_max, H, Dh]) vs cache write + SDPA vs the torch reference.
 3. with wmfast.models: forward+backward of the 1x-compression preset (136M) with wmfast attention vs plain
    torch attention (SDPA on transposed copies), eager and compiled: tokens/s and MFU, where
-   MFU = flops_per_sample(config) * samples/s / the bf16 matmul ceiling measured in this run, and
-   flops_per_sample (wmfast.models.st_transformer) = 3 x forward, forward = per layer and token
+   MFU = flops_per_sample(config) * samples/s / the datasheet dense bf16 peak (wmfast.train.metrics.mfu, the
+   same MFU as the training log and bench_train; unknown device or CPU: n/a, or set WMFAST_PEAK_TFLOPS); the
+   fraction of the bf16 matmul ceiling measured in this run is logged beside it and is the CSV row's
+   fraction_of_ceiling; flops_per_sample (wmfast.models.st_transformer) = 3 x forward, forward = per layer and token
    2 * (2 * 4 D^2 + 2 * r D^2) (qkv + out projections of both attentions, MLP of ratio r) + 4 S D + 4 T D
    (spatial and temporal QK^T, PV), plus the tied output head 2 D V on the future frames.
 Greedy generation with and without the temporal cache is benchmarks/bench_st_generate.py (suite "generate").
@@ -246,7 +248,10 @@ def _batch(c, B, device, dtype):
 
 
 def bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample):
-    """Forward+backward of the training loss: tokens/s and MFU against the measured bf16 matmul ceiling."""
+    """Forward+backward of the training loss: tokens/s, MFU (datasheet peak) and the fraction of the measured
+    bf16 matmul ceiling."""
+    from wmfast.train.metrics import mfu
+
     model.train()
     B = 2 if ctx.quick else 8
     batch = _batch(c, B, ctx.device, dtype)
@@ -268,8 +273,11 @@ def bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample):
                               provider, "full", step, flops=flops, dtype=dtype, memory=False,
                               grad_to_none=list(model.parameters()))
             sec = m.median_ms * 1e-3
-            mfu = f"{flops / sec / 1e12 / peak:.3f}" if peak else "n/a"
-            ctx.log(f"  {provider}: {input_tokens / sec:,.0f} tokens/s, MFU {mfu} (of the measured matmul ceiling)")
+            util = mfu(flops / sec, ctx.device)
+            frac = f"{flops / sec / 1e12 / peak:.3f}" if peak else "n/a"
+            ctx.log(f"  {provider}: {input_tokens / sec:,.0f} tokens/s, MFU "
+                    f"{'n/a' if util is None else f'{util:.3f}'} (datasheet bf16 peak), {frac} of the measured "
+                    "matmul ceiling")
 
 
 def run(ctx):

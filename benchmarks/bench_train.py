@@ -4,8 +4,10 @@ torch.compile).
 
 One row per configuration: op "train_step", mode "step" (one micro-batch forward + backward + optimizer step,
 gradient accumulation 1), `tflops` = achieved model TFLOP/s (task FLOP formula, wmfast/models/st_transformer.py)
-and `fraction_of_ceiling` = that over the bf16 matmul ceiling measured in the same run. MFU against the
-datasheet peak, samples/s and tokens/s go to bench_train_summary.csv beside the CSV.
+and `fraction_of_ceiling` = that over the bf16 matmul ceiling measured in the same run. bench_train_summary.csv
+beside the CSV has samples/s, tokens/s, `mfu` (against the datasheet dense bf16 peak: wmfast.train.metrics.mfu,
+the one MFU of every wmfast log and bench) and `fraction_of_matmul_ceiling` (the measured ceiling, a separate
+column, never called MFU).
 Providers: "wmfast" (the default dispatch: Triton/CUDA kernels on GPU), "torch" (WMFAST_BACKEND=torch: the
 pure-torch reference modules), "torch.compile" (the torch modules under torch.compile), "wmfast+compile".
 Anchor (the issue): the winning team trained at ~50 samples/s per B200, ~11% of its bf16 peak.
@@ -77,7 +79,7 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
     from wmfast.train import TrainConfig
     from wmfast.train.config import resolve_precision
     from wmfast.train.loop import build_engine, destroy_engine, find_micro_batch, train_step
-    from wmfast.train.metrics import peak_flops
+    from wmfast.train.metrics import mfu as model_flops_utilisation
 
     device = ctx.device
     precision = resolve_precision("auto", device.type)
@@ -110,12 +112,15 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
     shape = f"{preset} zero={zero} ckpt={'on' if ckpt else 'off'} mb={mb} {precision}"
     ctx.writer.add("train_step", shape, provider, "step", m, flops=flops, dtype=torch.bfloat16)
     sps = mb / (m.median_ms * 1e-3)
-    peak = peak_flops(device)
-    mfu = sps * task.flops_per_sample() / peak if peak else None
+    mfu = model_flops_utilisation(sps * task.flops_per_sample(), device)
+    ceiling = ctx.ceilings.tflops_for(torch.bfloat16)  # the ceiling of the CSV row's fraction_of_ceiling
+    of_ceiling = sps * task.flops_per_sample() / (ceiling * 1e12) if ceiling else None
     summary.append({"preset": preset, "zero": zero, "activation_checkpointing": ckpt, "provider": provider,
                     "micro_batch": mb, "search_s": round(search_s, 2), "median_ms": round(m.median_ms, 3),
                     "samples_per_s": round(sps, 3), "tokens_per_s": round(sps * task.tokens_per_sample(), 1),
-                    "mfu": "" if mfu is None else round(mfu, 4), "device": str(device)})
+                    "mfu": "" if mfu is None else round(mfu, 4),
+                    "fraction_of_matmul_ceiling": "" if of_ceiling is None else round(of_ceiling, 4),
+                    "device": str(device)})
     ctx.log(f"train_step {shape:<48} {provider:<15} {sps:9.2f} samples/s "
             + ("" if mfu is None else f"MFU {100 * mfu:5.1f}%"))
 

@@ -272,14 +272,14 @@ def test_emulated_adaln_kernels_fwd_bwd(emu, layout, dtype, mod_dtype, D):
         r32_in, lp_in = _leaf([t.float() for t in ins]), _leaf(ins)
         r32, lp = ref(r32_in, True), ref(lp_in, False)
         for o, r, low, name in zip((y, out), r32, lp, ("y", "out")):
-            assert_2x_rule(o, r.to(dtype), low, name=f"{name} gated={gated}", dtype=dtype)
+            assert_2x_rule(o, r, low, name=f"{name} gated={gated}", dtype=dtype)  # r: the unrounded fp32 reference
         cot = [dy, dout] if gated else [dy]
         g32 = torch.autograd.grad(r32, r32_in, [c.float() for c in cot])
         glp = torch.autograd.grad(lp, lp_in, cot)
         names = ("residual", "x", "gate", "shift", "scale") if gated else ("x", "shift", "scale")
         for a, r, low, name in zip(kernel_grads, g32, glp, names):
             a = a.reshape(r.shape)  # [B, 1, D] kernel grads of [B, D] inputs
-            assert_2x_rule(a.to(low.dtype), r.to(low.dtype), low, name=f"d{name} gated={gated}", dtype=dtype)
+            assert_2x_rule(a, r, low, name=f"d{name} gated={gated}", dtype=dtype)
 
 
 def test_emulated_adaln_backward_reduces_deterministically_across_chunking(emu):
@@ -314,6 +314,13 @@ def _emu_decode(lib, q, k, v, kc, vc, t):
     return o
 
 
+def _decode_ref32(q, k, v, cache, t):
+    """The decode reference in fp32 on fp32 copies: its output is not rounded to q's dtype (the 2x rule's
+    ref_fp32; temporal_decode_ref itself returns q.dtype)."""
+    kf, vf = (c.float() for c in cache)
+    return temporal_decode_ref(q.float(), k.float(), v.float(), kf, vf, t)
+
+
 @pytest.mark.parametrize("dtype,Dh,t,view", [
     pytest.param(torch.bfloat16, 128, 3, "contiguous", id="bf16-Dh128-t3"),
     pytest.param(torch.float16, 64, 0, "qkv-split", id="fp16-Dh64-t0-qkv-split"),
@@ -332,11 +339,12 @@ def test_emulated_temporal_decode(emu, dtype, Dh, t, view):
     kc, vc = (c.clone() for c in cache)
     o = _emu_decode(emu, q, k, v, kc, vc, t)
     kr, vr = (c.clone() for c in cache)
-    ref = temporal_decode_ref(q, k, v, kr, vr, t)
+    temporal_decode_ref(q, k, v, kr, vr, t)  # the cache append to compare with
     kl, vl = (c.clone() for c in cache)
     lowp = temporal_decode_ref(q, k, v, kl, vl, t, upcast=False)
     assert torch.equal(kc, kr) and torch.equal(vc, vr), "cache append"
-    assert_2x_rule(o, ref, lowp, "o")
+    ref32 = _decode_ref32(q, k, v, cache, t)
+    assert_2x_rule(o, ref32, lowp, "o", dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------- build logic
@@ -491,13 +499,13 @@ def _check_grads(outs_kernel, inputs_kernel, ref_fn, inputs, dtype, names):
     ref32, lowp = ref_fn(ref32_in, True), ref_fn(lowp_in, False)
     grads_out = [torch.randn_like(o) for o in outs_kernel]
     for o, r, lp, name in zip(outs_kernel, ref32, lowp, ("y", "out")):
-        assert_2x_rule(o, r.to(dtype), lp, name=name, dtype=dtype)
+        assert_2x_rule(o, r, lp, name=name, dtype=dtype)
     gk = torch.autograd.grad(outs_kernel, inputs_kernel, grads_out)
     g32 = torch.autograd.grad(ref32, ref32_in, [g.float() for g in grads_out])
     glp = torch.autograd.grad(lowp, lowp_in, grads_out)
     for a, r, lp, name in zip(gk, g32, glp, names):
         assert a.shape == r.shape, name
-        assert_2x_rule(a.to(lp.dtype), r.to(lp.dtype), lp, name=f"d{name}", dtype=dtype)
+        assert_2x_rule(a, r, lp, name=f"d{name}", dtype=dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -529,22 +537,34 @@ def test_standin_gated_residual_layernorm_modulate_fwd_bwd(standin, layout):
                  ("residual", "x", "gate", "shift", "scale"))
 
 
+def _opcheck_every_op(ns, device, dtype):
+    """torch.library.opcheck of all five ops of `ns` (the extension, or the CPU stand-in with its schemas): the
+    forward ops with grads on, the backward ops on the statistics their forward returns (with and without
+    dout for the gated one), the decode step."""
+    B, L, D = 2, 8, 64
+    x = torch.randn(B, L, D, device=device, dtype=dtype, requires_grad=True)
+    res = torch.randn_like(x, requires_grad=True)
+    mods = [torch.randn(B, 4, D, device=device, requires_grad=True) for _ in range(3)]  # fp32, per-frame
+    torch.library.opcheck(ns.layernorm_modulate_fwd, (x, mods[1], mods[2], 1e-6))
+    torch.library.opcheck(ns.gated_residual_layernorm_modulate_fwd, (res, x, *mods, 1e-6))
+    plain = [t.detach() for t in (res, x, *mods)]
+    dy = torch.randn(B, L, D, device=device, dtype=dtype)
+    _, mean, rstd = ns.layernorm_modulate_fwd(plain[1], plain[3], plain[4], 1e-6)
+    torch.library.opcheck(ns.layernorm_modulate_bwd, (dy, plain[1], plain[3], plain[4], mean, rstd))
+    _, _, mean, rstd = ns.gated_residual_layernorm_modulate_fwd(*plain, 1e-6)
+    for dout in (None, torch.randn_like(dy)):
+        torch.library.opcheck(ns.gated_residual_layernorm_modulate_bwd, (dy, dout, *plain, mean, rstd))
+    q, k, v = (torch.randn(2, 1, 5, 3, 64, device=device, dtype=dtype) for _ in range(3))
+    kc, vc = (torch.randn(2, 5, 3, 8, 64, device=device, dtype=dtype) for _ in range(2))
+    torch.library.opcheck(ns.temporal_decode_step, (q, k, v, kc, vc, 3))
+
+
 def test_standin_opcheck_and_compile(standin):
+    for dtype in (torch.float32, torch.bfloat16):  # the GPU test's very code, on the stand-in
+        _opcheck_every_op(standin, "cpu", dtype)
     B, L, D = 2, 4, 8
     x, res = torch.randn(B, L, D, requires_grad=True), torch.randn(B, L, D, requires_grad=True)
     mods = [torch.randn(B, 2, D, requires_grad=True) for _ in range(3)]
-    stats = torch.rand(B, L) + 0.5
-    torch.library.opcheck(standin.layernorm_modulate_fwd, (x, mods[1], mods[2], 1e-6))
-    torch.library.opcheck(standin.gated_residual_layernorm_modulate_fwd, (res, x, *mods, 1e-6))
-    torch.library.opcheck(standin.layernorm_modulate_bwd, (torch.randn(B, L, D), x.detach(), mods[1].detach(),
-                                                          mods[2].detach(), stats, stats))
-    plain = [t.detach() for t in (res, x, *mods)]
-    for dout in (None, torch.randn(B, L, D)):
-        torch.library.opcheck(standin.gated_residual_layernorm_modulate_bwd,
-                              (torch.randn(B, L, D), dout, *plain, stats, stats))
-    q, k, v = (torch.randn(1, 1, 3, 2, 32) for _ in range(3))
-    kc, vc = torch.zeros(1, 3, 2, 5, 32), torch.zeros(1, 3, 2, 5, 32)
-    torch.library.opcheck(standin.temporal_decode_step, (q, k, v, kc, vc, 2))
 
     def block(x, res, g, s, c):
         y, out = csrc_ops.gated_residual_layernorm_modulate(res, x, g, s, c, frame_len=2)
@@ -560,6 +580,44 @@ def test_bad_modulation_layout_is_a_value_error(standin):
         csrc_ops.layernorm_modulate(x, torch.randn(2, 4, 8), torch.randn(2, 4, 8), frame_len=2)
     with pytest.raises(ValueError, match="shift"):
         csrc_ops.layernorm_modulate(x, torch.randn(3, 8), torch.randn(2, 8))
+
+
+def _cuda_vs_triton(layout, dtype, mod_dtype, D, device):
+    """csrc_ops vs the Triton ops, both AdaLN ops, forward and every gradient: the 2x rule against the unrounded
+    fp32 reference with Triton's error as the baseline (the CUDA path is no further from the specification
+    than twice the Triton path, + atol)."""
+    from wmfast.kernels import adaln as k
+
+    B, L, F = 2, 6, 3
+    x, res = (torch.randn(B, L, D, device=device).to(dtype) for _ in range(2))
+    (gate, shift, scale), fl = _layout(layout, B, L, D, F, dtype, device, mod_dtype)
+    cases = [
+        ("layernorm_modulate", [x, shift, scale], ("x", "shift", "scale"),
+         lambda i: (csrc_ops.layernorm_modulate(*i, frame_len=fl),),
+         lambda i: (k.layernorm_modulate_op(*i, 1e-6, fl or 0),),
+         lambda i: (layernorm_modulate_ref(*i, frame_len=fl),)),
+        ("gated_residual_layernorm_modulate", [res, x, gate, shift, scale], ("residual", "x", "gate", "shift", "scale"),
+         lambda i: csrc_ops.gated_residual_layernorm_modulate(*i, frame_len=fl),
+         lambda i: k.gated_residual_layernorm_modulate_op(*i, 1e-6, fl or 0),
+         lambda i: gated_residual_layernorm_modulate_ref(*i, frame_len=fl))]
+    for op, ins, names, cuda_fn, triton_fn, ref_fn in cases:
+        ci, ti, ri = _leaf(ins), _leaf(ins), _leaf([t.float() for t in ins])
+        co, to, ro = cuda_fn(ci), triton_fn(ti), ref_fn(ri)
+        for c, t, r, name in zip(co, to, ro, ("y", "out")):
+            assert_2x_rule(c, r, t, name=f"{op} {name}: cuda vs triton", dtype=dtype)
+        cot = [torch.randn_like(o) for o in co]
+        grads = zip(torch.autograd.grad(co, ci, cot), torch.autograd.grad(to, ti, cot),
+                    torch.autograd.grad(ro, ri, [c.float() for c in cot]), names)
+        for c, t, r, name in grads:
+            assert_2x_rule(c, r, t, name=f"{op} d{name}: cuda vs triton", dtype=dtype)
+
+
+@pytest.mark.skipif(not backend.triton_interpret(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("layout,dtype,D", [pytest.param("mixed", torch.bfloat16, 24, id="mixed-bf16"),
+                                            pytest.param("per-frame", torch.float32, 61, id="per-frame-fp32-D61")])
+def test_standin_cuda_vs_triton_runs(standin, layout, dtype, D):
+    """The GPU test's comparison code, executed on the CPU stand-in vs the interpreted Triton kernels."""
+    _cuda_vs_triton(layout, dtype, torch.float32, D, "cpu")
 
 
 def test_residual_dtype_mismatch_is_a_value_error(standin):
@@ -766,8 +824,6 @@ def cuda_ext():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("D", [61, 512, 1000, 3072])
 def test_gpu_adaln_vs_triton_vs_reference(cuda_ext, layout, dtype, mod_dtype, D):
-    from wmfast.kernels import adaln as k
-
     B, L, F = 2, 12, 3
     x, res = torch.randn(B, L, D, device="cuda", dtype=dtype), torch.randn(B, L, D, device="cuda", dtype=dtype)
     (gate, shift, scale), frame_len = _layout(layout, B, L, D, F, dtype, "cuda", mod_dtype)
@@ -779,9 +835,7 @@ def test_gpu_adaln_vs_triton_vs_reference(cuda_ext, layout, dtype, mod_dtype, D)
     yo = csrc_ops.gated_residual_layernorm_modulate(*ins, frame_len=frame_len)
     _check_grads(list(yo), ins, lambda i, up: gated_residual_layernorm_modulate_ref(*i, frame_len=frame_len, upcast=up),
                  [res, x, gate, shift, scale], dtype, ("residual", "x", "gate", "shift", "scale"))
-    y_triton = k.layernorm_modulate_op(x, shift, scale, 1e-6, frame_len or 0)
-    ref = layernorm_modulate_ref(x, shift, scale, frame_len=frame_len)
-    assert_2x_rule(csrc_ops.layernorm_modulate(x, shift, scale, frame_len=frame_len), ref, y_triton, "cuda vs triton")
+    _cuda_vs_triton(layout, dtype, mod_dtype, D, "cuda")  # both ops, forward and gradients
 
 
 @pytest.mark.gpu
@@ -815,14 +869,7 @@ def test_gpu_adaln_backward_is_deterministic(cuda_ext):
 
 @pytest.mark.gpu
 def test_gpu_opcheck(cuda_ext):
-    x = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    res = torch.randn_like(x, requires_grad=True)
-    mods = [torch.randn(2, 4, 64, device="cuda", requires_grad=True) for _ in range(3)]
-    torch.library.opcheck(cuda_ext.layernorm_modulate_fwd, (x, mods[1], mods[2], 1e-6))
-    torch.library.opcheck(cuda_ext.gated_residual_layernorm_modulate_fwd, (res, x, *mods, 1e-6))
-    q, k, v = (torch.randn(2, 1, 5, 3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    kc, vc = (torch.randn(2, 5, 3, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    torch.library.opcheck(cuda_ext.temporal_decode_step, (q, k, v, kc, vc, 3))
+    _opcheck_every_op(cuda_ext, "cuda", torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -843,13 +890,14 @@ def test_gpu_temporal_decode_vs_triton_vs_reference(cuda_ext, dtype, Dh, t, stri
     kc, vc = (c.clone() for c in cache)
     o = csrc_ops.temporal_decode_step(q, k, v, kc, vc, t)
     kr, vr = (c.clone() for c in cache)
-    ref = temporal_decode_ref(q, k, v, kr, vr, t)
+    temporal_decode_ref(q, k, v, kr, vr, t)  # the cache append to compare with
     kl, vl = (c.clone() for c in cache)
     lowp = temporal_decode_ref(q, k, v, kl, vl, t, upcast=False)
     assert torch.equal(kc, kr) and torch.equal(vc, vr), "cache append"
-    assert_2x_rule(o, ref, lowp, "o")
+    ref32 = _decode_ref32(q, k, v, cache, t)
+    assert_2x_rule(o, ref32, lowp, "o", dtype=dtype)
     kt, vt = (c.clone() for c in cache)
-    assert_2x_rule(o, ref, temporal_decode_op(q, k, v, kt, vt, t), "cuda vs triton")
+    assert_2x_rule(o, ref32, temporal_decode_op(q, k, v, kt, vt, t), "cuda vs triton", dtype=dtype)
 
 
 @pytest.mark.gpu

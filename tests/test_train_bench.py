@@ -13,6 +13,7 @@ def test_bench_train_quick(tmp_path, monkeypatch):
     from wmfast.benchmarking import make_context
 
     monkeypatch.setenv("WMFAST_PROGRESS", "0")
+    monkeypatch.setenv("WMFAST_PEAK_TFLOPS", "0.001")  # a known "datasheet" peak (1 GFLOP/s): the CPU run gets an MFU
     spec = importlib.util.spec_from_file_location("bench_train", os.path.join(REPO, "benchmarks", "bench_train.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -24,4 +25,11 @@ def test_bench_train_quick(tmp_path, monkeypatch):
         summary = list(csv.DictReader(f))
     assert {(s["zero"], s["activation_checkpointing"]) for s in summary} == {("2", "False"), ("3", "True")}
     assert all(float(s["samples_per_s"]) > 0 and int(s["micro_batch"]) == 1 for s in summary)
+    # MFU is against the datasheet peak (here 1 GFLOP/s); the measured matmul ceiling is a separate column
+    from wmfast.models import STTransformerConfig, flops_per_sample
+
+    per_sample = flops_per_sample(STTransformerConfig.from_name("tiny"))
+    for s in summary:
+        assert float(s["mfu"]) == pytest.approx(float(s["samples_per_s"]) * per_sample / 1e9, rel=2e-3)
+        assert float(s["fraction_of_matmul_ceiling"]) > 0
     assert (tmp_path / "bench_train_runs" / "z2-nockpt-wmfast" / "micro_batch.json").is_file()

@@ -218,3 +218,13 @@ def test_validation_off_is_warned_once_on_rank_0(tmp_path, caplog):
         assert no_val.val_dataset() is None
         _warn_if_validation_off(no_val, cfg, micro_batch=1, world=1, rank=0)
         assert len(caplog.records) == 1 and "no val split" in caplog.text
+
+
+def test_mfu_is_against_the_datasheet_peak(monkeypatch):
+    from wmfast.train.metrics import PEAK_ENV, mfu
+
+    monkeypatch.delenv(PEAK_ENV, raising=False)
+    assert mfu(1e12, torch.device("cpu")) is None  # no datasheet peak for a CPU: no MFU rather than a wrong one
+    monkeypatch.setenv(PEAK_ENV, "400")
+    assert mfu(100e12, torch.device("cpu")) == pytest.approx(0.25)
+    assert mfu(100e12, torch.device("cpu"), devices=2) == pytest.approx(0.125)

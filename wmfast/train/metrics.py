@@ -45,6 +45,15 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def mfu(flops_per_s: float, device: torch.device, devices: int = 1) -> float | None:
+    """THE MFU of wmfast, used by the training log and every benchmark: achieved model FLOP/s over the
+    datasheet dense bf16 peak (`peak_flops`) of `devices` devices; None when the peak is unknown. A fraction of
+    a matmul ceiling measured in a run is a different number and is reported separately (as
+    `fraction_of_ceiling` / `fraction_of_matmul_ceiling`), never as MFU."""
+    peak = peak_flops(device)
+    return flops_per_s / (peak * devices) if peak else None
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
