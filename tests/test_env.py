@@ -5,7 +5,7 @@ import json
 
 from wmfast import backend
 from wmfast.cli import main
-from wmfast.env import collect_env, format_env
+from wmfast.env import collect_env, format_env, nvcc_version
 
 
 def test_collect_env_reports_backends_and_versions():
@@ -22,7 +22,21 @@ def test_collect_env_reports_backends_and_versions():
     else:
         assert env["selected"]["cpu"] == "torch" and env["selected"]["cuda"] in ("triton", "cuda")
     text = format_env(env)
-    assert "backends:" in text and "triton" in text and "GPU" in text
+    assert "backends:" in text and "triton" in text and "GPU" in text and "nvcc " in text
+
+
+def test_env_reports_nvcc_and_wmfast_env_vars(monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("WMFAST_CUDA_ARCHS", "90")
+    monkeypatch.setenv("WMFAST_AUTOTUNE", "0")
+    env = collect_env()
+    assert env["env_vars"]["WMFAST_CUDA_ARCHS"] == "90" and env["env_vars"]["WMFAST_AUTOTUNE"] == "0"
+    if shutil.which("nvcc"):
+        assert env["nvcc"].startswith("release "), env["nvcc"]
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    assert nvcc_version() is None
 
 
 def test_cli_env_json(capsys):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import shutil
+import subprocess
 import sys
 
 import torch
@@ -14,7 +16,8 @@ import torch
 from wmfast import backend as _backend
 
 _PACKAGES = ("triton", "diffusers", "peft", "deepspeed", "transformers", "flash-attn", "nvidia-ml-py")
-_ENV_VARS = ("WMFAST_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "WMFAST_SKIP_CUDA_BUILD")
+_ENV_VARS = ("WMFAST_BACKEND", "WMFAST_AUTOTUNE", "WMFAST_CUDA_JIT", "WMFAST_CUDA_ARCHS", "TRITON_INTERPRET",
+             "CUDA_VISIBLE_DEVICES", "WMFAST_SKIP_CUDA_BUILD")
 
 
 def _version(dist: str) -> str | None:
@@ -22,6 +25,21 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def nvcc_version() -> str | None:
+    """The CUDA toolkit's nvcc release ("release 12.8, V12.8.93"), from PATH or CUDA_HOME; None without one.
+    It builds the extension, so a mismatch with torch's CUDA (`torch_cuda`) is worth seeing next to it."""
+    home = os.environ.get("CUDA_HOME")
+    nvcc = shutil.which("nvcc") or (os.path.join(home, "bin", "nvcc") if home else None)
+    if nvcc is None or not os.path.exists(nvcc):
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{nvcc}: {e}"
+    release = [line for line in out.splitlines() if "release" in line]
+    return release[-1].split("tools, ")[-1].strip() if release else out.strip() or None
 
 
 def gpus_nvml() -> tuple[list[dict], str]:
@@ -90,6 +108,7 @@ def collect_env() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
+        "nvcc": nvcc_version(),
         "packages": {name: _version(name) for name in _PACKAGES},
         "env_vars": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
         **dict(zip(("gpus_nvml", "nvml_note"), gpus_nvml())),
@@ -101,7 +120,8 @@ def collect_env() -> dict:
 
 def format_env(env: dict) -> str:
     lines = [f"python {env['python']} on {env['platform']}",
-             f"torch {env['torch']} (CUDA {env['torch_cuda'] or 'none'}; cuda available: {env['cuda_available']})"]
+             f"torch {env['torch']} (CUDA {env['torch_cuda'] or 'none'}; cuda available: {env['cuda_available']})",
+             f"nvcc {env['nvcc'] or 'not found (PATH, CUDA_HOME)'}"]
     lines += [f"{name} {ver or 'not installed'}" for name, ver in env["packages"].items()]
     gpus, note = env["gpus_nvml"], env["nvml_note"]
     if gpus:
