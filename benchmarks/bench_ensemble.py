@@ -13,6 +13,9 @@ Providers (op "ensemble_sample", one row per N; mode "fwd"):
 - batched-unfused:   diffusers' unfused DiT blocks (per-token fp32 modulation) and the unfused sampler update;
 - batched-no-reuse:  the state conditioning and text K/V recomputed every step with batch N (copies), the
                      timestep fed per member: what a straightforward batched loop does.
+The ensemble_sample rows carry steps x the DiT forward FLOPs at batch N (the useful work of every provider).
+Without CUDA the kernels run under TRITON_INTERPRET=1 (set here unless already set): CPU rows compare the
+kernels' code paths, not speed.
 Op "dit_forward": one velocity call at batch N, with its FLOPs: the row's fraction_of_ceiling is the fraction of
 the bf16 matmul ceiling measured in the same run, and the log line adds the MFU (model FLOP/s over the datasheet
 dense bf16 peak, wmfast.train.metrics.mfu: the same MFU as the training log and bench_train).
@@ -20,7 +23,12 @@ Targets on an H100: per-sample cost at N=8 <= 0.8x the N=1 cost; N=8 batched >= 
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # the kernels then run under the interpreter; must precede importing triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from wmfast.benchmarking import script_main
 
@@ -99,10 +107,14 @@ def run(ctx) -> None:
                 "batched-unfused": (_Unfused(model), cond, {"fused": False}),
                 "batched-no-reuse": (_NoReuse(model, states), cond, {}),
             }
+            # Every provider does the same useful work: `steps` DiT forwards over N members (the no-reuse
+            # provider's recomputed conditioning is overhead, not counted), so fraction_of_ceiling compares.
+            flops = steps * dit_flops(model, n, F, h, w)
             for provider, (denoiser, c, extra) in variants.items():
                 cfg = EnsembleConfig(n=n, steps=steps, progress=False, **extra)
                 m = ctx.bench("ensemble_sample", shape, provider, "fwd",
-                              lambda d=denoiser, c=c, cfg=cfg: sample_ensemble(d, context, c, F, cfg))
+                              lambda d=denoiser, c=c, cfg=cfg: sample_ensemble(d, context, c, F, cfg),
+                              flops=flops, dtype=context.dtype)
                 results[provider, n] = m.median_ms
             x = torch.randn(n, 48, F, h, w, device=ctx.device, dtype=context.dtype)
             t = torch.full((1, F), 500.0, device=ctx.device)

@@ -12,6 +12,8 @@ Providers (rows in bench_wan_block.csv, shared harness wmfast.benchmarking):
 - wmfast: FusedWanTransformerBlock, eager: per-frame temb (B, 6, 6, D) + frame_len, norm/modulate and gated
   residuals in wmfast.ops (Triton on a GPU). fwd uses the cached text K/V (sampling: computed once per
   model); fwd+bwd recomputes them inside the timed call (training: LoRA trains attn2.to_k/to_v).
+- wmfast-kv-in-call (fwd): wmfast with the text K/V of the full batch computed inside the timed call, as
+  diffusers does: diffusers vs wmfast-kv-in-call is the kernel gain, wmfast-kv-in-call vs wmfast the caching gain.
 - wmfast-compiled: torch.compile of the patched block (the ops are torch.library triton_ops: no graph break).
 Modes: fwd (no grad) and fwd+bwd (gradients of the block input and of every block parameter).
 The norm/modulate/gate part alone (the issue's >= 5x target) is section 2 of benchmarks/bench_adaln.py.
@@ -88,6 +90,10 @@ def _fns(base, fused, x, text, temb_frame, temb_token, rotary, S, compiled):
         with torch.no_grad():
             return f(x, None, temb_frame, rotary, frame_len=S, kv=kv_cached)
 
+    def ours_fwd_kv():  # K/V of the full-batch text inside the timed call, as diffusers: the kernel gain alone
+        with torch.no_grad():
+            return f(x, None, temb_frame, rotary, frame_len=S, kv=text_kv(fused.attn2, text))
+
     xg = x.detach().clone().requires_grad_(True)
 
     def diff_fwd_bwd():
@@ -97,7 +103,8 @@ def _fns(base, fused, x, text, temb_frame, temb_token, rotary, S, compiled):
         kv = text_kv(fused.attn2, text[:1])
         f(xg, None, temb_frame, rotary, frame_len=S, kv=kv).float().square().mean().backward()
 
-    return diff_fwd, ours_fwd, diff_fwd_bwd, ours_fwd_bwd, [xg, *base.parameters(), *fused.parameters()]
+    return diff_fwd, ours_fwd, ours_fwd_kv, diff_fwd_bwd, ours_fwd_bwd, [xg, *base.parameters(),
+                                                                         *fused.parameters()]
 
 
 def _flops(cfg, B):
@@ -127,10 +134,11 @@ def run(ctx):
             except Exception as e:  # noqa: BLE001 - a provider that cannot run here is reported and skipped
                 ctx.log(f"wan_block: compiled providers unavailable ({e})")
                 continue
-            diff_fwd, ours_fwd, diff_fb, ours_fb, grads = fns
+            diff_fwd, ours_fwd, ours_fwd_kv, diff_fb, ours_fb, grads = fns
             suffix = "-compiled" if compiled else ""
             ctx.bench("wan_block", shape, "diffusers" + suffix, "fwd", diff_fwd, flops=flops, dtype=dtype)
             ctx.bench("wan_block", shape, "wmfast" + suffix, "fwd", ours_fwd, flops=flops, dtype=dtype)
+            ctx.bench("wan_block", shape, "wmfast-kv-in-call" + suffix, "fwd", ours_fwd_kv, flops=flops, dtype=dtype)
             ctx.bench("wan_block", shape, "diffusers" + suffix, "fwd+bwd", diff_fb, flops=3 * flops, dtype=dtype,
                       grad_to_none=grads)
             ctx.bench("wan_block", shape, "wmfast" + suffix, "fwd+bwd", ours_fb, flops=3 * flops, dtype=dtype,
