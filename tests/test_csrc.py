@@ -648,35 +648,6 @@ def test_rows_wider_than_triton_max_d_fall_back_to_the_reference(monkeypatch, ca
     assert "D = 24 > the Triton kernels' MAX_D = 16" in caplog.text
 
 
-def test_timing_runner_for_triton_runs_the_reference_for_too_wide_rows(monkeypatch):
-    """First-use timing must time what choosing "triton" runs: the reference when D > MAX_D."""
-    from wmfast.kernels import adaln as k
-
-    from wmfast.ops import adaln as adaln_ops
-
-    def refuse(*args):
-        raise AssertionError("the Triton kernel must not see D > MAX_D")
-
-    ran = []
-
-    def pick(op, x, mods, runners, *args, **kwargs):
-        ran.append(runners()["triton"]())
-        return "torch"
-
-    monkeypatch.setattr(k, "MAX_D", 16)
-    for name in ("layernorm_modulate_op", "gated_residual_op", "gated_residual_layernorm_modulate_op"):
-        monkeypatch.setattr(k, name, refuse)
-    monkeypatch.setattr(adaln_ops, "_pick_backend", pick)
-    x, res, gate, shift, scale = (torch.randn(2, 3, 24) for _ in range(5))
-    adaln_ops.layernorm_modulate(x, shift, scale)
-    adaln_ops.gated_residual(res, x, gate)
-    adaln_ops.gated_residual_layernorm_modulate(res, x, gate, shift, scale)
-    torch.testing.assert_close(ran[0], layernorm_modulate_ref(x, shift, scale), rtol=0, atol=0)
-    torch.testing.assert_close(ran[2], gated_residual_layernorm_modulate_ref(res, x, gate, shift, scale),
-                               rtol=0, atol=0)
-    assert len(ran) == 3
-
-
 # ----------------------------------------------------------------------------------------------- backend choice
 @pytest.fixture
 def fake_gpu(monkeypatch):
@@ -727,71 +698,6 @@ def test_first_use_timing_picks_fastest_once(fake_gpu, monkeypatch):
                                      shape_key="S=1024,H=8,Dh=64", runners=runners)
         assert got == "triton"
     assert calls == [["cuda", "triton"]]
-
-
-def _record_select(monkeypatch, module, choice="torch"):
-    calls = []
-
-    def record(op, device, supported, **kwargs):
-        calls.append((op, kwargs))
-        return choice
-
-    monkeypatch.setattr(module, "select_backend", record)
-    return calls
-
-
-def test_decode_step_hands_shape_key_and_runners_to_select_backend(monkeypatch):
-    """On CUDA tensors the decode step lets select_backend time cuda vs triton per shape class (issue 8), and
-    while torch.compile traces it asks with the same key, so the cached timed choice is reused."""
-    from wmfast.ops import attention as attn
-
-    calls = _record_select(monkeypatch, attn)
-    ran = []
-    monkeypatch.setattr(attn, "temporal_decode_op", lambda *a: ran.append(torch.is_grad_enabled()))
-    q, k, v = (torch.randn(2, 1, 3, 4, 32) for _ in range(3))
-    kc, vc = torch.zeros(2, 3, 4, 5, 32), torch.zeros(2, 3, 4, 5, 32)
-    with pytest.MonkeyPatch.context() as mp:  # the CUDA-tensor path, without a device
-        mp.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda")))
-        attn._decode_backend(q, k, v, kc, vc, 2)
-    (op, kwargs), = calls
-    assert op == "temporal_decode_step" and kwargs["shape_key"] == "B=2,S=3,H=4,T_max=5,Dh=32,fp32"
-    assert sorted(kwargs["runners"]) == ["cuda", "triton"]
-    kwargs["runners"]["triton"]()
-    assert ran == [False]  # timed under no_grad
-    monkeypatch.undo()
-    calls = _record_select(monkeypatch, attn)
-    torch._dynamo.reset()
-    torch.compile(attn.temporal_decode_step, fullgraph=True, backend="aot_eager")(q, k, v, kc, vc, 2)
-    assert calls and calls[0][1] == {"shape_key": "B=2,S=3,H=4,T_max=5,Dh=32,fp32"}
-
-
-@pytest.mark.parametrize("grad", [False, True])
-def test_adaln_compiled_choice_uses_the_shape_key_with_grad(monkeypatch, grad):
-    """torch.compile asks select_backend with the shape key eager timing caches under (",grad" when a backward
-    is needed), so compiled code takes eager's timed choice for the same shape class."""
-    from wmfast.ops import adaln as adaln_ops
-
-    calls = _record_select(monkeypatch, adaln_ops)
-    x, shift, scale = (torch.randn(2, 3, 8, requires_grad=grad) for _ in range(3))
-    torch._dynamo.reset()
-    torch.compile(adaln_ops.layernorm_modulate, fullgraph=True, backend="aot_eager")(x, shift, scale)
-    key = "B=2,L=3,D=8,fp32,per-token" + (",grad" if grad else "")
-    assert calls and calls[0][1] == {"shape_key": key}
-
-
-def test_adaln_timing_runners_time_the_backward_when_grad_is_needed():
-    from wmfast.ops import adaln as adaln_ops
-
-    x, shift, scale = (torch.randn(2, 3, 8, requires_grad=True) for _ in range(3))
-
-    def fwd():
-        return layernorm_modulate_ref(x, shift, scale)
-
-    grads = adaln_ops._timing_runners({"triton": fwd}, (x, shift, scale), True)["triton"]()
-    assert len(grads) == 3 and all(g is not None for g in grads)
-    assert x.grad is None  # torch.autograd.grad: nothing accumulates into the caller's tensors
-    out = adaln_ops._timing_runners({"triton": fwd}, (x, shift, scale), False)["triton"]()
-    assert not out.requires_grad  # forward only, under no_grad
 
 
 def test_autotune_off_by_env(monkeypatch):

@@ -188,3 +188,61 @@ def test_frozen_parameters_not_trained_nor_checkpointed(tmp_path):
     assert not any(k.startswith("blocks.0.") for k in w2) and "blocks.1.fc1.weight" in w2
     res = train(_cfg(steps=4, ckpt_every=2, val_every=0), str(tmp_path), run, resume=True, task=task)
     assert res.status == "done" and res.step == 4
+
+
+class _FakeEngine:
+    """The slice of a DeepSpeed engine train_step uses: backward, step and the accumulation boundary."""
+
+    def __init__(self, model, optimizer, accum):
+        self.model, self.optimizer, self.accum, self.micro = model, optimizer, accum, 0
+
+    def __call__(self, *args):
+        return self.model(*args)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro + 1) % self.accum == 0
+
+    def step(self):
+        if self.is_gradient_accumulation_boundary():
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        self.micro += 1
+
+
+class _LinearTask:
+    def loss(self, model, batch):
+        return (model(batch) ** 2).mean()
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_train_step_reads_the_nan_flag_once_per_optimizer_step(monkeypatch, policy):
+    from wmfast.train.loop import NonFiniteLoss, train_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = _FakeEngine(model, optimizer, accum=4)
+    batches = [torch.randn(3, 4) for _ in range(4)]
+    cfg = _cfg(nan_policy=policy)
+    with torch.no_grad():  # the weights change only at the boundary, after every micro-batch's loss
+        expected = sum(float((model(b) ** 2).mean()) for b in batches) / 4
+    syncs = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: syncs.append(1) or real_cpu(self, *a, **k))
+    loss, skipped, _ = train_step(engine, optimizer, _LinearTask(), batches, cfg, 0, torch.device("cpu"), "fp32")
+    assert len(syncs) == 1 and not skipped  # 4 micro-batches, one host read
+    assert loss == pytest.approx(expected, rel=1e-6)
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setenv(FAULT_ENV, "nan_at_step:1")
+    syncs.clear()
+    if policy == "stop":
+        with pytest.raises(NonFiniteLoss, match="non-finite loss at step 1"):
+            train_step(engine, optimizer, _LinearTask(), batches, cfg, 1, torch.device("cpu"), "fp32")
+    else:
+        loss, skipped, _ = train_step(engine, optimizer, _LinearTask(), batches, cfg, 1, torch.device("cpu"), "fp32")
+        assert skipped and math.isnan(loss)
+    assert len(syncs) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update from the bad step

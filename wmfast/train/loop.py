@@ -177,41 +177,48 @@ def _fault_nan(step: int) -> bool:
 
 
 def train_step(engine, optimizer, task: Task, batches, cfg: TrainConfig, step: int, device, precision: str):
-    """One optimizer step over the accumulation micro-batches. Returns (mean loss, skipped)."""
+    """One optimizer step over the accumulation micro-batches. Returns (mean loss, skipped, lr).
+
+    The loss and a "non-finite" count are all-reduced per micro-batch but stay on the device, summed over the
+    step: the host reads them once, just before the optimizer update (a .cpu() per micro-batch would stall the
+    GPU pipeline gradient_accumulation times per step). A non-finite loss therefore stops the run (or skips the
+    step) at the accumulation boundary, after the backward passes and before any weight or moment changes."""
     lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "autocast-bf16"
                 else contextlib.nullcontext())
     float_dtype = torch.bfloat16 if precision == "bf16" else None
-    total, skipped = 0.0, False
-    for batch in batches:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    acc, mean_loss, skipped = None, float("nan"), False
+    for i, batch in enumerate(batches):
         batch = to_device(batch, device, float_dtype)
         with autocast:
             loss = task.loss(engine, batch)
         if _fault_nan(step):
             loss = loss * float("nan")
-        # one collective gives every rank the mean loss and whether any rank saw a non-finite one, so all
-        # ranks take the same branch (ZeRO's backward hooks are collective)
-        stats = torch.stack([loss.detach().float().nan_to_num(0.0, 0.0, 0.0),
-                             (~torch.isfinite(loss.detach())).float()])
-        stats = _all_reduce(stats).cpu()
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if stats[1] > 0:
-            if cfg.nan_policy == "stop":
-                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}")
-            skipped = True
-        else:
-            total += float(stats[0]) / world
-        # backward always runs (ZeRO's gradient hooks and buckets expect every micro-batch); a skipped step's
-        # NaN gradients are discarded at the boundary without touching weights or AdamW moments
+        # one collective per micro-batch gives every rank the summed loss and whether any rank saw a non-finite
+        # one, so all ranks take the same branch (ZeRO's backward hooks are collective)
+        stats = _all_reduce(torch.stack([loss.detach().float().nan_to_num(0.0, 0.0, 0.0),
+                                         (~torch.isfinite(loss.detach())).float()]))
+        acc = stats if acc is None else acc + stats
+        # backward always runs (ZeRO's gradient hooks and buckets expect every micro-batch); a bad step's NaN
+        # gradients are discarded at the boundary without touching weights or AdamW moments
         engine.backward(loss)
         set_lr(optimizer, lr)
+        if i == len(batches) - 1 or engine.is_gradient_accumulation_boundary():
+            loss_sum, n_bad = acc.cpu().tolist()  # the step's one host sync
+            if n_bad > 0:
+                if cfg.nan_policy == "stop":
+                    raise NonFiniteLoss(f"non-finite loss at step {step} ({int(n_bad)} of {len(batches) * world} "
+                                        "micro-batch losses over the ranks)")
+                skipped = True
+            else:
+                mean_loss = loss_sum / (world * len(batches))
         if skipped and engine.is_gradient_accumulation_boundary():
             with _no_update(optimizer):
                 engine.step()
         else:
             engine.step()
-    n = len(batches)
-    return (total / n if not skipped else float("nan")), skipped, lr
+    return mean_loss, skipped, lr
 
 
 # ---- validation --------------------------------------------------------------------------------------------
