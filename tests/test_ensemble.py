@@ -286,11 +286,10 @@ def test_cli_sample_with_lora(raw_data, tmp_path):
     import json
 
     from wmfast.cli import main
-    from wmfast.models.wan import build_world_model
+    from wmfast.models.wan import TINY_BASE_SEED, build_world_model
     from wmfast.models.wan_lora import add_lora, save_lora
 
-    torch.manual_seed(0)  # the tiny weights `--model tiny --seed 0` builds
-    model = build_world_model("tiny", vae=False)
+    model = build_world_model("tiny", vae=False, base_seed=TINY_BASE_SEED)  # the base `--model tiny` builds
     add_lora(model.transformer, rank=4)
     with torch.no_grad():
         for name, p in model.transformer.named_parameters():
@@ -304,6 +303,31 @@ def test_cli_sample_with_lora(raw_data, tmp_path):
     base = json.loads((tmp_path / "base" / "sample.json").read_text())["psnr_latent"]
     tuned = json.loads((tmp_path / "lora_out" / "sample.json").read_text())["psnr_latent"]
     assert base != pytest.approx(tuned, abs=1e-6)  # the adapter is applied
+
+
+def test_tiny_base_independent_of_seed_and_equal_to_the_trained_base():
+    """--seed seeds the members only: `sample --seed 3` sits on the base a LoRA trained at any seed was trained
+    on (SamplingTask.build_model), not on another random base."""
+    import argparse
+
+    from wmfast.commands._sampling import load_model
+    from wmfast.models.wan_task import SamplingTask
+
+    def base(seed):
+        torch.manual_seed(seed + 100)  # whatever the global RNG holds
+        args = argparse.Namespace(model="tiny", lora=None, seed=seed, device="cpu")
+        return load_model(args).transformer.state_dict()
+
+    a, b = base(0), base(3)
+    torch.manual_seed(5)  # a training run's --seed
+    trained = {k.replace(".base_layer", ""): v for k, v in SamplingTask(None).build_model().transformer.state_dict()
+               .items() if "lora_" not in k and "modules_to_save" not in k and "original_module" not in k}
+    base_keys = {k for k in a if "state_" not in k}  # the state modules are modules_to_save (renamed) in training
+    assert a.keys() == b.keys() and base_keys <= trained.keys() and len(base_keys) > 20
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        if k in base_keys:
+            torch.testing.assert_close(trained[k], a[k], rtol=0, atol=0)
 
 
 def test_cli_rejects_bad_lists(raw_data):

@@ -23,7 +23,8 @@ def add_model_arguments(p):
     p.add_argument("--split", default="val", help="split under --data (default: val)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="members per forward pass (default: all N, halved automatically when out of memory)")
-    p.add_argument("--seed", type=int, default=0, help="member i uses seed + i")
+    p.add_argument("--seed", type=int, default=0,
+                   help="member i uses seed + i (the tiny model's base weights always use a fixed seed)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
     p.add_argument("--no-graph", action="store_true", help="do not capture the denoising step in a CUDA graph")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -36,15 +37,16 @@ def device_of(args) -> torch.device:
 
 
 def load_model(args):
-    """The world model in eval mode: `tiny` builds random tiny weights (CPU-friendly, 64x64 frames); a directory
-    loads the TI2V-5B weights in bf16 on a GPU (fp32 on the CPU). Nothing is downloaded."""
-    from wmfast.models.wan import build_world_model
+    """The world model in eval mode: `tiny` builds random tiny weights (CPU-friendly, 64x64 frames) from the fixed
+    TINY_BASE_SEED, the base `wmfast train` LoRA-trains (--seed only seeds the members: a LoRA trained at any seed
+    samples on its own base); a directory loads the TI2V-5B weights in bf16 on a GPU (fp32 on the CPU). Nothing
+    is downloaded."""
+    from wmfast.models.wan import TINY_BASE_SEED, build_world_model
 
     device = device_of(args)
     dtype = torch.bfloat16 if device.type == "cuda" and args.model != "tiny" else torch.float32
     if args.model == "tiny":
-        torch.manual_seed(args.seed)  # the random tiny weights are reproducible per seed
-        model = build_world_model("tiny", device=device, dtype=dtype)
+        model = build_world_model("tiny", device=device, dtype=dtype, base_seed=TINY_BASE_SEED)
     else:
         model = build_world_model("ti2v-5b", pretrained=args.model, device=device, dtype=dtype)
     if args.lora:

@@ -50,6 +50,10 @@ TINY_VAE = {
 
 
 VAE_SEED = 1234  # seed of the random VAE weights when no pretrained VAE is given
+# Seed of the random base transformer of a from-scratch model built with base_seed=TINY_BASE_SEED (training's
+# SamplingTask and `wmfast sample --model tiny`), so a LoRA trained on it samples on the same base whatever
+# --seed either command used.
+TINY_BASE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -500,15 +504,23 @@ def _check_velocity_args(latents, timestep, cond, tr):
 
 def build_world_model(preset: str | WanPreset = "tiny", pretrained: str | None = None, *, vae: bool = True,
                       device="cpu", dtype=torch.float32, text_encoder: str | None = None,
-                      text_cache: str | None = None) -> WanWorldModel:
+                      text_cache: str | None = None, base_seed: int | None = None) -> WanWorldModel:
     """The world model from a preset config (tests, demo, counting on device="meta") or from pretrained
     weights (a local diffusers Wan2.2-TI2V-5B pipeline directory). Nothing is downloaded.
 
     The empty-prompt embedding of pretrained weights comes from `text_cache` (default: default_text_cache(),
     beside the weights), else from UMT5 (`text_encoder`, default: the pretrained directory when it has
-    text_encoder/), which fills the cache; with neither, a ValueError says what to provide."""
+    text_encoder/), which fills the cache; with neither, a ValueError says what to provide.
+
+    base_seed: random (not pretrained) weights drawn from this seed apart from the global RNG (which is left
+    as it was); None: from the global RNG."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    transformer = build_transformer(preset, pretrained, device, dtype)
+    if base_seed is not None and pretrained is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(base_seed)
+            transformer = build_transformer(preset, pretrained, device, dtype)
+    else:
+        transformer = build_transformer(preset, pretrained, device, dtype)
     if device == "meta":
         text = torch.zeros(1, preset.text_len, preset.transformer["text_dim"], device="meta")
     else:

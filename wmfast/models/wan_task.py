@@ -96,10 +96,11 @@ class SamplingTask(Task):
 
     # ---------------------------------------------------------------- model
     def build_model(self):
-        from wmfast.models.wan import build_world_model
+        from wmfast.models.wan import TINY_BASE_SEED, build_world_model
         from wmfast.models.wan_lora import add_lora
 
-        model = build_world_model(self.preset, self.pretrained, vae=False)
+        # A from-scratch base comes from a fixed seed (not the run's --seed), the base `wmfast sample` builds.
+        model = build_world_model(self.preset, self.pretrained, vae=False, base_seed=TINY_BASE_SEED)
         add_lora(model.transformer, rank=self.lora_rank)
         return model
 
