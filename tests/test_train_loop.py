@@ -246,3 +246,23 @@ def test_train_step_reads_the_nan_flag_once_per_optimizer_step(monkeypatch, poli
         assert skipped and math.isnan(loss)
     assert len(syncs) == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update from the bad step
+
+
+def test_validation_runs_in_fp32_under_bf16_autocast_training():
+    from wmfast.train.loop import val_precision, validate
+
+    seen = []
+
+    class Recording(ToyTask):
+        def evaluate(self, model, batch):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            seen.append(model(batch["tokens"][:, :-1]).dtype)
+            return super().evaluate(model, batch)
+
+    task = Recording()
+    model = task.build_model()
+    model.eval = model.train = lambda *a: model  # validate toggles the engine's mode
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside the training step's autocast
+        metrics = validate(model, task, _cfg(val_batches=1), 4, 0, 1, torch.device("cpu"), "autocast-bf16")
+    assert seen[0] is False and seen[1] == torch.float32 and "val_loss" in metrics
+    assert val_precision("autocast-bf16") == "fp32" and val_precision("bf16") == "bf16"

@@ -222,6 +222,12 @@ def train_step(engine, optimizer, task: Task, batches, cfg: TrainConfig, step: i
 
 
 # ---- validation --------------------------------------------------------------------------------------------
+def val_precision(precision: str) -> str:
+    """What validation computes in: fp32, as the recipe infers ("degraded in bf16"), even when training uses
+    bf16 autocast; a run whose weights themselves are bf16 (precision "bf16") can only validate in bf16."""
+    return "bf16" if precision == "bf16" else "fp32"
+
+
 @torch.no_grad()
 def validate(engine, task: Task, cfg: TrainConfig, micro_batch: int, rank: int, world: int, device,
              precision: str) -> dict[str, float]:
@@ -233,12 +239,10 @@ def validate(engine, task: Task, cfg: TrainConfig, micro_batch: int, rank: int, 
         return {}
     engine.eval()
     sums: dict[str, float] = {}
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "autocast-bf16"
-                else contextlib.nullcontext())
+    float_dtype = torch.bfloat16 if val_precision(precision) == "bf16" else None
     for idx in index_lists:
-        batch = to_device(task.collate([dataset[i] for i in idx]), device,
-                          torch.bfloat16 if precision == "bf16" else None)
-        with autocast:
+        batch = to_device(task.collate([dataset[i] for i in idx]), device, float_dtype)
+        with torch.autocast(device.type, enabled=False):  # fp32 weights stay fp32: no bf16 autocast here
             metrics = task.evaluate(engine, batch)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -461,7 +465,8 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
                 metrics = validate(engine, task, cfg, micro_batch, rank, world, device, precision)
                 if metrics:
-                    log.write({"kind": "val", "step": step, **metrics, "time": time.time()})
+                    log.write({"kind": "val", "step": step, **metrics, "val_precision": val_precision(precision),
+                               "time": time.time()})
                     if rank == 0:
                         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
