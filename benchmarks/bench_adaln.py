@@ -9,7 +9,8 @@ Sections (rows in bench_adaln.csv, shared harness wmfast.benchmarking; modes fwd
    and per-token [B, L, 6, D], the kernels reading `unbind` views in place) and the ST-Transformer (D=512,
    L=5120 = 5 frames x 1024, batch 20, bf16, per-sample and per-frame). Providers: wmfast-triton (the public
    op), wmfast-cuda (when the extension is built), torch (the eager fp32 reference), torch.compile (of the
-   reference). Ideal bytes: every [B, L, D] tensor read or written once, plus each modulation view read (and
+   reference), and for layernorm_modulate `liger` (Liger-Kernel's LayerNorm + torch modulation; on a GPU when
+   liger_kernel is importable, else skipped with a log line). Ideal bytes: every [B, L, D] tensor read or written once, plus each modulation view read (and
    its gradient written in bwd) once; fraction_of_ceiling = ideal time at the copy bandwidth measured in this
    run / measured time.
 2. wan_block_adaln: the four AdaLN expressions of diffusers' WanTransformerBlock with per-token timesteps
@@ -85,6 +86,31 @@ def _backends(ctx) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ 1. the ops
+def _liger_layernorm_modulate():
+    """Liger-Kernel's Triton LayerNorm (the optional `liger` provider of layernorm_modulate) followed by the
+    modulation in torch: what a model gets from swapping in LigerLayerNorm. None (and a log line) when
+    liger_kernel is not importable; it is never a dependency of wmfast."""
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+    except ImportError:
+        return None
+
+    def fn(x, shift, scale, frame_len=None):
+        D = x.shape[-1]
+        ones = torch.ones(D, device=x.device, dtype=x.dtype)  # Wan's norm1/norm2 have no affine parameters
+        zeros = torch.zeros(D, device=x.device, dtype=x.dtype)
+        y = LigerLayerNormFunction.apply(x, ones, zeros, 1e-6).float()
+        B, L = x.shape[:2]
+        if shift.dim() == 2:  # per sample [B, D]
+            return (y * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+        if shift.shape[1] != L:  # per frame [B, F, D]
+            y = y.view(B, shift.shape[1], L // shift.shape[1], D)
+            return (y * (1 + scale[:, :, None]) + shift[:, :, None]).reshape(B, L, D).to(x.dtype)
+        return (y * (1 + scale) + shift).to(x.dtype)  # per token [B, L, D]
+
+    return fn
+
+
 def _op_shapes(ctx):
     """(label, B, L, D, frame_len, layout) with bf16 x and fp32 modulation."""
     if ctx.quick:
@@ -138,6 +164,10 @@ def bench_ops(ctx, backends):
 
     from wmfast import ops
 
+    liger = _liger_layernorm_modulate() if ctx.device.type == "cuda" else None
+    if liger is None:
+        ctx.log("adaln: liger provider skipped (" + ("liger_kernel is not importable: pip install liger-kernel"
+                                                     if ctx.device.type == "cuda" else "needs a GPU") + ")")
     for label, B, L, D, fl, layout in _op_shapes(ctx):
         x = torch.randn(B, L, D, device=ctx.device, dtype=torch.bfloat16, requires_grad=True)
         res = torch.randn(B, L, D, device=ctx.device, dtype=torch.bfloat16, requires_grad=True)
@@ -149,6 +179,8 @@ def bench_ops(ctx, backends):
             providers = {name: _with_backend(getattr(ops, op), be) for name, be in backends.items()
                          if be != "cuda" or op in CUDA_OPS}  # csrc/ has no gated_residual kernel
             providers["torch"] = getattr(K, op + "_ref")
+            if liger is not None and op == "layernorm_modulate":
+                providers["liger"] = liger
             if ctx.device.type == "cuda" and not ctx.quick:
                 providers["torch.compile"] = torch.compile(getattr(K, op + "_ref"))
             inputs = (x, mod) if op == "layernorm_modulate" else (res, x, mod)

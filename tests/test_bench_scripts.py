@@ -35,3 +35,31 @@ def test_bench_script_quick(script, tmp_path):
         assert all(r["fraction_of_ceiling"] for r in rows if r["op"] == "ensemble_sample")
     if script == "bench_wan_block.py":  # the kernel gain and the K/V caching gain reported apart
         assert {"diffusers", "wmfast", "wmfast-kv-in-call"} <= {r["provider"] for r in rows if r["mode"] == "fwd"}
+
+
+def test_liger_provider_modulation_matches_reference(monkeypatch):
+    """bench_adaln's optional `liger` provider: its modulation around Liger's LayerNorm (faked here by torch's,
+    liger_kernel is not installed in CI) equals the reference for per-sample, per-frame and per-token views;
+    without liger_kernel the provider is None (skipped with a log line)."""
+    import sys
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from wmfast.kernels.adaln import layernorm_modulate_ref
+
+    bench = load_bench_script(BENCH_DIR / "bench_adaln.py")
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    assert bench._liger_layernorm_modulate() is None
+    fake = types.ModuleType("liger_kernel.ops.layer_norm")
+    fake.LigerLayerNormFunction = types.SimpleNamespace(
+        apply=lambda x, w, b, eps: F.layer_norm(x.float(), (x.shape[-1],), w.float(), b.float(), eps).to(x.dtype))
+    for name in ("liger_kernel", "liger_kernel.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.layer_norm", fake)
+    fn = bench._liger_layernorm_modulate()
+    B, L, D, fl = 2, 6, 8, 3
+    x = torch.randn(B, L, D)
+    for rows, kw in (((), {}), ((L // fl,), {"frame_len": fl}), ((L,), {})):
+        shift, scale = (torch.randn(B, *rows, D) for _ in range(2))
+        torch.testing.assert_close(fn(x, shift, scale, **kw), layernorm_modulate_ref(x, shift, scale, **kw))
