@@ -10,6 +10,9 @@ the one MFU of every wmfast log and bench) and `fraction_of_matmul_ceiling` (the
 column, never called MFU).
 Providers: "wmfast" (the default dispatch: Triton/CUDA kernels on GPU), "torch" (WMFAST_BACKEND=torch: the
 pure-torch reference modules), "torch.compile" (the torch modules under torch.compile), "wmfast+compile".
+The micro-batch search (wmfast.train.loop.find_micro_batch, as `--micro-batch auto`) runs eager trials for every
+provider; the torch.compile providers are then timed at the eager-found size (it fits, as compiled steps
+rarely need more memory than eager ones, but a compiled search might find a larger one).
 Anchor (the issue): the winning team trained at ~50 samples/s per B200, ~11% of its bf16 peak.
 
     python benchmarks/bench_train.py [--quick] [--out DIR]       # --quick: the tiny preset on CPU, seconds

@@ -228,3 +228,40 @@ def test_mfu_is_against_the_datasheet_peak(monkeypatch):
     monkeypatch.setenv(PEAK_ENV, "400")
     assert mfu(100e12, torch.device("cpu")) == pytest.approx(0.25)
     assert mfu(100e12, torch.device("cpu"), devices=2) == pytest.approx(0.125)
+
+
+def test_loss_reduction_mean_or_sum_over_future_grids(tmp_path):
+    import argparse
+
+    from wmfast.commands.train import add_arguments, config_from_args
+    from wmfast.data import write_synthetic_dataset
+    from wmfast.models import compression_loss
+    from wmfast.train.compression import CompressionTask
+
+    write_synthetic_dataset(str(tmp_path), shards=1, frames=256, grid_size=8, vocab_size=512)
+    task = CompressionTask(str(tmp_path), "tiny")
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    batch = task.collate([task.train_dataset()[i] for i in range(2)])
+    grads = {}
+    for reduction in ("mean", "sum"):
+        task.configure(TrainConfig.from_name("tiny", loss_reduction=reduction))
+        model.zero_grad()
+        loss = task.loss(model, batch)
+        loss.backward()
+        grads[reduction] = (float(loss.detach()), model.tok_emb.weight.grad.clone())
+    # "sum" = the 3 future grids' mean CEs summed: 3x "mean" (each grid has the same number of tokens)
+    _, metrics = compression_loss(model, batch)
+    per_grid = [float(metrics[f"ce_future_{i}"]) for i in range(3)]
+    assert grads["mean"][0] == pytest.approx(sum(per_grid) / 3, rel=1e-5)
+    assert grads["sum"][0] == pytest.approx(sum(per_grid), rel=1e-5)
+    torch.testing.assert_close(grads["sum"][1], 3 * grads["mean"][1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        TrainConfig.from_name("tiny", loss_reduction="max").validate(1)
+    with pytest.raises(ValueError, match="future_reduction"):
+        compression_loss(model, batch, future_reduction="max")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--config", "tiny", "--loss-reduction", "sum"])
+    assert config_from_args(args).loss_reduction == "sum"
+    assert TrainConfig.from_name("1x-compression").loss_reduction == "mean"

@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, help="validate every N steps (0: never)")
     p.add_argument("--log-every", type=int, help="log every N steps")
     p.add_argument("--nan", choices=("stop", "skip"), help="on a NaN/Inf loss: stop (default) or skip the step")
+    p.add_argument("--loss-reduction", choices=("mean", "sum"),
+                   help="loss over the future grids: mean CE (default) or the per-grid CEs summed (3x)")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     p.add_argument("--deepspeed-config", help="JSON file merged over the generated DeepSpeed config")
@@ -53,7 +55,7 @@ _FIELDS = {"task": "task", "model": "model", "zero": "zero_stage", "micro_batch"
            "global_batch": "global_batch", "steps": "steps", "lr": "lr", "warmup": "warmup_steps",
            "precision": "precision", "activation_checkpointing": "activation_checkpointing",
            "ckpt_every": "ckpt_every", "keep": "keep_checkpoints", "val_every": "val_every",
-           "log_every": "log_every", "nan": "nan_policy", "seed": "seed", "num_workers": "num_workers"}
+           "log_every": "log_every", "nan": "nan_policy", "loss_reduction": "loss_reduction", "seed": "seed", "num_workers": "num_workers"}
 
 
 def config_from_args(args):

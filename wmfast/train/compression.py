@@ -1,6 +1,7 @@
 """The compression-track task: the ST-Transformer on the 1X v2.0 tokenized set (wmfast.models, wmfast.data).
 
-Loss: `compression_loss` (teacher forcing, mean CE over the tokens of the 3 future grids). Validation: full
+Loss: `compression_loss` (teacher forcing, mean CE over the tokens of the 3 future grids, or with
+TrainConfig.loss_reduction="sum" the per-grid means summed, 3x). Validation: full
 vocabulary CE and Top-500 CE (wmfast.metrics; the definition is in wmfast/metrics/ce.py) of the future grids.
 """
 from __future__ import annotations
@@ -41,6 +42,10 @@ class CompressionTask(Task):
         if len(self._train) == 0:
             raise ValueError(f"{self._train.dir}: no training sample (a sample needs two windows in one segment)")
         self.top_k = min(top_k, self.config.vocab_size)
+        self.future_reduction = "mean"
+
+    def configure(self, cfg) -> None:
+        self.future_reduction = cfg.loss_reduction
 
     def _check_grid(self, ds) -> None:
         if ds.grid_size != self.config.grid_size:
@@ -55,7 +60,7 @@ class CompressionTask(Task):
     def loss(self, model, batch):
         from wmfast.models import compression_loss
 
-        loss, _ = compression_loss(model, batch)
+        loss, _ = compression_loss(model, batch, future_reduction=getattr(self, "future_reduction", "mean"))
         return loss
 
     def train_dataset(self):

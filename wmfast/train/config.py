@@ -39,6 +39,9 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05
     grad_clip: float = 1.0
+    # how the task reduces its loss over predicted frames (compression: "mean" over the tokens of the 3 future
+    # grids, or "sum" of the per-grid means = 3x; see wmfast.models.compression_loss and docs/training.md)
+    loss_reduction: str = "mean"
     # distributed / numerics
     zero_stage: int = 2
     precision: str = "auto"  # auto: autocast-bf16 on GPU, fp32 on CPU
@@ -99,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lr_schedule not in ("linear", "constant"):
             raise ValueError(f"lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         if self.steps <= 0 or self.warmup_steps < 0:

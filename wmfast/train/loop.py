@@ -320,6 +320,8 @@ def train(cfg: TrainConfig, data_dir: str | None, run_dir: str, resume: bool = F
     """Train `cfg` on `data_dir` (or on a given `task`), writing everything under `run_dir`."""
     check_inputs(cfg, data_dir, run_dir, resume, task)
     task = task or make_task(cfg.task, data_dir, cfg.model)
+    if hasattr(task, "configure"):  # duck-typed tasks without the hook are fine
+        task.configure(cfg)
     rank, world, device, _ = setup_distributed()
     return _run(cfg, task, run_dir, resume, rank, world, device, progress)
 

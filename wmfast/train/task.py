@@ -37,6 +37,10 @@ class Task(abc.ABC):
     def val_dataset(self) -> Dataset | None:
         return None
 
+    def configure(self, cfg: Any) -> None:
+        """Read the training options that concern the task (called by the loop with the TrainConfig before any
+        work; default: none)."""
+
     def collate(self, samples: list[Any]) -> Any:
         return default_collate(samples)
 
