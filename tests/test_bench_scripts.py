@@ -2,8 +2,10 @@
 none of them before): each script's main(["--quick"]) on the CPU must exit 0 and write its rows.
 
 Runtime: the kernels run under TRITON_INTERPRET=1 (set by conftest, as the scripts set it without CUDA) at the
-scripts' tiny quick shapes: 44 s measured on the 2-core machine at load average 4-5 (bench_ensemble.py 42 s of
-it), so well under 60 s idle; WMFAST_BACKEND stays at its default, so the interpreted kernels are what runs (bench_st_attention.py is covered by its owner, bench_train.py by
+scripts' tiny quick shapes (bench_ensemble --quick takes 1 Euler step). Measured on the shared 2-core machine
+while other jobs ran: 44-47 s for the file (bench_ensemble 30-42 s of it; bench_wan_block took 1.2 s in a quiet
+moment and 10 s in a loaded one), so within 60 s idle; WMFAST_BACKEND stays at its default, so the
+interpreted kernels are what runs (bench_st_attention.py is covered by its owner, bench_train.py by
 test_train_bench.py)."""
 import csv
 from pathlib import Path
