@@ -337,3 +337,18 @@ def test_text_embedding_cached_beside_the_weights_and_reused(fake_pretrained):
     torch.save(torch.zeros(1, 3, 4), cache)
     with pytest.raises(ValueError, match="expected"):
         build_world_model("tiny", pretrained=str(weights), vae=False)
+
+
+def test_unwritable_text_cache_only_warns(fake_pretrained, monkeypatch, caplog):
+    from wmfast.models import wan
+
+    weights, calls = fake_pretrained
+    (weights / "text_encoder").mkdir()
+
+    def refuse(tensor, path):
+        raise PermissionError(f"read-only: {path}")
+
+    monkeypatch.setattr(wan, "_save_atomic", refuse)
+    model = build_world_model("tiny", pretrained=str(weights), vae=False)
+    assert model.empty_text.shape[1] == get_preset("tiny").text_len and len(calls) == 1
+    assert "could not write the empty-prompt cache" in caplog.text

@@ -290,7 +290,10 @@ def empty_prompt_embedding(preset: WanPreset, text_encoder: str | None = None, c
         g = torch.Generator().manual_seed(seed)
         emb = torch.randn(*shape, generator=g) * 0.1
     if cache:
-        _save_atomic(emb, cache)
+        try:
+            _save_atomic(emb, cache)
+        except OSError as e:  # a read-only or full disk costs a recomputation next time, not this run
+            logger.warning(f"wmfast: could not write the empty-prompt cache {cache} ({e}); UMT5 will run again")
     return emb
 
 
