@@ -87,6 +87,13 @@ def _softmax_row(q_i, k, i, t_idx, T, scale_log2, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(X, rows, t_idx, d_idx, m3, S, H, sxb, sxt, sxs, sxh):
+    """The [BLOCK_R, BLOCK_T, BLOCK_D] fp32 tile of rows `rows` over all T of a [B, T, S, H, Dh] tensor."""
+    off = _row_offsets(rows, S, H, sxb, sxs, sxh)[:, None, None] + t_idx[None, :, None] * sxt + d_idx[None, None, :]
+    return tl.load(X + off, mask=m3, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _temporal_attention_fwd_kernel(
     Q, K, V, O, R, T, S, H, Dh,
     sqb, sqt, sqs, sqh, skb, skt, sks, skh, svb, svt, svs, svh, sob, sot, sos, soh,
@@ -98,10 +105,8 @@ def _temporal_attention_fwd_kernel(
     d_idx = tl.arange(0, BLOCK_D)
     m2 = (rows < R)[:, None] & (d_idx < Dh)[None, :]
     m3 = m2[:, None, :] & (t_idx < T)[None, :, None]
-    k_off = _row_offsets(rows, S, H, skb, sks, skh)[:, None, None] + t_idx[None, :, None] * skt + d_idx[None, None, :]
-    v_off = _row_offsets(rows, S, H, svb, svs, svh)[:, None, None] + t_idx[None, :, None] * svt + d_idx[None, None, :]
-    k = tl.load(K + k_off, mask=m3, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_T, BLOCK_D]
-    v = tl.load(V + v_off, mask=m3, other=0.0).to(tl.float32)
+    k = _load_tile(K, rows, t_idx, d_idx, m3, S, H, skb, skt, sks, skh)  # [BLOCK_R, BLOCK_T, BLOCK_D]
+    v = _load_tile(V, rows, t_idx, d_idx, m3, S, H, svb, svt, svs, svh)
     q_ptr = Q + _row_offsets(rows, S, H, sqb, sqs, sqh)[:, None] + d_idx[None, :]
     o_ptr = O + _row_offsets(rows, S, H, sob, sos, soh)[:, None] + d_idx[None, :]
     for i in range(T):
@@ -126,10 +131,8 @@ def _temporal_attention_bwd_kernel(
     d_idx = tl.arange(0, BLOCK_D)
     m2 = (rows < R)[:, None] & (d_idx < Dh)[None, :]
     m3 = m2[:, None, :] & (t_idx < T)[None, :, None]
-    k_off = _row_offsets(rows, S, H, skb, sks, skh)[:, None, None] + t_idx[None, :, None] * skt + d_idx[None, None, :]
-    v_off = _row_offsets(rows, S, H, svb, svs, svh)[:, None, None] + t_idx[None, :, None] * svt + d_idx[None, None, :]
-    k = tl.load(K + k_off, mask=m3, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_T, BLOCK_D]
-    v = tl.load(V + v_off, mask=m3, other=0.0).to(tl.float32)
+    k = _load_tile(K, rows, t_idx, d_idx, m3, S, H, skb, skt, sks, skh)  # [BLOCK_R, BLOCK_T, BLOCK_D]
+    v = _load_tile(V, rows, t_idx, d_idx, m3, S, H, svb, svt, svs, svh)
     dk = tl.zeros([BLOCK_R, BLOCK_T, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_R, BLOCK_T, BLOCK_D], dtype=tl.float32)
     g_row = _row_offsets(rows, S, H, sgb, sgs, sgh)
