@@ -336,8 +336,14 @@ def test_emulated_temporal_decode(emu, dtype, Dh, t, view):
         qkv = torch.randn(B, 1, S, H, 3 * Dh + off).to(dtype)
         q, k, v = (qkv[..., off + i * Dh: off + (i + 1) * Dh] for i in range(3))
     cache = [torch.randn(B, S, H, T_max, Dh).to(dtype) for _ in range(2)]
+    _check_decode(lambda *a: _emu_decode(emu, *a), q, k, v, cache, t, dtype)
+
+
+def _check_decode(decode, q, k, v, cache, t, dtype):
+    """Run `decode(q, k, v, k_cache, v_cache, t)` on copies of `cache`: the cache append must equal the
+    reference's exactly, the output pass the 2x rule. Returns (o, fp32 reference)."""
     kc, vc = (c.clone() for c in cache)
-    o = _emu_decode(emu, q, k, v, kc, vc, t)
+    o = decode(q, k, v, kc, vc, t)
     kr, vr = (c.clone() for c in cache)
     temporal_decode_ref(q, k, v, kr, vr, t)  # the cache append to compare with
     kl, vl = (c.clone() for c in cache)
@@ -345,6 +351,7 @@ def test_emulated_temporal_decode(emu, dtype, Dh, t, view):
     assert torch.equal(kc, kr) and torch.equal(vc, vr), "cache append"
     ref32 = _decode_ref32(q, k, v, cache, t)
     assert_2x_rule(o, ref32, lowp, "o", dtype=dtype)
+    return o, ref32
 
 
 # ------------------------------------------------------------------------------------------------- build logic
@@ -793,15 +800,7 @@ def test_gpu_temporal_decode_vs_triton_vs_reference(cuda_ext, dtype, Dh, t, stri
     else:
         q, k, v = (torch.randn(B, 1, S, H, Dh, device="cuda", dtype=dtype) for _ in range(3))
     cache = [torch.randn(B, S, H, T_max, Dh, device="cuda", dtype=dtype) for _ in range(2)]
-    kc, vc = (c.clone() for c in cache)
-    o = csrc_ops.temporal_decode_step(q, k, v, kc, vc, t)
-    kr, vr = (c.clone() for c in cache)
-    temporal_decode_ref(q, k, v, kr, vr, t)  # the cache append to compare with
-    kl, vl = (c.clone() for c in cache)
-    lowp = temporal_decode_ref(q, k, v, kl, vl, t, upcast=False)
-    assert torch.equal(kc, kr) and torch.equal(vc, vr), "cache append"
-    ref32 = _decode_ref32(q, k, v, cache, t)
-    assert_2x_rule(o, ref32, lowp, "o", dtype=dtype)
+    o, ref32 = _check_decode(csrc_ops.temporal_decode_step, q, k, v, cache, t, dtype)
     kt, vt = (c.clone() for c in cache)
     assert_2x_rule(o, ref32, temporal_decode_op(q, k, v, kt, vt, t), "cuda vs triton", dtype=dtype)
 
