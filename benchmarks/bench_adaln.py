@@ -20,6 +20,9 @@ Sections (rows in bench_adaln.csv, shared harness wmfast.benchmarking; modes fwd
    (per-frame modulation, the same information: timesteps are constant within a latent frame) and
    wmfast-triton-pertoken (the materialised per-token views read in place).
 
+--profile lease (`wmfast bench`, benchmarks/lease/run.sh): the Wan (B=8) and ST-Transformer (B=20) per-frame shapes,
+the two ops with a CUDA kernel, a 3 x 3 sweep, the Wan block at B=8; torch.compile baselines only while at least
+20 s of the budget is left.
 --quick: tiny shapes on the CPU in a few seconds (the Triton kernels run under TRITON_INTERPRET=1, which this
 script sets when there is no GPU, before anything imports triton). Only measured numbers are ever committed.
 """
@@ -115,6 +118,8 @@ def _op_shapes(ctx):
     """(label, B, L, D, frame_len, layout) with bf16 x and fp32 modulation."""
     if ctx.quick:
         return [("tiny", 2, 12, 64, 4, "frame")]  # the interpreter is slow: one layout keeps CI to seconds
+    if ctx.lease:  # the ensemble / training shapes of both models, per-frame modulation (what the models use)
+        return [("wan2.2-5b", 8, 1536, 3072, 256, "frame"), ("st-transformer", 20, 5120, 512, 1024, "frame")]
     wan = [("wan2.2-5b", B, 1536, 3072, 256, layout) for B in (1, 8) for layout in ("sample", "frame", "token")]
     st = [("st-transformer", 20, 5120, 512, 1024, layout) for layout in ("sample", "frame")]
     return wan + st
@@ -143,6 +148,21 @@ def _op_bytes(op, N, es, mod_bytes):
         return 3 * N * es + mod_bytes, 3 * N * es + 2 * mod_bytes
     # fwd: res, x -> y, out; bwd: dy, dout, res, x -> dres, dx, dgate, dshift, dscale
     return 4 * N * es + 3 * mod_bytes, 6 * N * es + 5 * mod_bytes
+
+
+def compiled(fn):
+    """torch.compile(fn), with AOTAutograd's donated buffers off: the "bwd" rows run backward twice over one
+    stored forward (retain_graph=True), which a backward compiled with donated buffers refuses (seen on an
+    H200 with torch 2.11). Donated buffers only let the backward reuse saved tensors' memory."""
+    import torch._functorch.config as functorch_config
+
+    inner = torch.compile(fn)
+
+    def run(*args, **kwargs):
+        with functorch_config.patch(donated_buffer=False):
+            return inner(*args, **kwargs)
+
+    return run
 
 
 def _bench_modes(ctx, op_name, shape, provider, fwd, inputs, nbytes):
@@ -176,13 +196,15 @@ def bench_ops(ctx, backends):
         mod_bytes = views[0].numel() * 4
         shape = f"{label} B={B} L={L} D={D} bf16 mod={layout}-fp32"
         for op in OPS:
+            if ctx.lease and op not in CUDA_OPS:  # gated_residual has no CUDA kernel to choose against
+                continue
             providers = {name: _with_backend(getattr(ops, op), be) for name, be in backends.items()
                          if be != "cuda" or op in CUDA_OPS}  # csrc/ has no gated_residual kernel
             providers["torch"] = getattr(K, op + "_ref")
             if liger is not None and op == "layernorm_modulate":
                 providers["liger"] = liger
-            if ctx.device.type == "cuda" and not ctx.quick:
-                providers["torch.compile"] = torch.compile(getattr(K, op + "_ref"))
+            if ctx.device.type == "cuda" and not ctx.quick and ctx.can_afford(20, f"{op} torch.compile"):
+                providers["torch.compile"] = compiled(getattr(K, op + "_ref"))
             inputs = (x, mod) if op == "layernorm_modulate" else (res, x, mod)
             for name, fn in providers.items():
                 call = (lambda fn=fn, op=op, a=(res, x, views, fl): _op_call(op, fn, *a))
@@ -220,7 +242,7 @@ def wan_block_adaln_wmfast(x, attn_out, ff_out, table, temb, frame_len=None, eps
 
 
 def bench_wan_block(ctx, backends):
-    shapes = [(2, 12, 64, 4)] if ctx.quick else [(B, 1536, 3072, 256) for B in (1, 8)]
+    shapes = [(2, 12, 64, 4)] if ctx.quick else [(B, 1536, 3072, 256) for B in ((8,) if ctx.lease else (1, 8))]
     for B, L, D, fl in shapes:
         dev, bf = ctx.device, torch.bfloat16
         x, attn_out, ff_out = (torch.randn(B, L, D, device=dev, dtype=bf, requires_grad=True) for _ in range(3))
@@ -233,8 +255,8 @@ def bench_wan_block(ctx, backends):
         bwd_bytes = 11 * N * 2  # 4 output grads + x, attn_out, ff_out, x1 read; dx, d_attn, d_ff written (approx.)
         shape = f"wan2.2-5b-block B={B} L={L} D={D} bf16 timesteps=per-token"
         providers = {"diffusers": (wan_block_adaln_diffusers, temb_tokens, {})}
-        if dev.type == "cuda" and not ctx.quick:
-            providers["diffusers-compiled"] = (torch.compile(wan_block_adaln_diffusers), temb_tokens, {})
+        if dev.type == "cuda" and not ctx.quick and ctx.can_afford(20, "wan_block_adaln diffusers-compiled"):
+            providers["diffusers-compiled"] = (compiled(wan_block_adaln_diffusers), temb_tokens, {})
         if "wmfast-triton" in backends:
             fast = _with_backend(wan_block_adaln_wmfast, "triton")
             providers["wmfast-triton"] = (fast, temb_frames, {"frame_len": fl})
@@ -257,6 +279,11 @@ def sweep_tiles(ctx):
         _sweep_shape(ctx, label, B, L, D, fl)
 
 
+# tile (elements per program) x warps; the lease profile keeps the 3 x 3 around the hand-set default (4096, 8)
+SWEEP_TILES, SWEEP_WARPS = (1024, 2048, 4096, 8192, 16384), (2, 4, 8, 16)
+LEASE_TILES, LEASE_WARPS = (2048, 4096, 8192), (4, 8, 16)
+
+
 def _sweep_shape(ctx, label, B, L, D, fl):
     from wmfast.kernels.adaln import _adaln_bwd, _adaln_fwd
 
@@ -264,8 +291,8 @@ def _sweep_shape(ctx, label, B, L, D, fl):
     shift, scale, gate = _make_mod(B, L, D, fl, "frame", ctx.device).unbind(-2)[:3]
     fwd_bytes, bwd_bytes = _op_bytes("gated_residual_layernorm_modulate", B * L * D, 2, shift.numel() * 4)
     shape = f"{label} B={B} L={L} D={D} bf16 mod=frame-fp32"
-    for tile in (1024, 2048, 4096, 8192, 16384):
-        for warps in (2, 4, 8, 16):
+    for tile in LEASE_TILES if ctx.lease else SWEEP_TILES:
+        for warps in LEASE_WARPS if ctx.lease else SWEEP_WARPS:
             name = f"wmfast-triton-tile{tile}-w{warps}"
             try:
                 ctx.bench("gated_residual_layernorm_modulate_sweep", shape, name, "fwd",
@@ -281,10 +308,15 @@ def _sweep_shape(ctx, label, B, L, D, fl):
 
 
 def run(ctx):
+    """The ops, the launch-configuration sweep (before the Wan block under the lease profile: its rows set the
+    kernels' per-GPU table, wmfast.tuning), then the Wan block's AdaLN expressions."""
     backends = _backends(ctx)
     bench_ops(ctx, backends)
+    sweep = ctx.device.type == "cuda" and not ctx.quick and "wmfast-triton" in backends
+    if sweep and ctx.lease:
+        sweep_tiles(ctx)
     bench_wan_block(ctx, backends)
-    if ctx.device.type == "cuda" and not ctx.quick and "wmfast-triton" in backends:
+    if sweep and not ctx.lease:
         sweep_tiles(ctx)
 
 

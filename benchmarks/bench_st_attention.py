@@ -85,6 +85,8 @@ def _temporal_shapes(ctx):
     """(B, T, S, H, Dh, dtype): 1x-compression (T = 5 input grids of 32x32, 8 heads of 64) and T = 16."""
     if ctx.quick:
         return [(1, 5, 16, 2, 16, torch.float32)]
+    if ctx.lease:
+        return [(8, 5, 1024, 8, 64, torch.bfloat16)]
     return [(8, 5, 1024, 8, 64, torch.bfloat16), (32, 5, 1024, 8, 64, torch.bfloat16),
             (8, 16, 1024, 8, 64, torch.bfloat16), (8, 5, 1024, 4, 128, torch.bfloat16)]
 
@@ -111,7 +113,7 @@ def bench_temporal(ctx):
     providers = {"sdpa-transposed": temporal_sdpa_transposed}
     if _triton_usable(ctx):
         providers = {"triton": lambda q, k, v: temporal_attention_op(q, k, v, True), **providers}
-    if ctx.device.type == "cuda" and not ctx.quick:
+    if ctx.device.type == "cuda" and not ctx.quick and ctx.can_afford(20, "sdpa-transposed-compiled"):
         providers["sdpa-transposed-compiled"] = torch.compile(temporal_sdpa_transposed)
     if _flash_attn() is not None and ctx.device.type == "cuda":
         providers["flash-attn-transposed"] = temporal_flash_transposed
@@ -133,7 +135,7 @@ def sweep_block_rows(ctx, qkv, shape, nbytes, dtype):
 
     q, k, v = (x.detach() for x in qkv.unbind(3))
     do = torch.randn_like(q)
-    for br in (1, 2, 4, 8, 16, 32):
+    for br in (2, 4, 8, 16) if ctx.lease else (1, 2, 4, 8, 16, 32):
         for warps in (2, 4, 8):
             try:
                 ctx.bench("temporal_attention_sweep", shape, f"triton-br{br}-w{warps}", "fwd",
@@ -180,7 +182,7 @@ def _decode_providers(ctx):
 
 def bench_decode(ctx):
     shapes = [(1, 6, 16, 2, 32, torch.float32)] if ctx.quick else [
-        (b, 6, 1024, 8, 64, torch.bfloat16) for b in (1, 8, 64)]
+        (b, 6, 1024, 8, 64, torch.bfloat16) for b in ((1, 16) if ctx.lease else (1, 8, 64))]
     providers = _decode_providers(ctx)
     for B, T_max, S, H, Dh, dtype in shapes:
         t = T_max - 1  # the last frame: the most cache to read
@@ -197,6 +199,27 @@ def bench_decode(ctx):
             with torch.inference_mode():
                 ctx.bench("temporal_decode_step", shape, name, "fwd",
                           lambda fn=fn, a=(q, k, v, kc, vc, t): fn(*a), bytes=nbytes, dtype=dtype)
+        if ctx.device.type == "cuda" and not ctx.quick and "triton-fused" in providers:
+            sweep_decode(ctx, q, k, v, T_max, t, shape, nbytes, dtype)
+
+
+def sweep_decode(ctx, q, k, v, T_max, t, shape, nbytes, dtype):
+    """Rows per program x warps of the Triton decode kernel (rows "temporal_decode_sweep": wmfast.tuning picks
+    the per-GPU launch configuration from them)."""
+    from wmfast.kernels.temporal_attention import _temporal_decode
+
+    B, _, S, H, Dh = q.shape
+    kc, vc = torch.randn(2, B, S, H, T_max, Dh, device=q.device, dtype=dtype).unbind(0)
+    for br in (1, 2, 4, 8, 16):
+        for warps in (1, 2, 4):
+            name = f"triton-br{br}-w{warps}"
+            try:
+                with torch.inference_mode():
+                    ctx.bench("temporal_decode_sweep", shape, name, "fwd",
+                              lambda br=br, w=warps: _temporal_decode(q, k, v, kc, vc, t, block_r=br, num_warps=w),
+                              bytes=nbytes, dtype=dtype, memory=False)
+            except Exception as e:  # noqa: BLE001 - a config out of registers/shared memory: record and go on
+                ctx.log(f"{name}: failed ({type(e).__name__}: {str(e)[:120]})")
 
 
 def _flash_decode(B, T_max, S, H, Dh, dtype, device, t):
@@ -283,6 +306,9 @@ def bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample):
 def run(ctx):
     bench_temporal(ctx)
     bench_decode(ctx)
+    if ctx.lease:  # the lease times the 136M training step once, in bench_train (suite "train")
+        ctx.log("model section: skipped under the lease profile (bench_train.py times the training step)")
+        return
     bench_model(ctx)
 
 

@@ -6,7 +6,7 @@ Providers: "cache" (prefill the context once, then one frame a step through the 
 the per-layer [B, S, H, T_max, Dh] KV cache), "no-cache" (recompute every frame at every step: 1xgpt's way) and,
 on GPU, "cache-compiled-step" (the per-step function under torch.compile mode="reduce-overhead": CUDA graphs).
 Issue targets on an H100 (unmeasured by the session that wrote this): cache >= 2x faster than no-cache, and
-<= 5 ms at batch 1 with the CUDA graph. Preset 1x-compression in bf16 (--quick: 1 layer of 4x4 grids, fp32, CPU).
+<= 5 ms at batch 1 with the CUDA graph. --profile lease: batch 1 and 16. Preset 1x-compression in bf16 (--quick: 1 layer of 4x4 grids, fp32, CPU).
 """
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ def bench_generate(ctx, model, c, dtype):
         ctx.log("generate_3_frames: skipped (wmfast.inference.generate not present in this checkout)")
         return
     variants = {"cache": {"use_cache": True}, "no-cache": {"use_cache": False}}
-    if ctx.device.type == "cuda" and "compile_step" in inspect.signature(wmfast.inference.generate).parameters:
+    if (ctx.device.type == "cuda" and "compile_step" in inspect.signature(wmfast.inference.generate).parameters
+            and ctx.can_afford(45, "generate cache-compiled-step")):
         variants["cache-compiled-step"] = {"use_cache": True, "compile_step": True}
     model.eval()
-    for B in ((1,) if ctx.quick else (1, 8, 64)):
+    for B in ((1,) if ctx.quick else (1, 16) if ctx.lease else (1, 8, 64)):
         batch = _batch(c, B, ctx.device, dtype)
         context = batch["tokens"][:, : c.context_frames]
         for name, kw in variants.items():

@@ -10,6 +10,8 @@ the one MFU of every wmfast log and bench) and `fraction_of_matmul_ceiling` (the
 column, never called MFU).
 Providers: "wmfast" (the default dispatch: Triton/CUDA kernels on GPU), "torch" (WMFAST_BACKEND=torch: the
 pure-torch reference modules), "torch.compile" (the torch modules under torch.compile), "wmfast+compile".
+--profile lease: ZeRO-1 without checkpointing at a fixed micro-batch of 8 (no search), wmfast / torch, eager and
+compiled (a compiled provider only while 90 s of the budget are left), with the step's peak memory.
 The micro-batch search (wmfast.train.loop.find_micro_batch, as `--micro-batch auto`) runs eager trials for every
 provider; the torch.compile providers are then timed at the eager-found size (it fits, as compiled steps
 rarely need more memory than eager ones, but a compiled search might find a larger one).
@@ -71,9 +73,14 @@ def _backend(provider: str):
             os.environ["WMFAST_BACKEND"] = old
 
 
-def _configs(quick: bool):
-    if quick:  # CI smoke test: both ZeRO code paths, checkpointing on and off, both module kinds
+LEASE_MICRO_BATCH = 8  # the lease times a fixed micro-batch (no search): ~36 GB of activations at 4.5 GiB/sample
+
+
+def _configs(profile: str):
+    if profile == "quick":  # CI smoke test: both ZeRO code paths, checkpointing on and off, both module kinds
         return [(2, False, "wmfast"), (3, True, "torch")]
+    if profile == "lease":  # one GPU: ZeRO-1, no checkpointing; kernels on/off, eager and compiled
+        return [(1, False, provider) for provider in ("wmfast", "torch", "wmfast+compile", "torch.compile")]
     return [(zero, ckpt, provider) for zero in (1, 2, 3) for ckpt in (False, True)
             for provider in ("wmfast", "torch", "torch.compile", "wmfast+compile")]
 
@@ -92,9 +99,11 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
                       precision=precision)
     run_dir = str(ctx.out_dir / "bench_train_runs" / f"z{zero}-{'ckpt' if ckpt else 'nockpt'}-{provider}")
     os.makedirs(run_dir, exist_ok=True)
+    if provider.endswith("compile") and not ctx.can_afford(90, f"train_step {provider}"):
+        return
     with _backend(provider):
         t0 = time.perf_counter()
-        mb = find_micro_batch(task, cfg, 1, device, precision, run_dir, rank=0)
+        mb = (LEASE_MICRO_BATCH if ctx.lease else find_micro_batch(task, cfg, 1, device, precision, run_dir, rank=0))
         search_s = time.perf_counter() - t0
         cfg = cfg.replace(global_batch=mb, micro_batch=mb)
         engine, optimizer, _ = build_engine(task, cfg, mb, 1, device, precision)
@@ -108,7 +117,7 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
             step[0] += 1
 
         try:
-            m = ctx.measure(fn, memory=False)
+            m = ctx.measure(fn, memory=ctx.lease)  # peak memory: one more step (the lease reports it)
         finally:
             destroy_engine(engine)
     flops = task.flops_per_sample() * mb
@@ -138,7 +147,7 @@ def run(ctx) -> None:
     setup_distributed()  # a 1-rank group (gloo on CPU, nccl on GPU) for DeepSpeed
     task = _synthetic_task(preset)
     summary: list[dict] = []
-    for zero, ckpt, provider in _configs(ctx.quick):
+    for zero, ckpt, provider in _configs(ctx.profile):
         try:
             _bench_one(ctx, task, preset, zero, ckpt, provider, summary)
         except Exception as e:  # one failing configuration (e.g. compile) must not hide the others

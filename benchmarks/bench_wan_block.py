@@ -18,6 +18,7 @@ Providers (rows in bench_wan_block.csv, shared harness wmfast.benchmarking):
 Modes: fwd (no grad) and fwd+bwd (gradients of the block input and of every block parameter).
 The norm/modulate/gate part alone (the issue's >= 5x target) is section 2 of benchmarks/bench_adaln.py.
 
+--profile lease: batch 1 only; the compiled providers while at least 40 s of the budget is left.
 --quick: a tiny block (D = 24, batch 1, eager only) on the CPU, for CI; the Triton kernels then run under
 TRITON_INTERPRET=1, so CPU times say nothing about speed.
 Only measured numbers are ever committed.
@@ -115,7 +116,7 @@ def _flops(cfg, B):
 
 
 def run(ctx):
-    cfg = QUICK if ctx.quick else REAL
+    cfg = QUICK if ctx.quick else {**REAL, "batches": (1,)} if ctx.lease else REAL
     device = ctx.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base, fused = _blocks(cfg, device, dtype)
@@ -128,6 +129,8 @@ def run(ctx):
         for compiled in (False, True):
             if compiled and device.type != "cuda":  # CPU: interpreter-run kernels, compile time dominates
                 ctx.log("wan_block: torch.compile rows need a GPU (skipped on the CPU)")
+                continue
+            if compiled and not ctx.can_afford(40, "wan_block compiled providers"):
                 continue
             try:
                 fns = _fns(base, fused, x, text, temb_frame, temb_token, rotary, S, compiled)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from wmfast.backend import triton_interpret
+from wmfast.tuning import adaln_key, launch_config
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. References (the specification)
@@ -281,11 +282,21 @@ def _num_warps(block_m: int, block_d: int, elems_per_thread: int = 16, max_warps
     return max(1, min(max_warps, block_m * block_d // (32 * elems_per_thread)))
 
 
+def _launch_params(kernel: str, D: int, x: torch.Tensor, tile, num_warps):
+    """(tile, num_warps): the caller's, else the measured table of this GPU (wmfast.tuning), else (None, None):
+    the hand-set _TILE and _num_warps."""
+    if tile is None and num_warps is None:
+        cfg = launch_config(kernel, adaln_key(D, x.dtype), x.device)
+        return cfg.get("tile"), cfg.get("num_warps")
+    return tile, num_warps
+
+
 def _adaln_fwd(x, residual, gate, shift, scale, eps: float, frame_len: int, has_res: bool, has_norm: bool,
                tile: int | None = None, num_warps: int | None = None):
     """Launch the forward kernel; returns (y or None, out or None). tile / num_warps override the defaults
     (the benchmark's sweep uses them)."""
     B, L, D = x.shape
+    tile, num_warps = _launch_params("adaln_fwd", D, x, tile, num_warps)
     y = torch.empty((B, L, D), dtype=x.dtype, device=x.device) if has_norm else None
     out = torch.empty((B, L, D), dtype=x.dtype, device=x.device) if has_res else None
     block_d = triton.next_power_of_2(D)
@@ -355,6 +366,7 @@ def _adaln_bwd(dy, dout, x, residual, gate, shift, scale, eps: float, frame_len:
     """Launch the fused backward; returns (dx, dres or None, dgate or None, dshift or None, dscale or None).
     tile / num_warps override the defaults (the benchmark's sweep uses them)."""
     B, L, D = x.shape
+    tile, num_warps = _launch_params("adaln_bwd", D, x, tile, num_warps)
     mods = {"gate": gate if has_res else None, "shift": shift if has_norm else None,
             "scale": scale if has_norm else None}
     kinds = {k: _mod_layout(m, L, frame_len)[4] for k, m in mods.items() if m is not None}

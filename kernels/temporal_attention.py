@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from wmfast.tuning import decode_key, launch_config, temporal_key
+
 MAX_T = 16  # the register design keeps all T keys/values of a row in registers; beyond that, use a flash kernel
 MAX_DECODE_T = 64  # decode cache length: positions 0..t of the cache are held in registers
 LOG2E = 1.4426950408889634
@@ -221,14 +223,25 @@ def _launcher(kernel):
     return kernel if _interpreting() else wrap_triton(kernel)
 
 
+def _launch_params(kernel: str, key: str, device, block_r, num_warps) -> tuple[int | None, int]:
+    """(block_r, num_warps): the caller's, else the measured table of this GPU (wmfast.tuning), else the
+    hand-set defaults (block_rows' tile budget, 4 warps)."""
+    if block_r is None and num_warps is None:
+        cfg = launch_config(kernel, key, device)
+        block_r, num_warps = cfg.get("block_r"), cfg.get("num_warps")
+    return block_r, num_warps or 4
+
+
 def _strides4(x):
     """(b, t, s, h) strides of a [B, T, S, H, Dh] tensor."""
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
 
 
-def _temporal_attention_fwd(q, k, v, causal: bool, block_r: int | None = None, num_warps: int = 4):
+def _temporal_attention_fwd(q, k, v, causal: bool, block_r: int | None = None, num_warps: int | None = None):
     B, T, S, H, Dh = q.shape
     T, Dh = int(T), int(Dh)  # they set constexpr block sizes: specialise (a guard) if torch.compile made them symbolic
+    block_r, num_warps = _launch_params("temporal_attention_fwd", temporal_key(T, Dh, q.dtype), q.device, block_r,
+                                        num_warps)
     o = torch.empty((B, T, S, H, Dh), dtype=q.dtype, device=q.device)
     if o.numel() == 0:  # a launch with an empty grid is an error on some drivers
         return o
@@ -240,9 +253,11 @@ def _temporal_attention_fwd(q, k, v, causal: bool, block_r: int | None = None, n
     return o
 
 
-def _temporal_attention_bwd(do, q, k, v, causal: bool, block_r: int | None = None, num_warps: int = 4):
+def _temporal_attention_bwd(do, q, k, v, causal: bool, block_r: int | None = None, num_warps: int | None = None):
     B, T, S, H, Dh = q.shape
     T, Dh = int(T), int(Dh)
+    block_r, num_warps = _launch_params("temporal_attention_bwd", temporal_key(T, Dh, q.dtype), q.device, block_r,
+                                        num_warps)
     if do.stride(-1) != 1:  # autograd may hand an expanded/strided gradient; the kernel needs Dh contiguous
         do = do.contiguous()
     dq, dk, dv = (torch.empty((B, T, S, H, Dh), dtype=q.dtype, device=q.device) for _ in range(3))
@@ -257,9 +272,11 @@ def _temporal_attention_bwd(do, q, k, v, causal: bool, block_r: int | None = Non
     return dq, dk, dv
 
 
-def _temporal_decode(q, k, v, k_cache, v_cache, t: int, block_r: int | None = None, num_warps: int = 4):
+def _temporal_decode(q, k, v, k_cache, v_cache, t: int, block_r: int | None = None, num_warps: int | None = None):
     B, _, S, H, Dh = q.shape
     Dh, T_max = int(Dh), int(k_cache.shape[3])
+    block_r, num_warps = _launch_params("temporal_decode", decode_key(T_max, Dh, q.dtype), q.device, block_r,
+                                        num_warps)
     o = torch.empty((B, 1, S, H, Dh), dtype=q.dtype, device=q.device)
     if o.numel() == 0:
         return o

@@ -1,4 +1,6 @@
-"""Shared test set-up: the Triton interpreter (so the real kernels run on the CPU), seeding, GPU marker."""
+"""Shared test set-up: the Triton interpreter (so the real kernels run on the CPU), seeding, the GPU and
+optional-package markers."""
+import importlib.util
 import os
 
 import torch
@@ -16,15 +18,20 @@ import pytest
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: multi-process or long-running CPU tests")
+    config.addinivalue_line("markers", "requires(*packages): needs these optional packages, e.g. "
+                            "requires('deepspeed'); skipped where one is not installed")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device") if not torch.cuda.is_available() else None
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if no_gpu and "gpu" in item.keywords:
+            item.add_marker(no_gpu)
+        # find_spec looks the package up without importing it (importing deepspeed or diffusers takes seconds).
+        missing = [name for mark in item.iter_markers("requires") for name in mark.args
+                   if importlib.util.find_spec(name) is None]
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)} (optional, not installed)"))
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+pytest.importorskip("hypothesis", reason="the property tests run on hypothesis, which cannot be imported here")
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wmfast.kernels import adaln as K

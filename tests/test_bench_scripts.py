@@ -20,9 +20,11 @@ SCRIPTS = {  # script -> (csv name, ops its rows must contain)
     "bench_wan_block.py": ("bench_wan_block.csv", {"wan_block"}),
     "bench_st_generate.py": ("bench_st_generate.csv", None),
 }
+REQUIRES = {"bench_ensemble.py": ("diffusers",), "bench_wan_block.py": ("diffusers",)}  # the Wan model, its block
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.requires(*REQUIRES.get(s, ())), id=s)
+                                    for s in sorted(SCRIPTS)])
 def test_bench_script_quick(script, tmp_path):
     module = load_bench_script(BENCH_DIR / script)
     assert module.main(["--quick", "--out", str(tmp_path), "--device", "cpu"]) == 0

@@ -22,7 +22,7 @@ import torch
 from wmfast.kernels.adaln import gated_residual_layernorm_modulate_ref, layernorm_modulate_ref
 from wmfast.kernels.temporal_attention import temporal_decode_ref
 
-from wmfast import backend, csrc_ops
+from wmfast import backend, csrc_ops, tuning
 from wmfast.testing import assert_2x_rule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -664,7 +664,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(backend, "triton_available", lambda: (True, "test"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
     monkeypatch.setattr(backend, "_timing_allowed", lambda: True)
-    monkeypatch.setattr(backend, "MEASURED", {})
+    monkeypatch.setattr(tuning, "load_table", lambda gpu: {})
     monkeypatch.setattr(backend, "_TIMED", {})
     return torch.device("cuda")
 
@@ -682,8 +682,8 @@ def test_ops_without_cuda_kernel_never_pick_cuda(fake_gpu, monkeypatch):
 
 
 def test_measured_table_decides_per_gpu_and_shape(fake_gpu, monkeypatch):
-    monkeypatch.setattr(backend, "MEASURED", {"Test GPU": {"layernorm_modulate": {"D=3072": "triton",
-                                                                                   "*": "cuda"}}})
+    table = {"backend": {"layernorm_modulate": {"D=3072": "triton", "*": "cuda"}}}
+    monkeypatch.setattr(tuning, "load_table", lambda gpu: table if gpu == "Test GPU" else {})
     sel = backend.select_backend
     assert sel("layernorm_modulate", fake_gpu, ("cuda", "triton", "torch"), shape_key="D=3072") == "triton"
     assert sel("layernorm_modulate", fake_gpu, ("triton", "cuda", "torch"), shape_key="D=512") == "cuda"

@@ -73,6 +73,7 @@ def test_loss_covers_only_the_future_latents():
     assert loss_of(RecordingModel(v, num_context=nc), moved) != pytest.approx(base.item())
 
 
+@pytest.mark.requires("deepspeed", "diffusers", "av")
 def test_tiny_sampling_trains_on_raw_frames_encoded_on_the_fly(tmp_path, monkeypatch):
     """One process, the tiny-sampling recipe on a raw 1X split (frames VAE-encoded on the fly by the task's
     frozen VAE): the loss is finite and falls. 8 steps, ~15 s on the loaded 2-core machine."""

@@ -20,6 +20,7 @@ from wmfast.data.raw import (
 
 @pytest.fixture(scope="module")
 def raw_root(tmp_path_factory):
+    pytest.importorskip("av", reason="the raw 1X videos are written and read with PyAV, which cannot be imported here")
     root = str(tmp_path_factory.mktemp("raw"))
     write_synthetic_raw_dataset(root, shards=1, frames=300, size=64, val_frames=231)
     return root

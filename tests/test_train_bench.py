@@ -9,6 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
+@pytest.mark.requires("deepspeed")
 def test_bench_train_quick(tmp_path, monkeypatch):
     from wmfast.benchmarking import make_context
 

@@ -12,7 +12,7 @@ import pytest
 from wmfast.train.checkpoint import FAULT_ENV, list_checkpoints
 from wmfast.train.metrics import read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.requires("deepspeed")]
 
 
 @pytest.fixture(scope="module")

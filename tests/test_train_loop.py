@@ -32,6 +32,7 @@ def _losses(run_dir):
     return [by_step[s] for s in sorted(by_step)]
 
 
+@pytest.mark.requires("deepspeed")
 def test_trains_checkpoints_and_logs(tmp_path):
     run = str(tmp_path / "run")
     result = train(_cfg(steps=12, ckpt_every=5, keep_checkpoints=2), str(tmp_path), run, task=ToyTask())
@@ -56,6 +57,7 @@ def test_trains_checkpoints_and_logs(tmp_path):
         train(_cfg(), str(tmp_path), run, task=ToyTask())
 
 
+@pytest.mark.requires("deepspeed")
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(FAULT_ENV, "nan_at_step:4")
     run = str(tmp_path / "run")
@@ -72,6 +74,7 @@ def _weights(run, step):
     return torch.load(path, weights_only=False)["module"]
 
 
+@pytest.mark.requires("deepspeed")
 def test_nan_skip_policy_leaves_weights_unchanged(tmp_path, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "nan_at_step:3")  # step index 3: the 4th optimizer step
     run = str(tmp_path / "run")
@@ -103,6 +106,7 @@ class _OOMAbove(ToyTask):
         return super().loss(model, batch)
 
 
+@pytest.mark.requires("deepspeed")
 def test_auto_micro_batch_with_injected_oom(tmp_path):
     run = str(tmp_path / "run")
     task = _OOMAbove(limit=2)
@@ -115,6 +119,7 @@ def test_auto_micro_batch_with_injected_oom(tmp_path):
     assert max(task.seen[-8:]) == 2  # training ran at the found size
 
 
+@pytest.mark.requires("deepspeed")
 def test_activation_checkpointing_matches(tmp_path):
     a = train(_cfg(steps=3, ckpt_every=0, val_every=0), str(tmp_path), str(tmp_path / "a"), task=ToyTask())
     b = train(_cfg(steps=3, ckpt_every=0, val_every=0, activation_checkpointing=True), str(tmp_path),
@@ -124,6 +129,7 @@ def test_activation_checkpointing_matches(tmp_path):
 
 
 @pytest.mark.parametrize("precision,zero", [("bf16", 1), ("autocast-bf16", 3)])
+@pytest.mark.requires("deepspeed")
 def test_bf16_modes_train(tmp_path, precision, zero):
     result = train(_cfg(steps=4, ckpt_every=0, val_every=0, precision=precision, zero_stage=zero), str(tmp_path),
                    str(tmp_path / precision), task=ToyTask())
@@ -132,6 +138,7 @@ def test_bf16_modes_train(tmp_path, precision, zero):
 
 
 @pytest.mark.gpu
+@pytest.mark.requires("deepspeed")
 def test_gpu_compression_auto_micro_batch_bf16(tmp_path):
     from wmfast.data import write_synthetic_dataset
 
@@ -147,6 +154,7 @@ def test_gpu_compression_auto_micro_batch_bf16(tmp_path):
     assert _json(os.path.join(run, "micro_batch.json"))["micro_batch"] >= 1
 
 
+@pytest.mark.requires("deepspeed")
 def test_resume_restores_dropout_rng_and_data_order(tmp_path):
     # the toy model has dropout 0.1: a resume that lost the RNG states or the data position would differ
     ref = train(_cfg(steps=6, ckpt_every=3, val_every=0), str(tmp_path), str(tmp_path / "ref"), task=ToyTask())
@@ -176,6 +184,7 @@ class _FrozenFirstBlock(ToyTask):
         return model
 
 
+@pytest.mark.requires("deepspeed")
 def test_frozen_parameters_not_trained_nor_checkpointed(tmp_path):
     from wmfast.train import param_groups
 

@@ -9,7 +9,8 @@ Backends:
 `WMFAST_BACKEND=triton|cuda|torch` forces a backend (an error if it cannot run the given tensors; forcing
 cuda for an op the extension does not implement falls back to the next backend with one log line).
 Otherwise, CUDA tensors -> the fastest usable of cuda/triton for the op and shape:
-1. the measured table `MEASURED` below (per GPU name, per op, per caller-given shape key, or "*");
+1. the measured table of this GPU (`wmfast.tuning`: kernels/configs/<gpu>.json, written from a benchmark run;
+   per op, per caller-given shape key, or "*");
 2. else, when the caller passes `runners` (one zero-argument callable per backend), a one-time timing at
    first use (cached per GPU, op and shape key; never while torch.compile traces or a CUDA graph captures;
    WMFAST_AUTOTUNE=0 turns it off);
@@ -25,6 +26,8 @@ import statistics
 from collections.abc import Callable, Mapping
 
 import torch
+
+from wmfast import tuning
 
 logger = logging.getLogger("wmfast")
 
@@ -52,11 +55,6 @@ def triton_available() -> tuple[bool, str]:
 
 # Ops the CUDA extension implements (csrc/); any other op never selects "cuda".
 CUDA_OPS = frozenset({"layernorm_modulate", "gated_residual_layernorm_modulate", "temporal_decode_step"})
-
-# Fastest backend measured per GPU name (torch.cuda.get_device_name()), op and shape key (the caller's, e.g.
-# "B=1,L=4096,D=3072,bf16,per-frame"; "*" = any shape). Filled from benchmarks/bench_adaln.py and
-# bench_st_attention.py runs on that GPU. Empty: no GPU measurement has been made yet.
-MEASURED: dict[str, dict[str, dict[str, str]]] = {}
 
 _TIMED: dict[tuple[str, str, str], str] = {}  # (gpu, op, shape key) -> fastest backend, from first-use timing
 
@@ -116,10 +114,9 @@ def _fastest(op: str, device: torch.device, usable: list[str], shape_key: str | 
              runners: Mapping[str, Callable[[], object]] | None) -> str:
     """The measured-table or first-use-timing choice among `usable` (>= 2 backends), else usable[0]."""
     gpu = torch.cuda.get_device_name(device)
-    table = MEASURED.get(gpu, {}).get(op, {})
-    for key in (shape_key, "*"):
-        if key is not None and table.get(key) in usable:
-            return table[key]
+    measured = tuning.measured_backend(gpu, op, shape_key)
+    if measured in usable:
+        return measured
     cache_key = (gpu, op, shape_key or "*")
     if cache_key in _TIMED:
         return _TIMED[cache_key]
@@ -138,7 +135,7 @@ def select_backend(op: str, device: torch.device, supported: tuple[str, ...] = B
     """The backend that runs `op` on tensors of `device`.
 
     `supported` lists the backends that implement `op` (in preference order for CUDA tensors). Optional, for
-    a shape-dependent choice: `shape_key` (a string naming the shape class, looked up in MEASURED) and
+    a shape-dependent choice: `shape_key` (a string naming the shape class, looked up in the measured table) and
     `runners` (backend -> zero-argument callable running the op on the actual inputs, timed once).
     """
     forced = forced_backend()

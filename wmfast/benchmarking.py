@@ -84,7 +84,7 @@ logger = logging.getLogger("wmfast.bench")
 COLUMNS = ("op", "shape", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "gbps", "tflops",
            "fraction_of_ceiling", "peak_mem_mb", "gpu_name", "driver", "torch", "triton", "cuda",
            "commit", "timestamp")
-SUITES = ("ops", "attention-memory", "train", "generate", "ensemble")
+SUITES = ("ceilings", "ops", "attention-memory", "train", "generate", "ensemble")
 
 
 def default_device() -> torch.device:
@@ -254,6 +254,11 @@ class Ceilings:
     def tflops_for(self, dtype: torch.dtype | str | None) -> float | None:
         key = _dtype_key(dtype)
         return self.matmul_tflops.get(key) if key else None
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    """bf16 / fp16 / fp32, as shape strings write dtypes."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype)[6:])
 
 
 def _dtype_key(dtype) -> str | None:
@@ -506,9 +511,26 @@ class GpuSampler:
 
 
 # ------------------------------------------------------------------------------------- script contexts
+PROFILES = ("quick", "lease", "full")
+# Timing budgets (ms, do_bench semantics) per profile. "lease" times half as long as "full" to fit a 9-minute
+# lease: a 0.1-2 ms kernel still gets 25-500 timed calls for its median and 20/80 percentiles.
+_BUDGETS = {"quick": {"warmup": 1, "rep": 5}, "lease": {"warmup": 10, "rep": 50}, "full": {"warmup": 25, "rep": 100}}
+
+
+class BudgetExhausted(BaseException):
+    """Raised by BenchContext.measure once the context's deadline has passed. A BaseException, so that the
+    scripts' `except Exception` (one failing provider must not hide the others) lets it through to the
+    suite runner, which records the script as cut off at its budget and keeps the rows already written."""
+
+
 @dataclass
 class BenchContext:
-    """What `run(ctx)` of a bench script gets. warmup/rep: default time budgets (ms) for measure()."""
+    """What `run(ctx)` of a bench script gets.
+
+    profile: "quick" (tiny shapes, CPU smoke test; `quick` is True), "lease" (the real shapes, fewer variants
+    and sweeps: what fits a short GPU lease, benchmarks/lease/run.sh), "full" (everything). warmup/rep:
+    default time budgets (ms) for measure(). deadline: time.monotonic() after which measure() raises
+    BudgetExhausted (None: no budget)."""
 
     quick: bool
     device: torch.device
@@ -518,8 +540,28 @@ class BenchContext:
     log: Callable[[str], None] = print
     warmup: float = 25
     rep: float = 100
+    profile: str = "full"
+    deadline: float | None = None
+
+    @property
+    def lease(self) -> bool:
+        return self.profile == "lease"
+
+    def time_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def can_afford(self, seconds: float, what: str) -> bool:
+        """False (and one log line) when less than `seconds` of the budget is left for `what` (e.g. a
+        torch.compile that takes that long before its first timed call)."""
+        left = self.time_left()
+        if left >= seconds:
+            return True
+        self.log(f"{what}: skipped (needs about {seconds:.0f} s, {max(left, 0):.0f} s of the budget left)")
+        return False
 
     def measure(self, fn: Callable, **kw) -> Measurement:
+        if self.time_left() <= 0:
+            raise BudgetExhausted(f"the budget ran out before measuring {getattr(fn, '__name__', fn)}")
         kw.setdefault("warmup", self.warmup)
         kw.setdefault("rep", self.rep)
         kw.setdefault("device", self.device)
@@ -535,18 +577,25 @@ class BenchContext:
         return m
 
 
-def make_context(*, quick: bool, out_dir: str | os.PathLike, device: str | torch.device | None = None,
-                 csv_name: str = "results.csv", log: Callable[[str], None] = print) -> BenchContext:
-    """Measure the ceilings and open the CSV: the context that `wmfast bench` and script_main hand to run()."""
+def make_context(*, quick: bool = False, out_dir: str | os.PathLike, device: str | torch.device | None = None,
+                 csv_name: str = "results.csv", log: Callable[[str], None] = print, profile: str | None = None,
+                 ceilings_measured: Ceilings | None = None) -> BenchContext:
+    """Measure the ceilings (unless `ceilings_measured` were measured earlier in the same run) and open the CSV:
+    the context that `wmfast bench` and script_main hand to run(). profile None: "quick" if quick else "full"."""
+    profile = profile or ("quick" if quick else "full")
+    if profile not in PROFILES:
+        raise ValueError(f"profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    quick = profile == "quick"
     device = torch.device(device) if device is not None else default_device()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = ResultWriter(out_dir / csv_name, device=device)
-    ceil = ceilings(device, quick=quick, writer=writer)
-    log(f"ceilings on {environment(str(device))['gpu_name']}: copy {ceil.copy_gbps:.1f} GB/s, matmul "
+    writer = ResultWriter(out_dir / csv_name, device=device, ceilings=ceilings_measured)
+    ceil = ceilings_measured or ceilings(device, quick=quick, writer=writer)
+    earlier = " (measured earlier in this run)" if ceilings_measured else ""
+    log(f"ceilings on {environment(str(device))['gpu_name']}{earlier}: copy {ceil.copy_gbps:.1f} GB/s, matmul "
         + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in ceil.matmul_tflops.items()))
-    budget = {"warmup": 1, "rep": 5} if quick else {"warmup": 25, "rep": 100}
-    return BenchContext(quick=quick, device=device, ceilings=ceil, writer=writer, out_dir=out_dir, log=log, **budget)
+    return BenchContext(quick=quick, device=device, ceilings=ceil, writer=writer, out_dir=out_dir, log=log,
+                        profile=profile, **_BUDGETS[profile])
 
 
 def default_out_dir(device: str | torch.device | None = None) -> Path:
@@ -557,13 +606,17 @@ def default_out_dir(device: str | torch.device | None = None) -> Path:
 def script_main(run: Callable[[BenchContext], None], argv: Sequence[str] | None = None, *, name: str) -> int:
     """The `main()` of a bench script: `python benchmarks/bench_<name>.py [--quick] [--out DIR] [--device D]`."""
     p = argparse.ArgumentParser(prog=f"bench_{name}", description=f"wmfast benchmark: {name}")
-    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test): --profile quick")
+    p.add_argument("--profile", default=None, choices=PROFILES, help="quick | lease | full (default full)")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<gpu>/)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     args = p.parse_args(argv)
+    if args.quick and args.profile not in (None, "quick"):
+        p.error(f"--quick contradicts --profile {args.profile}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out) if args.out else default_out_dir(args.device)
-    ctx = make_context(quick=args.quick, out_dir=out, device=args.device, csv_name=f"bench_{name}.csv")
+    ctx = make_context(quick=args.quick, out_dir=out, device=args.device, csv_name=f"bench_{name}.csv",
+                       profile=args.profile)
     with GpuSampler() as sampler:
         run(ctx)
     if sampler.samples:

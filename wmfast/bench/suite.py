@@ -1,6 +1,7 @@
 """`wmfast bench`: ceilings first, then the chosen suites, then CSV + summary + plots + raw log in one directory.
 
 Suites and where they come from:
+- ceilings: only the ceilings (always measured first) and bf16 matmuls at the models' own shapes.
 - attention-memory: this package (wmfast.bench.attention_memory).
 - ops, train, generate, ensemble: the scripts benchmarks/bench_<x>.py (convention in wmfast/benchmarking.py);
   a script joins the suite named by its `SUITE` attribute ("ops" when absent). The scripts the project
@@ -31,6 +32,14 @@ EXPECTED_SCRIPTS = {
 }
 OUTPUTS = ("results.csv", "summary.md", "bench.log", "status.json", "gpu_telemetry.csv", "attention_memory.csv")
 
+# bf16 matmuls of the two models ((M, N, K), what): the ST-Transformer (136M) at micro-batch 8 (8 x 5 x 1024 =
+# 40960 input tokens, D = 512, MLP 2048, the 64000-way head over the 3 x 1024 future tokens of 8 samples) and
+# one Wan2.2-5B block over an 8-member ensemble (8 x 1792 tokens, D = 3072, FFN 14336).
+MODEL_MATMULS = (((40960, 1536, 512), "st-transformer qkv"), ((40960, 2048, 512), "st-transformer mlp-up"),
+                 ((40960, 512, 2048), "st-transformer mlp-down"), ((24576, 64000, 512), "st-transformer head"),
+                 ((14336, 3072, 3072), "wan2.2-5b attn-proj N=8"), ((14336, 14336, 3072), "wan2.2-5b ffn-up N=8"))
+QUICK_MATMULS = (((64, 96, 32), "tiny"),)
+
 
 @dataclass
 class SuiteStatus:
@@ -55,11 +64,15 @@ class _Tee(io.TextIOBase):
 
 
 def resolve_suites(name: str) -> list[str]:
+    """"all", one suite, or a comma-separated list ("train,generate")."""
     if name == "all":
         return list(bm.SUITES)
-    if name not in bm.SUITES:
-        raise ValueError(f"--suite {name!r}: expected one of {', '.join(bm.SUITES)} or all")
-    return [name]
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    bad = [n for n in names if n not in bm.SUITES]
+    if bad or not names:
+        raise ValueError(f"--suite {name!r}: expected one of {', '.join(bm.SUITES)}, a comma-separated list "
+                         "of them, or all")
+    return list(dict.fromkeys(names))
 
 
 def _script_suites(module) -> tuple[str, ...]:
@@ -82,30 +95,63 @@ def discover(bench_dir: Path | None) -> tuple[dict[str, list[Path]], list[SuiteS
     return by_suite, broken
 
 
-def run_script(ctx: bm.BenchContext, suite: str, path: Path) -> SuiteStatus:
+def _guarded(suite: str, name: str, fn) -> SuiteStatus:
+    """Run fn(); "ok", "failed" (traceback into the raw log) or "budget" (the deadline cut it short: the rows
+    written before are kept)."""
     t0 = time.perf_counter()
     try:
-        bm.load_bench_script(path).run(ctx)
+        message = fn() or ""
+    except bm.BudgetExhausted as e:
+        return SuiteStatus(suite, name, "budget", time.perf_counter() - t0, f"cut off by --budget ({e})")
     except Exception as e:  # noqa: BLE001 - record, print the traceback into the raw log, go on
         traceback.print_exc(file=sys.stdout)
-        return SuiteStatus(suite, path.name, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {e}")
-    return SuiteStatus(suite, path.name, "ok", time.perf_counter() - t0)
+        return SuiteStatus(suite, name, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+    return SuiteStatus(suite, name, "failed" if message else "ok", time.perf_counter() - t0, message)
 
 
-def run_suite(ctx: bm.BenchContext, suite: str, by_suite: dict, bench_dir: Path | None, dir_error: str
-              ) -> list[SuiteStatus]:
+def run_script(ctx: bm.BenchContext, suite: str, path: Path) -> SuiteStatus:
+    return _guarded(suite, path.name, lambda: bm.load_bench_script(path).run(ctx))
+
+
+def _share(ctx: bm.BenchContext, end: float | None, parts_left: int) -> None:
+    """Give the next of `parts_left` parts an equal share of the time left until `end` (what a part leaves
+    unused goes to the ones after it)."""
+    ctx.deadline = None if end is None else time.monotonic() + max(0.0, end - time.monotonic()) / max(1, parts_left)
+
+
+def model_matmuls(ctx: bm.BenchContext) -> None:
+    """bf16 matmul TFLOP/s at the models' shapes, beside the 8192^3 ceiling (rows op "matmul")."""
+    dtype = torch.float32 if ctx.device.type == "cpu" else torch.bfloat16
+    for (M, N, K), what in (QUICK_MATMULS if ctx.quick or ctx.device.type == "cpu" else MODEL_MATMULS):
+        a = torch.randn(M, K, device=ctx.device, dtype=dtype)
+        b = torch.randn(K, N, device=ctx.device, dtype=dtype)
+        ctx.bench("matmul", f"{what} M={M} N={N} K={K} {bm.dtype_label(dtype)}", "torch", "fwd",
+                  lambda a=a, b=b: a @ b, flops=2 * M * N * K, dtype=dtype, memory=False)
+
+
+def run_suite(ctx: bm.BenchContext, suite: str, by_suite: dict, bench_dir: Path | None, dir_error: str,
+              end: float | None = None) -> list[SuiteStatus]:
+    """Run one suite's scripts, each given an equal share of the time left until `end` (monotonic)."""
+    if suite == "ceilings":
+        _share(ctx, end, 1)
+        return [_guarded(suite, "wmfast.bench.suite.model_matmuls", lambda: model_matmuls(ctx))]
     if suite == "attention-memory":
         from wmfast.bench import attention_memory
 
-        t0 = time.perf_counter()
-        rows = attention_memory.run(ctx)
-        failed = [r for r in rows if r["check"] == "FAIL"]
-        msg = f"{len(failed)} eager ratio(s) off the formula by more than {attention_memory.TOLERANCE_PP} pt"
-        return [SuiteStatus(suite, "wmfast.bench.attention_memory", "failed" if failed else "ok",
-                            time.perf_counter() - t0, msg if failed else "")]
+        def run():
+            failed = [r for r in attention_memory.run(ctx) if r["check"] == "FAIL"]
+            return (f"{len(failed)} eager ratio(s) off the formula by more than {attention_memory.TOLERANCE_PP} pt"
+                    if failed else "")
+
+        _share(ctx, end, 1)
+        return [_guarded(suite, "wmfast.bench.attention_memory", run)]
     if bench_dir is None:
         return [SuiteStatus(suite, "benchmarks/", "missing", 0.0, dir_error)]
-    statuses = [run_script(ctx, suite, p) for p in by_suite.get(suite, [])]
+    scripts = by_suite.get(suite, [])
+    statuses = []
+    for i, p in enumerate(scripts):
+        _share(ctx, end, len(scripts) - i)
+        statuses.append(run_script(ctx, suite, p))
     present = {p.name for p in by_suite.get(suite, [])} | {p.name for p in bench_dir.glob("bench_*.py")}
     for name in EXPECTED_SCRIPTS.get(suite, ()):
         if name not in present:
@@ -127,24 +173,53 @@ def _fresh_out_dir(out: Path) -> None:
             (out / name).unlink(missing_ok=True)
 
 
+def default_run_dir(bdir: Path | None, device: torch.device) -> Path:
+    """results/<gpu>/<date>-<commit>/ beside the scripts (the checkout's benchmarks/), else under
+    ./benchmarks/results: one directory per run, so that a later run never overwrites a committed one."""
+    env = bm.environment(str(device))
+    run = f"{time.strftime('%Y-%m-%d', time.gmtime())}-{env['commit']}"
+    base = bdir / "results" / bm.slug(env["gpu_name"]) if bdir else bm.default_out_dir(device)
+    return base / run
+
+
+def load_status(out: Path) -> dict:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((out / "status.json").read_text())
+    return {}
+
+
 def run_bench(suite: str = "all", *, quick: bool = False, out: str | Path | None = None, device: str | None = None,
-              bench_dir: str | Path | None = None) -> int:
-    """Run `wmfast bench`; returns the exit status: 0 all ran, 1 something failed, 2 something is missing."""
+              bench_dir: str | Path | None = None, profile: str | None = None, budget: float | None = None,
+              append: bool = False) -> int:
+    """Run `wmfast bench`; returns the exit status: 0 all ran (or stopped at the budget), 1 something failed,
+    2 something is missing.
+
+    profile: "quick" | "lease" | "full" (wmfast.benchmarking.PROFILES; default "quick" if quick else "full").
+    budget: seconds for the whole call; each suite, and each script in it, gets an equal share of what is
+    left, and a script that runs past its share stops at its next measurement (status "budget", its rows
+    kept). append: add to the run already in `out` (its ceilings reused, its rows and statuses kept), as the
+    stages of benchmarks/lease/run.sh do; otherwise `out` is cleared of a previous run's files first."""
     suites = resolve_suites(suite)
+    profile = profile or ("quick" if quick else "full")
+    if budget is not None and budget <= 0:
+        raise ValueError(f"--budget {budget}: must be a positive number of seconds")
+    end = None if budget is None else time.monotonic() + budget
     device = torch.device(device) if device else bm.default_device()
     try:
         bdir, dir_error = bm.find_bench_dir(bench_dir), ""
     except FileNotFoundError as e:
         bdir, dir_error = None, str(e)
-    if out is None:  # results/<gpu>/ beside the scripts (the checkout's benchmarks/), else ./benchmarks/results
-        out = bdir / "results" / bm.default_out_dir(device).name if bdir else bm.default_out_dir(device)
-    out = Path(out)
-    _fresh_out_dir(out)
-    with open(out / "bench.log", "w") as log_file, contextlib.redirect_stdout(_Tee(sys.stdout, log_file)):
+    out = Path(out) if out is not None else default_run_dir(bdir, device)
+    if append:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        _fresh_out_dir(out)
+    with open(out / "bench.log", "a" if append else "w") as log_file, \
+            contextlib.redirect_stdout(_Tee(sys.stdout, log_file)):
         handler = logging.StreamHandler(sys.stdout)
         logging.getLogger().addHandler(handler)
         try:
-            statuses = _run_all(suites, quick, out, device, bdir, dir_error)
+            statuses = _run_all(suites, profile, out, device, bdir, dir_error, end, append)
         finally:
             logging.getLogger().removeHandler(handler)
     if any(s.status == "failed" for s in statuses):
@@ -152,32 +227,39 @@ def run_bench(suite: str = "all", *, quick: bool = False, out: str | Path | None
     return 2 if any(s.status == "missing" for s in statuses) else 0
 
 
-def _run_all(suites, quick, out: Path, device, bdir, dir_error) -> list[SuiteStatus]:
+def _run_all(suites, profile, out: Path, device, bdir, dir_error, end, append) -> list[SuiteStatus]:
     from wmfast.bench import report
 
-    before = {p.name for p in out.iterdir() if p.is_file()}  # not this run's: never removed by the next
+    previous = load_status(out) if append else {}
+    before = {p.name for p in out.iterdir() if p.is_file()}  # not this call's: never removed by the next run
     env = bm.environment(str(device))
-    print(f"wmfast bench: suites {', '.join(suites)}{' (quick)' if quick else ''} on {env['gpu_name']} "
-          f"(torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}) -> {out}")
-    if bdir is None and set(suites) - {"attention-memory"}:
+    print(f"wmfast bench: suites {', '.join(suites)} (profile {profile}) on {env['gpu_name']} (torch {env['torch']}, "
+          f"triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}) -> {out}")
+    if bdir is None and set(suites) - {"attention-memory", "ceilings"}:
         print(f"wmfast bench: {dir_error}")
-    ctx = bm.make_context(quick=quick, out_dir=out, device=device, csv_name="results.csv")
-    by_suite, statuses = discover(bdir) if set(suites) - {"attention-memory"} else ({}, [])
+    earlier = bm.Ceilings(**previous["ceilings"]) if previous.get("ceilings") else None
+    ctx = bm.make_context(profile=profile, out_dir=out, device=device, csv_name="results.csv",
+                          ceilings_measured=earlier)
+    by_suite, statuses = discover(bdir) if set(suites) - {"attention-memory", "ceilings"} else ({}, [])
     with bm.GpuSampler() as sampler:
-        for suite in suites:
+        for i, suite in enumerate(suites):
             print(f"== suite {suite}")
-            statuses += run_suite(ctx, suite, by_suite, bdir, dir_error)
+            suite_end = None if end is None else time.monotonic() + max(0.0, end - time.monotonic()) / (len(suites) - i)
+            statuses += run_suite(ctx, suite, by_suite, bdir, dir_error, suite_end)
+    telemetry = "gpu_telemetry.csv" if not append else f"gpu_telemetry_{bm.slug('-'.join(suites))}.csv"
     if sampler.samples:
-        sampler.write_csv(out / "gpu_telemetry.csv")
+        sampler.write_csv(out / telemetry)
     elif sampler.reason:
         print(f"wmfast bench: no GPU telemetry ({sampler.reason})")
-    status = {"suites": suites, "quick": quick, "device": str(device), "environment": env,
-              "ceilings": asdict(ctx.ceilings), "telemetry": sampler.summary(),
-              "statuses": [asdict(s) for s in statuses]}
+    status = {"suites": previous.get("suites", []) + suites, "profile": profile, "quick": profile == "quick",
+              "device": str(device), "environment": env, "ceilings": asdict(ctx.ceilings),
+              "telemetry": previous.get("telemetry") or sampler.summary(),
+              "statuses": previous.get("statuses", []) + [asdict(s) for s in statuses]}
     (out / "status.json").write_text(json.dumps(status, indent=2))
     report.write_report(out)
     # what this run wrote (scripts may add their own files): the next run removes exactly these
-    status["files"] = sorted({p.name for p in out.iterdir() if p.is_file()} - before | {"status.json"})
+    status["files"] = sorted(set(previous.get("files", [])) | ({p.name for p in out.iterdir() if p.is_file()} - before)
+                             | {"status.json"})
     (out / "status.json").write_text(json.dumps(status, indent=2))
     for s in statuses:
         print(f"{s.status.upper():8} {s.suite:<17} {s.script:<32} {s.seconds:7.1f} s  {s.message}")

@@ -1,0 +1,126 @@
+"""The per-GPU launch-configuration table (wmfast.tuning): chosen from sweep rows, read by the kernels' launchers
+and by the backend choice, with the hand-set constants as the fallback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wmfast import backend, tuning
+from wmfast import benchmarking as bm
+
+
+def _row(op, shape, provider, mode, ms):
+    return {"op": op, "shape": shape, "provider": provider, "mode": mode, "median_ms": str(ms), "gpu_name": "Test GPU",
+            "commit": "abc", "torch": "2.x", "triton": "3.x", "cuda": "13.0", "driver": "1", "timestamp": "t"}
+
+
+TEMPORAL = "B=8 T=5 S=1024 H=8 Dh=64 bfloat16 causal"
+ADALN = "wan2.2-5b B=8 L=1536 D=3072 bf16 mod=frame-fp32"
+DECODE = "B=1 S=1024 H=8 Dh=64 T_max=6 t=5 bfloat16"
+
+
+def test_choose_picks_fastest_config_per_kernel_and_key():
+    rows = [_row("ceiling:copy", "N=1", "torch", "copy", 1.0),
+            _row("temporal_attention_sweep", TEMPORAL, "triton-br2-w2", "fwd", 0.30),
+            _row("temporal_attention_sweep", TEMPORAL, "triton-br8-w4", "fwd", 0.20),
+            _row("temporal_attention_sweep", TEMPORAL, "triton-br8-w4", "bwd", 0.90),
+            _row("temporal_attention_sweep", TEMPORAL, "triton-br4-w8", "bwd", 0.50),
+            _row("gated_residual_layernorm_modulate_sweep", ADALN, "wmfast-triton-tile8192-w16", "fwd", 0.1),
+            _row("gated_residual_layernorm_modulate_sweep", ADALN, "wmfast-triton-tile2048-w4", "fwd", 0.2),
+            _row("temporal_decode_sweep", DECODE, "triton-br4-w1", "fwd", 0.05)]
+    t = tuning.choose(rows)
+    assert t["gpu"] == "Test GPU" and t["measured"]["commit"] == "abc"
+    key = tuning.temporal_key(5, 64, torch.bfloat16)
+    assert key == "T=5,Dh=64,bf16"
+    fwd, bwd = t["launch"]["temporal_attention_fwd"][key], t["launch"]["temporal_attention_bwd"][key]
+    assert (fwd["block_r"], fwd["num_warps"], fwd["configs_timed"]) == (8, 4, 2)
+    assert (bwd["block_r"], bwd["num_warps"]) == (4, 8)
+    adaln = t["launch"]["adaln_fwd"][tuning.adaln_key(3072, torch.bfloat16)]
+    assert (adaln["tile"], adaln["num_warps"]) == (8192, 16)
+    assert t["launch"]["temporal_decode"][tuning.decode_key(6, 64, torch.bfloat16)]["block_r"] == 4
+
+
+def test_backend_choice_needs_both_kernels_and_majority_is_default():
+    s1, s2, s3 = ADALN, ADALN.replace("B=8", "B=1"), ADALN.replace("D=3072", "D=512")
+    rows = [_row("layernorm_modulate", s1, "wmfast-cuda", "fwd+bwd", 1.0),
+            _row("layernorm_modulate", s1, "wmfast-triton", "fwd+bwd", 2.0),
+            _row("layernorm_modulate", s1, "torch.compile", "fwd+bwd", 0.5),  # a baseline: not a backend
+            _row("layernorm_modulate", s2, "wmfast-cuda", "fwd", 1.0),
+            _row("layernorm_modulate", s2, "wmfast-triton", "fwd", 0.5),
+            _row("layernorm_modulate", s3, "wmfast-cuda", "fwd+bwd", 3.0),
+            _row("layernorm_modulate", s3, "wmfast-triton", "fwd+bwd", 4.0),
+            _row("gated_residual_layernorm_modulate", s1, "wmfast-triton", "fwd", 1.0)]  # only one kernel timed
+    t = tuning.choose(rows)
+    lm = t["backend"]["layernorm_modulate"]
+    assert lm["B=8,L=1536,D=3072,bf16,per-frame,grad"] == "cuda"
+    assert lm["B=1,L=1536,D=3072,bf16,per-frame"] == "triton"  # fwd rows: the key without ",grad"
+    assert lm["*"] == "cuda"  # 2 shapes of 3
+    assert "gated_residual_layernorm_modulate" not in t["backend"]
+
+
+@pytest.fixture
+def fake_table(monkeypatch, tmp_path):
+    """A GPU named "Test GPU" whose table is written to a temporary kernels/configs/ directory."""
+    monkeypatch.setattr(tuning, "config_dir", lambda: tmp_path)
+    monkeypatch.setattr(tuning, "_device_gpu", lambda device: "Test GPU" if torch.device(device).type == "cuda"
+                        else None)
+    tuning.load_table.cache_clear()
+    yield lambda table: (tuning.write_table(table, tuning.table_path("Test GPU")), tuning.load_table.cache_clear())
+    tuning.load_table.cache_clear()
+
+
+def test_launchers_read_the_table_else_defaults(fake_table):
+    from wmfast.kernels import adaln, temporal_attention
+
+    cuda = torch.device("cuda")
+    key = tuning.temporal_key(5, 64, torch.bfloat16)
+    assert temporal_attention._launch_params("temporal_attention_fwd", key, cuda, None, None) == (None, 4)
+    fake_table({"launch": {"temporal_attention_fwd": {key: {"block_r": 2, "num_warps": 8, "median_ms": 0.1}},
+                           "adaln_bwd": {"D=3072,bf16": {"tile": 8192, "num_warps": 16}}}})
+    assert temporal_attention._launch_params("temporal_attention_fwd", key, cuda, None, None) == (2, 8)
+    assert temporal_attention._launch_params("temporal_attention_fwd", key, cuda, 16, None) == (16, 4)  # caller wins
+    assert temporal_attention._launch_params("temporal_attention_bwd", key, cuda, None, None) == (None, 4)
+    x = torch.empty(1, 1, 3072, dtype=torch.bfloat16, device="meta")
+    x_cuda = type("T", (), {"device": cuda, "dtype": torch.bfloat16})()
+    assert adaln._launch_params("adaln_bwd", 3072, x_cuda, None, None) == (8192, 16)
+    assert adaln._launch_params("adaln_fwd", 3072, x_cuda, None, None) == (None, None)
+    assert adaln._launch_params("adaln_bwd", 3072, x, None, None) == (None, None)  # not a CUDA tensor
+
+
+def test_backend_reads_measured_table(fake_table, monkeypatch):
+    fake_table({"backend": {"temporal_decode_step": {"B=1,S=1024,H=8,T_max=6,Dh=64,bf16": "triton", "*": "cuda"}}})
+    monkeypatch.delenv("WMFAST_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "cuda_ext_available", lambda: (True, "test"))
+    monkeypatch.setattr(backend, "triton_available", lambda: (True, "test"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    sel = backend.select_backend
+    prefs = ("cuda", "triton", "torch")
+    assert sel("temporal_decode_step", torch.device("cuda"), prefs, shape_key="B=1,S=1024,H=8,T_max=6,Dh=64,bf16") \
+        == "triton"
+    assert sel("temporal_decode_step", torch.device("cuda"), ("triton", "cuda", "torch"), shape_key="other") == "cuda"
+
+
+def test_broken_table_falls_back_with_a_warning(fake_table, caplog):
+    tuning.table_path("Test GPU").write_text("{not json")
+    tuning.load_table.cache_clear()
+    assert tuning.launch_config("adaln_fwd", "D=3072,bf16", "cuda") == {}
+    assert "ignoring" in caplog.text
+
+
+def test_adopt_writes_the_table(tmp_path, monkeypatch, capsys):
+    from wmfast.cli import main
+
+    monkeypatch.setattr(tuning, "config_dir", lambda: tmp_path / "configs")
+    run = tmp_path / "run"
+    w = bm.ResultWriter(run / "results.csv", device="cpu")
+    m = bm.Measurement(0.3, 0.29, 0.31)
+    w.add("temporal_attention_sweep", TEMPORAL, "triton-br2-w2", "fwd", m)
+    assert main(["bench", "--adopt", str(run)]) == 0
+    written = list((tmp_path / "configs").glob("*.json"))
+    assert len(written) == 1 and "temporal_attention_fwd" in json.loads(written[0].read_text())["launch"]
+    empty = tmp_path / "empty"
+    bm.ResultWriter(empty / "results.csv", device="cpu").add("op", "N=1", "torch", "fwd", m)
+    assert main(["bench", "--adopt", str(empty)]) == 2
+    assert "no sweep or backend rows" in capsys.readouterr().err
