@@ -38,6 +38,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"wmfast.kernels": "kernels"},
+    package_data={"wmfast.kernels": ["configs/*.json"]},  # the measured per-GPU launch tables (wmfast.tuning)
     install_requires=[
         "torch>=2.6",  # a lower bound only: never replaces a torch that is already installed
         "triton>=3.2",

@@ -40,7 +40,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 import torch.nn.functional as F
 
-from wmfast.benchmarking import script_main
+from wmfast.benchmarking import direct_triton_launches, script_main
 
 SUITE = "ops"
 
@@ -130,11 +130,17 @@ def bench_temporal(ctx):
 
 
 def sweep_block_rows(ctx, qkv, shape, nbytes, dtype):
-    """Rows per program x warps of the Triton kernel (the defaults were chosen without a GPU)."""
-    from wmfast.kernels.temporal_attention import _temporal_attention_bwd, _temporal_attention_fwd
-
+    """Rows per program x warps of the Triton kernel (rows "temporal_attention_sweep": wmfast.tuning adopts the
+    fastest where it beats the hand-set default), launched as the op launches them."""
     q, k, v = (x.detach() for x in qkv.unbind(3))
     do = torch.randn_like(q)
+    with direct_triton_launches():
+        _sweep_block_rows(ctx, q, k, v, do, shape, nbytes, dtype)
+
+
+def _sweep_block_rows(ctx, q, k, v, do, shape, nbytes, dtype):
+    from wmfast.kernels.temporal_attention import _temporal_attention_bwd, _temporal_attention_fwd
+
     for br in (2, 4, 8, 16) if ctx.lease else (1, 2, 4, 8, 16, 32):
         for warps in (2, 4, 8):
             try:
@@ -214,7 +220,7 @@ def sweep_decode(ctx, q, k, v, T_max, t, shape, nbytes, dtype):
         for warps in (1, 2, 4):
             name = f"triton-br{br}-w{warps}"
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), direct_triton_launches():
                     ctx.bench("temporal_decode_sweep", shape, name, "fwd",
                               lambda br=br, w=warps: _temporal_decode(q, k, v, kc, vc, t, block_r=br, num_warps=w),
                               bytes=nbytes, dtype=dtype, memory=False)

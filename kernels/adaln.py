@@ -93,6 +93,7 @@ def _adaln_fwd_kernel(
     HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_D] tile of flattened (b, l) rows; a row's modulation row is (b, l // div)."""
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64: keep the row statistics in fp32
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < n_rows
@@ -138,6 +139,7 @@ def _adaln_bwd_kernel(
     """Program (b, g, c) owns rows [c * rows_per_prog, (c + 1) * rows_per_prog) of group g (G tokens sharing a
     modulation row) of sample b, walks them in BLOCK_M-row tiles and writes one fp32 partial row per reduced
     modulation gradient (in a fixed order: deterministic)."""
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64; an fp64 rstd would promote the sums
     pid = tl.program_id(0)
     NG = L // G
     b = (pid // (NG * NC)).to(tl.int64)
@@ -241,7 +243,8 @@ MAX_D = 8192
 # (benchmarks/bench_adaln.py sweeps tile x warps).
 # Under the interpreter every program is a Python-level loop, so bigger tiles cut the overhead: the fused
 # forward + backward at B=2, L=64, D=512 took 0.58 s with 16384 vs 1.0 s with 4096 (2-core CPU, shared).
-_TILE = 16384 if triton_interpret() else 4096
+GPU_TILE = 4096
+_TILE = 16384 if triton_interpret() else GPU_TILE
 # Backward: programs per launch the row chunks aim for (a few waves of SMs on GPU); under the interpreter a few,
 # so that the stage-2 reduction still sums more than one partial per modulation row.
 _BWD_PROGRAMS_INTERPRET = 4
@@ -280,6 +283,15 @@ def _num_warps(block_m: int, block_d: int, elems_per_thread: int = 16, max_warps
     GPU needed) the fused backward at D=3072 needs 191 registers with 8 warps (one 8-warp block per SM) and 113
     with 16 (one 16-warp block: twice the warps in flight to hide memory latency), no spills either way."""
     return max(1, min(max_warps, block_m * block_d // (32 * elems_per_thread)))
+
+
+def default_launch(kernel: str, D: int) -> dict:
+    """The hand-set launch configuration on a GPU for rows of width D (enough rows to fill a whole tile): what
+    runs where the measured table has no entry."""
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, GPU_TILE // block_d)
+    warps = _num_warps(block_m, block_d) if kernel == "adaln_fwd" else _num_warps(block_m, block_d, 8, 16)
+    return {"tile": GPU_TILE, "num_warps": warps}
 
 
 def _launch_params(kernel: str, D: int, x: torch.Tensor, tile, num_warps):

@@ -102,6 +102,7 @@ def _temporal_attention_fwd_kernel(
     scale_log2,
     CAUSAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64: keep the math in fp32
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     t_idx = tl.arange(0, BLOCK_T)
     d_idx = tl.arange(0, BLOCK_D)
@@ -127,7 +128,10 @@ def _temporal_attention_bwd_kernel(
     CAUSAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq, dk, dv (same strides sg*) from recomputed probabilities: with P = softmax(q k^T * scale),
-    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)), dQ = dS K * scale, dK = dS^T Q * scale."""
+    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)), dQ = dS K * scale, dK = dS^T Q * scale.
+    The scales are cast to fp32 first: torch.compile (Inductor) passes Python floats as fp64 scalars, which
+    would promote dk, a loop-carried fp32 tile, to fp64 (a compile error, seen on an H200)."""
+    scale, scale_log2 = tl.cast(scale, tl.float32), tl.cast(scale_log2, tl.float32)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     t_idx = tl.arange(0, BLOCK_T)
     d_idx = tl.arange(0, BLOCK_D)
@@ -168,6 +172,7 @@ def _temporal_decode_kernel(
 
     The new frame's k, v enter the softmax from registers, not re-read from the cache: the store and a
     load of the same address by other threads of the program are not ordered without a barrier."""
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64: keep the math in fp32
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     t_idx = tl.arange(0, BLOCK_T)
     d_idx = tl.arange(0, BLOCK_D)
@@ -203,7 +208,10 @@ def _interpreting() -> bool:
     return triton_interpret()
 
 
-def block_rows(block_t: int, block_d: int, tiles: int, block_r: int | None = None) -> int:
+GPU_TILE_ELEMENTS = 4096  # elements of one [BLOCK_R, BLOCK_T, BLOCK_D] fp32 tile on a GPU (see block_rows)
+
+
+def block_rows(block_t: int, block_d: int, tiles: int, block_r: int | None = None, budget: int | None = None) -> int:
     """Rows per program: BLOCK_R * BLOCK_T * BLOCK_D ~ 4096 / tiles elements per [BLOCK_R, BLOCK_T, BLOCK_D] fp32
     tile a program holds (`tiles`: k, v in the forward and decode; k, v, dk, dv in the backward).
 
@@ -214,8 +222,16 @@ def block_rows(block_t: int, block_d: int, tiles: int, block_r: int | None = Non
     Under the interpreter each program is a Python loop over numpy ops, so fewer, larger programs are faster."""
     if block_r is not None:
         return block_r
-    budget = 1 << 15 if _interpreting() else 4096
+    budget = budget or (1 << 15 if _interpreting() else GPU_TILE_ELEMENTS)
     return max(1, min(256, triton.next_power_of_2(max(1, budget // (tiles * block_t * block_d)))))
+
+
+def default_launch(kernel: str, T: int, Dh: int) -> dict:
+    """The hand-set launch configuration on a GPU, what runs where the measured table has no entry (the sweeps'
+    choice is adopted only when it beats this one beyond the noise: wmfast.tuning)."""
+    tiles = 4 if kernel == "temporal_attention_bwd" else 2
+    bt, bd = triton.next_power_of_2(T), triton.next_power_of_2(Dh)
+    return {"block_r": block_rows(bt, bd, tiles, budget=GPU_TILE_ELEMENTS), "num_warps": 4}
 
 
 def _launcher(kernel):

@@ -243,9 +243,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import wmfast.kernels.temporal_attention as ta
 
-def compile_sm90(kern, ptrs, **constexprs):
+def compile_sm90(kern, ptrs, scale_type="fp32", **constexprs):
     names = [p.name for p in kern.params if p.is_constexpr]
-    sig = {p: "constexpr" if p in names else f"*{DT}" if p in ptrs else "fp32" if p.startswith("scale") else "i32"
+    sig = {p: "constexpr" if p in names else f"*{DT}" if p in ptrs else scale_type if p.startswith("scale") else "i32"
            for p in kern.arg_names}
     cx = {(kern.arg_names.index(k),): v for k, v in constexprs.items()}
     k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
@@ -257,6 +257,10 @@ compile_sm90(ta._temporal_attention_fwd_kernel, "QKVO", CAUSAL=True, BLOCK_R=8, 
 compile_sm90(ta._temporal_attention_fwd_kernel, "QKVO", CAUSAL=False, BLOCK_R=2, BLOCK_T=16, BLOCK_D=128)
 compile_sm90(ta._temporal_attention_bwd_kernel, ("Q", "K", "V", "DO", "DQ", "DK", "DV"), CAUSAL=True,
              BLOCK_R=4, BLOCK_T=8, BLOCK_D=64)
+# torch.compile (Inductor) passes the Python-float scales as fp64 scalars: the loop-carried fp32 tiles must stay fp32
+compile_sm90(ta._temporal_attention_bwd_kernel, ("Q", "K", "V", "DO", "DQ", "DK", "DV"), "fp64", CAUSAL=True,
+             BLOCK_R=4, BLOCK_T=8, BLOCK_D=64)
+compile_sm90(ta._temporal_attention_fwd_kernel, "QKVO", "fp64", CAUSAL=True, BLOCK_R=8, BLOCK_T=8, BLOCK_D=64)
 DT = "fp32"
 compile_sm90(ta._temporal_decode_kernel, ("Q", "K", "V", "KC", "VC", "O"), BLOCK_R=4, BLOCK_T=8, BLOCK_D=32)
 print("ok")

@@ -103,8 +103,8 @@ def test_timing_runner_for_triton_runs_the_reference_for_too_wide_rows(monkeypat
 
     ran = []
 
-    def pick(op, x, mods, runners, *args, **kwargs):
-        ran.append(runners()["triton"]())
+    def pick(op, x, mods, runners, tensors, *args, **kwargs):
+        ran.append(runners(*tensors)["triton"]())
         return "torch"
 
     monkeypatch.setattr(k, "MAX_D", 16)
@@ -172,11 +172,30 @@ def test_adaln_compiled_choice_uses_the_shape_key_with_grad(monkeypatch, grad):
 def test_adaln_timing_runners_time_the_backward_when_grad_is_needed():
     x, shift, scale = (torch.randn(2, 3, 8, requires_grad=True) for _ in range(3))
 
-    def fwd():
-        return layernorm_modulate_ref(x, shift, scale)
+    def factory(x, shift, scale):
+        return {"triton": lambda: layernorm_modulate_ref(x, shift, scale)}
 
-    grads = adaln_ops._timing_runners({"triton": fwd}, (x, shift, scale), True)["triton"]()
+    grads = adaln_ops._timing_runners(factory, (x, shift, scale), True)["triton"]()
     assert len(grads) == 3 and all(g is not None for g in grads)
     assert x.grad is None  # torch.autograd.grad: nothing accumulates into the caller's tensors
-    out = adaln_ops._timing_runners({"triton": fwd}, (x, shift, scale), False)["triton"]()
+    out = adaln_ops._timing_runners(factory, (x, shift, scale), False)["triton"]()
     assert not out.requires_grad  # forward only, under no_grad
+
+
+def test_adaln_timing_leaves_the_callers_graph_intact():
+    """Inputs computed from one another (x from residual, as in a transformer block): the timed backward must
+    stop at the op's inputs, or it frees saved tensors of the caller's graph (the Wan block failed so on a GPU)."""
+    w = torch.randn(8, 8, requires_grad=True)
+    residual = torch.randn(2, 3, 8, requires_grad=True)
+    x = (residual @ w).tanh()  # tanh saves its output: a second backward through it would fail
+    gate, shift, scale = (torch.randn(2, 8, requires_grad=True) for _ in range(3))
+
+    def factory(residual, x, gate, shift, scale):
+        return {"triton": lambda: gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale)}
+
+    runners = adaln_ops._timing_runners(factory, (residual, x, gate, shift, scale), True)
+    for _ in range(3):
+        runners["triton"]()
+    y, out = gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale)
+    (y.float().square().mean() + out.float().mean()).backward()  # the caller's backward still runs
+    assert w.grad is not None and residual.grad is not None and gate.grad is not None

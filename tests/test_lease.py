@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import torch
 
 from wmfast import benchmarking as bm
 from wmfast.bench import lease, pytest_stream, report
@@ -211,3 +212,40 @@ def test_update_readme_replaces_only_the_block(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results:begin"):
         report.update_readme(readme, out)
+
+
+def test_stream_report_counts_xdist_collections_once(tmp_path):
+    """Under pytest-xdist the controller collects nothing; each worker's list arrives through an xdist hook."""
+    stream = pytest_stream._Stream(str(tmp_path / "r.jsonl"))
+    for _ in range(2):  # two workers, the same list
+        stream.pytest_xdist_node_collection_finished(node=None, ids=["t.py::a", "t.py::b"])
+    stream.f.close()
+    t = pytest_stream.tally(pytest_stream.read_records(tmp_path / "r.jsonl"))
+    assert (t["collected"], t["not run"]) == (2, 2)
+
+
+def test_commit_override_for_copied_working_trees(monkeypatch):
+    monkeypatch.setenv("WMFAST_COMMIT", "0123456789ab")
+    assert bm.git_commit() == "0123456789ab"
+
+
+def test_largest_batch_row_retries_smaller_when_timing_runs_out_of_memory(monkeypatch, tmp_path):
+    from wmfast.bench import largest_batch
+    from wmfast.models import STTransformer, STTransformerConfig
+
+    model = STTransformer(STTransformerConfig.from_name("tiny", num_layers=1, grid_size=4))
+    opt = torch.optim.AdamW(model.parameters())
+    timed = []
+
+    def fake_measure(fn, **kw):
+        b = len(timed)
+        timed.append(b)
+        if b == 0:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return bm.Measurement(1.0, 0.9, 1.1)
+
+    monkeypatch.setattr(largest_batch, "measure", fake_measure)
+    ctx = bm.make_context(profile="quick", out_dir=tmp_path, device="cpu")
+    largest_batch._write_step_row(ctx, model, opt, 20, "tiny", "full")
+    rows = [r for r in ctx.writer.rows if r["op"] == largest_batch.ROW_OP]
+    assert len(timed) == 2 and len(rows) == 1 and "B=20 (timed at B=19)" in rows[0]["shape"]

@@ -11,8 +11,9 @@ from wmfast import backend, tuning
 from wmfast import benchmarking as bm
 
 
-def _row(op, shape, provider, mode, ms):
-    return {"op": op, "shape": shape, "provider": provider, "mode": mode, "median_ms": str(ms), "gpu_name": "Test GPU",
+def _row(op, shape, provider, mode, ms, spread=0.02):
+    return {"op": op, "shape": shape, "provider": provider, "mode": mode, "median_ms": str(ms),
+            "p20_ms": str(ms * (1 - spread)), "p80_ms": str(ms * (1 + spread)), "gpu_name": "Test GPU",
             "commit": "abc", "torch": "2.x", "triton": "3.x", "cuda": "13.0", "driver": "1", "timestamp": "t"}
 
 
@@ -21,28 +22,52 @@ ADALN = "wan2.2-5b B=8 L=1536 D=3072 bf16 mod=frame-fp32"
 DECODE = "B=1 S=1024 H=8 Dh=64 T_max=6 t=5 bfloat16"
 
 
-def test_choose_picks_fastest_config_per_kernel_and_key():
+def test_hand_set_defaults_are_what_the_launchers_run():
+    # T=5 -> BLOCK_T 8, Dh 64: 4096-element tiles -> 4 rows (fwd: k, v), 2 rows (bwd: k, v, dk, dv); 4 warps
+    assert tuning.default_launch("temporal_attention_fwd", "T=5,Dh=64,bf16") == {"block_r": 4, "num_warps": 4}
+    assert tuning.default_launch("temporal_attention_bwd", "T=5,Dh=64,bf16") == {"block_r": 2, "num_warps": 4}
+    assert tuning.default_launch("temporal_decode", "T_max=6,Dh=64,bf16") == {"block_r": 4, "num_warps": 4}
+    assert tuning.default_launch("adaln_fwd", "D=3072,bf16") == {"tile": 4096, "num_warps": 8}
+    assert tuning.default_launch("adaln_bwd", "D=3072,bf16") == {"tile": 4096, "num_warps": 16}
+
+
+def test_choose_adopts_only_what_beats_the_default_beyond_noise():
+    sweep = "temporal_attention_sweep"
     rows = [_row("ceiling:copy", "N=1", "torch", "copy", 1.0),
-            _row("temporal_attention_sweep", TEMPORAL, "triton-br2-w2", "fwd", 0.30),
-            _row("temporal_attention_sweep", TEMPORAL, "triton-br8-w4", "fwd", 0.20),
-            _row("temporal_attention_sweep", TEMPORAL, "triton-br8-w4", "bwd", 0.90),
-            _row("temporal_attention_sweep", TEMPORAL, "triton-br4-w8", "bwd", 0.50),
-            _row("gated_residual_layernorm_modulate_sweep", ADALN, "wmfast-triton-tile8192-w16", "fwd", 0.1),
-            _row("gated_residual_layernorm_modulate_sweep", ADALN, "wmfast-triton-tile2048-w4", "fwd", 0.2),
-            _row("temporal_decode_sweep", DECODE, "triton-br4-w1", "fwd", 0.05)]
+            _row(sweep, TEMPORAL, "triton-br4-w4", "fwd", 0.80),  # the default
+            _row(sweep, TEMPORAL, "triton-br16-w4", "fwd", 0.25),
+            _row(sweep, TEMPORAL, "triton-br2-w4", "bwd", 0.99),  # the default
+            _row(sweep, TEMPORAL, "triton-br8-w2", "bwd", 0.90, spread=0.2),  # faster median, inside the noise
+            _row("gated_residual_layernorm_modulate_sweep", ADALN, "wmfast-triton-tile2048-w16", "fwd", 0.1),
+            _row("temporal_decode_sweep", DECODE, "triton-br4-w4", "fwd", 0.05),  # the default, fastest
+            _row("temporal_decode_sweep", DECODE, "triton-br8-w4", "fwd", 0.06)]
     t = tuning.choose(rows)
     assert t["gpu"] == "Test GPU" and t["measured"]["commit"] == "abc"
     key = tuning.temporal_key(5, 64, torch.bfloat16)
     assert key == "T=5,Dh=64,bf16"
-    fwd, bwd = t["launch"]["temporal_attention_fwd"][key], t["launch"]["temporal_attention_bwd"][key]
-    assert (fwd["block_r"], fwd["num_warps"], fwd["configs_timed"]) == (8, 4, 2)
-    assert (bwd["block_r"], bwd["num_warps"]) == (4, 8)
-    adaln = t["launch"]["adaln_fwd"][tuning.adaln_key(3072, torch.bfloat16)]
-    assert (adaln["tile"], adaln["num_warps"]) == (8192, 16)
-    assert t["launch"]["temporal_decode"][tuning.decode_key(6, 64, torch.bfloat16)]["block_r"] == 4
+    fwd = t["launch"]["temporal_attention_fwd"][key]
+    assert (fwd["block_r"], fwd["num_warps"], fwd["configs_timed"], fwd["default_median_ms"]) == (16, 4, 2, 0.8)
+    kept = t["kept_defaults"]
+    assert "temporal_attention_bwd" not in t["launch"] and "noise" in kept["temporal_attention_bwd"][key]["reason"]
+    assert "not timed" in kept["adaln_fwd"]["D=3072,bf16"]["reason"]  # no evidence against the default
+    assert "is the fastest" in kept["temporal_decode"]["T_max=6,Dh=64,bf16"]["reason"]
 
 
-def test_backend_choice_needs_both_kernels_and_majority_is_default():
+def test_choose_sums_over_the_shapes_of_one_key():
+    """Two batch sizes share a key: the configuration is chosen on both, not on whichever shape is smaller."""
+    b1, b16 = DECODE, DECODE.replace("B=1 ", "B=16 ")
+    rows = [_row("temporal_decode_sweep", b1, "triton-br4-w4", "fwd", 0.30),
+            _row("temporal_decode_sweep", b16, "triton-br4-w4", "fwd", 3.00),
+            _row("temporal_decode_sweep", b1, "triton-br1-w1", "fwd", 0.10),  # best at B=1 only
+            _row("temporal_decode_sweep", b16, "triton-br1-w1", "fwd", 2.90),
+            _row("temporal_decode_sweep", b1, "triton-br8-w2", "fwd", 0.20),
+            _row("temporal_decode_sweep", b16, "triton-br8-w2", "fwd", 1.00),
+            _row("temporal_decode_sweep", b16, "triton-br16-w4", "fwd", 0.10)]  # timed on one shape: not eligible
+    entry = tuning.choose(rows)["launch"]["temporal_decode"]["T_max=6,Dh=64,bf16"]
+    assert (entry["block_r"], entry["num_warps"], entry["configs_timed"], len(entry["shapes"])) == (8, 2, 3, 2)
+
+
+def test_backend_choice_needs_both_kernels_beyond_noise_and_majority_is_default():
     s1, s2, s3 = ADALN, ADALN.replace("B=8", "B=1"), ADALN.replace("D=3072", "D=512")
     rows = [_row("layernorm_modulate", s1, "wmfast-cuda", "fwd+bwd", 1.0),
             _row("layernorm_modulate", s1, "wmfast-triton", "fwd+bwd", 2.0),
@@ -51,13 +76,15 @@ def test_backend_choice_needs_both_kernels_and_majority_is_default():
             _row("layernorm_modulate", s2, "wmfast-triton", "fwd", 0.5),
             _row("layernorm_modulate", s3, "wmfast-cuda", "fwd+bwd", 3.0),
             _row("layernorm_modulate", s3, "wmfast-triton", "fwd+bwd", 4.0),
-            _row("gated_residual_layernorm_modulate", s1, "wmfast-triton", "fwd", 1.0)]  # only one kernel timed
-    t = tuning.choose(rows)
-    lm = t["backend"]["layernorm_modulate"]
+            _row("layernorm_modulate", s3, "wmfast-cuda", "fwd", 1.0),  # within the noise: no entry
+            _row("layernorm_modulate", s3, "wmfast-triton", "fwd", 1.01),
+            _row("gated_residual_layernorm_modulate", s1, "wmfast-triton", "fwd", 1.0)]  # one kernel timed
+    lm = tuning.choose(rows)["backend"]["layernorm_modulate"]
     assert lm["B=8,L=1536,D=3072,bf16,per-frame,grad"] == "cuda"
     assert lm["B=1,L=1536,D=3072,bf16,per-frame"] == "triton"  # fwd rows: the key without ",grad"
+    assert "B=8,L=1536,D=512,bf16,per-frame" not in lm
     assert lm["*"] == "cuda"  # 2 shapes of 3
-    assert "gated_residual_layernorm_modulate" not in t["backend"]
+    assert "gated_residual_layernorm_modulate" not in tuning.choose(rows)["backend"]
 
 
 @pytest.fixture
@@ -117,6 +144,7 @@ def test_adopt_writes_the_table(tmp_path, monkeypatch, capsys):
     w = bm.ResultWriter(run / "results.csv", device="cpu")
     m = bm.Measurement(0.3, 0.29, 0.31)
     w.add("temporal_attention_sweep", TEMPORAL, "triton-br2-w2", "fwd", m)
+    w.add("temporal_attention_sweep", TEMPORAL, "triton-br4-w4", "fwd", bm.Measurement(0.9, 0.89, 0.91))  # default
     assert main(["bench", "--adopt", str(run)]) == 0
     written = list((tmp_path / "configs").glob("*.json"))
     assert len(written) == 1 and "temporal_attention_fwd" in json.loads(written[0].read_text())["launch"]

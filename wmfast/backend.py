@@ -168,3 +168,19 @@ def select_backend(op: str, device: torch.device, supported: tuple[str, ...] = B
     _log_once(f"wmfast: {op} on {device} tensors: using the torch reference "
               "(Triton needs a CUDA device or TRITON_INTERPRET=1)")
     return "torch"
+
+
+@torch.compiler.assume_constant_result
+def _constant_choice(op: str, device: torch.device, supported: tuple[str, ...], shape_key: str) -> str:
+    return select_backend(op, device, supported, shape_key=shape_key or None)
+
+
+def traceable_backend(op: str, device: torch.device, supported: tuple[str, ...] = BACKENDS,
+                      shape_key: str | None = None) -> str:
+    """select_backend for code that torch.compile traces: while it traces, the choice is evaluated once and
+    baked into the graph (dynamo cannot trace the device queries inside: torch.cuda.get_device_name broke a
+    fullgraph compile of temporal_attention on an H200); in eager code, select_backend itself."""
+    if torch.compiler.is_compiling():
+        return _constant_choice(op, device, tuple(supported), shape_key or "")
+    return select_backend(op, device, supported, shape_key=shape_key)
+

@@ -13,8 +13,11 @@ Triton kernels to run. Both read the same file:
      "backend": {"layernorm_modulate": {"B=1,L=1536,D=3072,bf16,per-frame,grad": "cuda", "*": "cuda"}}}
 
 `choose(rows)` builds that table from the rows of a results.csv: for each sweep (SWEEPS) the fastest
-configuration per kernel and key, and for each op the CUDA kernels implement the faster of the two wmfast
-providers per shape key, with "*" the backend that won the most shapes. Keys are built by the same
+configuration per kernel and key (least summed median over the shapes timed), adopted only where it beats the
+kernel's hand-set default beyond the noise (its 80th percentile under the default's 20th, on every shape);
+for each op the CUDA kernels implement, the faster of the two wmfast providers per shape key under the same
+rule, with "*" the backend that won the most shapes. Configurations that did not beat the default are kept
+under "kept_defaults" for the record, and the kernels run their defaults there. Keys are built by the same
 functions the launchers and ops use (`temporal_key`, `adaln_key`, `decode_key`), so a sweep row and a
 launch meet on the same string.
 """
@@ -122,41 +125,99 @@ BACKEND_OPS = {  # op -> (modes compared, shape key from a row)
 }
 
 
-def _ms(row) -> float | None:
+def _ms(row, key: str = "median_ms") -> float | None:
     try:
-        return float(row["median_ms"])
+        return float(row[key])
     except (KeyError, TypeError, ValueError):
         return None
 
 
+def _beats(fast: dict, slow: dict) -> bool:
+    """fast beats slow beyond the noise: its 80th percentile under slow's 20th."""
+    f80, s20 = _ms(fast, "p80_ms"), _ms(slow, "p20_ms")
+    f80 = f80 if f80 is not None else _ms(fast)
+    s20 = s20 if s20 is not None else _ms(slow)
+    return f80 is not None and s20 is not None and f80 < s20
+
+
+def default_launch(kernel: str, key: str) -> dict | None:
+    """The kernels' hand-set GPU launch configuration for `key` (imports the kernels: offline use only)."""
+    f = dict(part.split("=", 1) for part in key.split(",") if "=" in part)
+    try:
+        if kernel.startswith("adaln"):
+            from wmfast.kernels.adaln import default_launch as adaln_default
+
+            return adaln_default(kernel, int(f["D"]))
+        from wmfast.kernels.temporal_attention import default_launch as attention_default
+
+        return attention_default("temporal_attention_bwd" if kernel.endswith("bwd") else kernel,
+                                 int(f.get("T", f.get("T_max", 0))), int(f["Dh"]))
+    except (ImportError, KeyError, ValueError):
+        return None
+
+
+def _choose_launch(sweep: Sweep, op_rows: list[dict], table: dict) -> None:
+    """Per (kernel, key): the configuration with the least summed median over the shapes every configuration
+    was timed on, adopted only when it beats the hand-set default beyond the noise on each of those shapes."""
+    pattern = re.compile(sweep.provider + "$")
+    timed: dict[tuple, dict] = defaultdict(dict)  # (kernel, key) -> {(params, shape): row}
+    for r in op_rows:
+        m = pattern.match(r["provider"]) if r["op"] == sweep.op else None
+        key = sweep.key(r["shape"]) if m else None
+        if m and key and r["mode"] in sweep.kernels and _ms(r) is not None:
+            params = tuple(sorted((k, int(v)) for k, v in m.groupdict().items()))
+            timed[(sweep.kernels[r["mode"]], key)][(params, r["shape"])] = r
+    for (kernel, key), rows in sorted(timed.items()):
+        shapes = sorted({shape for _, shape in rows})
+        configs = {p for p, _ in rows if all((p, sh) in rows for sh in shapes)}
+        if not configs:
+            continue
+        best = min(sorted(configs), key=lambda p: sum(_ms(rows[(p, sh)]) for sh in shapes))
+        default = default_launch(kernel, key)
+        dflt = tuple(sorted(default.items())) if default else None
+        entry = {**dict(best), "median_ms": round(sum(_ms(rows[(best, sh)]) for sh in shapes), 4),
+                 "configs_timed": len(configs), "shapes": shapes, "default": default}
+        if dflt is not None and dflt in configs:
+            entry["default_median_ms"] = round(sum(_ms(rows[(dflt, sh)]) for sh in shapes), 4)
+        if best == dflt:
+            reason = "the hand-set default is the fastest"
+        elif dflt is None or dflt not in configs:
+            reason = "the hand-set default was not timed on every shape: no evidence against it"
+        elif all(_beats(rows[(best, sh)], rows[(dflt, sh)]) for sh in shapes):
+            reason = ""
+        else:
+            reason = "within the noise of the hand-set default (p80 not under the default's p20 on every shape)"
+        if reason:
+            table["kept_defaults"].setdefault(kernel, {})[key] = {**entry, "reason": reason}
+        else:
+            table["launch"].setdefault(kernel, {})[key] = entry
+
+
 def choose(rows: list[dict]) -> dict:
-    """The table (see the module docstring) from results.csv rows; GPU and versions from the first op row."""
+    """The table (see the module docstring) from results.csv rows; GPU and versions from the first op row.
+    Only decisive results enter it ("launch", "backend"); the rest is kept for the record ("kept_defaults")."""
     op_rows = [r for r in rows if not r["op"].startswith("ceiling:")]
     first = (op_rows or rows or [{}])[0]
     table = {"gpu": first.get("gpu_name", "?"),
              "measured": {k: first.get(k, "") for k in ("commit", "torch", "triton", "cuda", "driver", "timestamp")},
-             "launch": {}, "backend": {}}
+             "launch": {}, "backend": {}, "kept_defaults": {}}
     for sweep in SWEEPS:
-        pattern = re.compile(sweep.provider + "$")
-        groups: dict[tuple, list] = defaultdict(list)
-        for r in op_rows:
-            m = pattern.match(r["provider"]) if r["op"] == sweep.op else None
-            if m and r["mode"] in sweep.kernels and _ms(r) is not None and sweep.key(r["shape"]):
-                groups[(sweep.kernels[r["mode"]], sweep.key(r["shape"]))].append((_ms(r), m.groupdict(), r))
-        for (kernel, key), cands in sorted(groups.items()):
-            ms, params, r = min(cands, key=lambda c: c[0])
-            table["launch"].setdefault(kernel, {})[key] = {
-                **{k: int(v) for k, v in params.items()}, "median_ms": ms, "configs_timed": len(cands),
-                "shape": r["shape"]}
+        _choose_launch(sweep, op_rows, table)
     for op, (modes, shape_key) in BACKEND_OPS.items():
-        times: dict[str, dict[str, float]] = defaultdict(dict)  # key -> backend -> fastest median
+        fastest: dict[str, dict[str, dict]] = defaultdict(dict)  # key -> backend -> its fastest row
         for r in op_rows:
             backend = BACKEND_PROVIDERS.get(r["provider"])
             key = shape_key(r["shape"], r["mode"]) if r["op"] == op and r["mode"] in modes else None
-            if backend and key and _ms(r) is not None:
-                times[key][backend] = min(_ms(r), times[key].get(backend, float("inf")))
-        # a choice needs both kernels timed on the same shape (a CPU run, or one without the extension, has one)
-        chosen = {k: min(t, key=t.get) for k, t in sorted(times.items()) if len(t) > 1}
+            if backend and key and _ms(r) is not None and (
+                    backend not in fastest[key] or _ms(r) < _ms(fastest[key][backend])):
+                fastest[key][backend] = r
+        chosen = {}
+        for key, by_backend in sorted(fastest.items()):
+            if len(by_backend) < 2:  # a choice needs both kernels timed on the same shape
+                continue
+            win, lose = sorted(by_backend, key=lambda b: _ms(by_backend[b]))
+            if _beats(by_backend[win], by_backend[lose]):
+                chosen[key] = win
         if chosen:
             wins = Counter(chosen.values())
             chosen["*"] = max(sorted(wins), key=lambda b: wins[b])

@@ -60,8 +60,9 @@ def stages() -> list[Stage]:
 
 
 class Lease:
-    def __init__(self, out: Path, budget: float, dry_run: bool, python: str = sys.executable):
-        self.out, self.dry_run, self.python = out, dry_run, python
+    def __init__(self, out: Path, budget: float, dry_run: bool, python: str = sys.executable,
+                 gpu: tuple[str, tuple[int, int]] | None = None):
+        self.out, self.dry_run, self.python, self.gpu = out, dry_run, python, gpu
         self.t0 = time.monotonic()
         self.end = self.t0 + budget
         self.stages = stages()
@@ -120,15 +121,16 @@ class Lease:
 
     # ----------------------------------------------------------------------------------------------- build
     def start_build(self) -> None:
-        import torch
-
-        if self.dry_run or not torch.cuda.is_available():
+        gpu = None if self.dry_run else self.gpu
+        if gpu is None:
             self.build_note = "skipped: " + ("dry run" if self.dry_run else "no CUDA device")
             self.say(f"CUDA extension build {self.build_note}")
             return
-        major, minor = torch.cuda.get_device_capability()
+        major, minor = gpu[1]
         env = dict(self.env, WMFAST_CUDA_ARCHS=f"{major}{minor}", MAX_JOBS=str(os.cpu_count() or 4))
         log = open(self.out / "build.log", "w")  # noqa: SIM115 - the background build writes it until it ends
+        log.write(_toolchain_report() + "\n")
+        log.flush()
         self.say(f"building the CUDA extension for sm_{major}{minor} in the background (build.log)")
         self.build = subprocess.Popen([self.python, "setup.py", "build_ext", "--inplace"], cwd=REPO, env=env,
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -149,6 +151,10 @@ class Lease:
         if not self.build_note:
             self.build_note = f"exit {code} after {time.monotonic() - self.build_t0:.0f} s"
             self.say(f"CUDA extension build: {self.build_note}")
+            with open(self.out / "build.log", "a") as log:  # which libstdc++ / torch libraries it resolves to
+                for so in (REPO / "wmfast").glob("_C*.so"):
+                    ldd = subprocess.run(["ldd", str(so)], capture_output=True, text=True, check=False).stdout
+                    log.write(f"ldd {so.name}:\n{ldd}")
         return code == 0
 
     # ---------------------------------------------------------------------------------------------- stages
@@ -174,21 +180,23 @@ class Lease:
                "--tb=short", "--durations=15"]
         if importlib.util.find_spec("xdist") and not self.dry_run:
             cmd += ["-n", str(min(16, os.cpu_count() or 2))]
-        if importlib.util.find_spec("pytest_timeout"):
-            cmd += ["--timeout", f"{max(20, min(90, budget / 2)):.0f}"]
+        if importlib.util.find_spec("pytest_timeout"):  # opcheck tests took over 37 s on an H200: a generous cap
+            cmd += ["--timeout", f"{max(30, 0.8 * budget):.0f}"]
         return self.run(cmd + args, budget)[0]
 
     def stage_env(self, budget: float) -> int | None:
         cmd = [self.python, "-m", "wmfast.cli", "env", "--json"]
         self.say("$ " + " ".join(cmd) + " > env.json")
-        try:
+        try:  # a floor of 15 s: importing torch alone can take seconds on a loaded 2-core machine
             env = subprocess.run(cmd, check=False, cwd=REPO, env=self.env, capture_output=True, text=True,
-                                 timeout=min(30.0, budget / 3))
-            (self.out / "env.json").write_text(env.stdout)
+                                 timeout=max(15.0, budget / 3))
             self.log_file.write(env.stdout + env.stderr)
             sys.stdout.write(env.stdout + env.stderr)
+            report = env.stdout if env.returncode == 0 else json.dumps({"error": env.stderr[-2000:]})
         except subprocess.TimeoutExpired:
             self.say("wmfast env did not answer in time")
+            report = json.dumps({"error": "wmfast env --json did not answer in time"})
+        (self.out / "env.json").write_text(report)
         if not self.dry_run:
             self.run(["nvidia-smi"], 10.0)
         return self.bench("ceilings", max(5.0, self.share_left(budget)))
@@ -256,6 +264,30 @@ class _Skip(Exception):
     pass
 
 
+def _toolchain_report() -> str:
+    """Which compilers build the extension and which C++ ABI torch has: the extension's binding segfaulted on
+    an H200 when one of its own input checks threw (tests/test_csrc.py::test_gpu_binding_rejects_bad_input),
+    which points at a toolchain or ABI mismatch; this header lets the next run say which."""
+    import shutil
+
+    import torch
+
+    lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}), _GLIBCXX_USE_CXX11_ABI="
+             f"{int(torch._C._GLIBCXX_USE_CXX11_ABI)}; torch built with: "
+             + next((ln.strip() for ln in torch.__config__.show().splitlines() if "GCC" in ln or "clang" in ln), "?")]
+    for tool in ("c++", "g++", "gcc", "nvcc"):
+        path = shutil.which(tool)
+        if path:
+            try:
+                first = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
+                                       check=False).stdout.strip().splitlines()
+            except (OSError, subprocess.SubprocessError) as e:
+                first = [f"--version failed: {e}"]
+            lines.append(f"{tool}: {path}: {(first or ['?'])[-1] if tool == 'nvcc' else (first or ['?'])[0]}")
+    lines.append(f"CXX={os.environ.get('CXX', '')} CC={os.environ.get('CC', '')}")
+    return "\n".join(lines)
+
+
 def _statuses(out: Path) -> list[dict]:
     try:
         return json.loads((out / "status.json").read_text()).get("statuses", [])
@@ -312,15 +344,28 @@ def pack(out: Path, dest: Path) -> None:
     print(f"packed {out} -> {dest / (name + '.tar.gz')}")
 
 
-def default_out(dry_run: bool) -> Path:
-    import torch
+def gpu_facts() -> tuple[str, tuple[int, int]] | None:
+    """(name, compute capability) of GPU 0, asked in a child process: the lease process itself never creates a
+    CUDA context, which would hold GPU memory through every stage (and shrink the largest batch found)."""
+    probe = ("import torch; assert torch.cuda.is_available(); "
+             "print(torch.cuda.get_device_name(0)); print(*torch.cuda.get_device_capability(0))")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or len(lines) < 2:
+        return None
+    major, minor = (int(v) for v in lines[-1].split())
+    return lines[-2], (major, minor)
 
+
+def default_out(dry_run: bool, gpu: tuple | None) -> Path:
     from wmfast import benchmarking as bm
 
-    device = "cpu" if dry_run or not torch.cuda.is_available() else "cuda"
-    env = bm.environment(device)
-    return (REPO / "benchmarks" / "results" / bm.slug(env["gpu_name"])
-            / f"{time.strftime('%Y-%m-%d', time.gmtime())}-{env['commit']}")
+    name = gpu[0] if gpu and not dry_run else bm.environment("cpu")["gpu_name"]
+    return (REPO / "benchmarks" / "results" / bm.slug(name)
+            / f"{time.strftime('%Y-%m-%d', time.gmtime())}-{bm.git_commit(REPO)}")
 
 
 def main(argv=None) -> int:
@@ -337,8 +382,9 @@ def main(argv=None) -> int:
     if budget < 30:
         print(f"wmfast lease: error: --budget {budget:g}: at least 30 seconds", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else default_out(args.dry_run)
-    lease = Lease(out.resolve(), budget, args.dry_run)
+    gpu = None if args.dry_run else gpu_facts()
+    out = Path(args.out) if args.out else default_out(args.dry_run, gpu)
+    lease = Lease(out.resolve(), budget, args.dry_run, gpu=gpu)
     if args.install_log and Path(args.install_log).exists():
         (out / "install.log").write_text(Path(args.install_log).read_text())
 

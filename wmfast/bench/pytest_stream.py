@@ -31,7 +31,14 @@ class _Stream:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session):
-        self.write({"event": "collected", "nodeids": [item.nodeid for item in session.items], "time": time.time()})
+        if session.items:  # under pytest-xdist the controller collects nothing: the hook below reports instead
+            self.write({"event": "collected", "nodeids": [item.nodeid for item in session.items],
+                        "time": time.time()})
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids):
+        """Each xdist worker's collection (the same list on every worker: tally() de-duplicates)."""
+        self.write({"event": "collected", "nodeids": list(ids), "time": time.time()})
 
     def pytest_runtest_logreport(self, report):
         failed_setup = report.when != "call" and report.outcome != "passed"
@@ -72,12 +79,12 @@ def read_records(path) -> list[dict]:
 
 def tally(records: list[dict]) -> dict:
     """Counts (collected, passed, failed, skipped, not run) and the failures [(nodeid, longrepr)]."""
-    collected: list[str] = []
+    collected: dict[str, None] = {}  # ordered set
     outcome: dict[str, str] = {}
     failures = []
     for r in records:
         if r.get("event") == "collected":
-            collected += [n for n in r["nodeids"] if n not in collected]
+            collected.update(dict.fromkeys(r["nodeids"]))
         elif r.get("event") == "report":
             if r["outcome"] == "failed" and outcome.get(r["nodeid"]) != "failed":
                 failures.append((r["nodeid"], r.get("longrepr", "")))
@@ -105,7 +112,7 @@ def junit_xml(suites: dict[str, list[dict]]) -> str:
             if r.get("event") == "report" and seen.get(r["nodeid"], {}).get("outcome") != "failed":
                 seen[r["nodeid"]] = r
         collected = [n for r in records if r.get("event") == "collected" for n in r["nodeids"]]
-        for nodeid in dict.fromkeys(collected + list(seen)):
+        for nodeid in dict.fromkeys(collected + list(seen)):  # xdist: every worker reports the same list
             path, _, test = nodeid.partition("::")
             case = ET.SubElement(suite, "testcase", classname=path.removesuffix(".py").replace("/", "."), name=test,
                                  time=str(seen.get(nodeid, {}).get("duration", 0)))

@@ -259,9 +259,14 @@ def newest_run(results_root: str | Path) -> Path | None:
 
 
 def _last_line(text: str) -> str:
+    """What a failure report says in one line: its first and last "E" lines (pytest's error lines), else its
+    last line."""
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("E ") or "Error" in ln or "Timeout" in ln]
-    return ((errors or lines or [""])[-1])[:200]
+    errors = [ln.removeprefix("E").strip() for ln in lines if ln.startswith("E ")]
+    if not errors:
+        return (lines or [""])[-1][:300]
+    said = errors[0] if len(errors) == 1 or errors[0] == errors[-1] else f"{errors[0]} ... {errors[-1]}"
+    return said[:300]
 
 
 def lease_lines(out_dir: str | Path) -> list[str]:
@@ -283,20 +288,25 @@ def lease_lines(out_dir: str | Path) -> list[str]:
         if not records:
             continue
         t = pytest_stream.tally(records)
-        lines += ["", f"**{name}** (`pytest -m gpu`): {t['collected']} collected, {t['passed']} passed, "
-                  f"{t['failed']} failed, {t['skipped']} skipped, {t['not run']} not run"
-                  + ("" if t["finished"] else " (stopped at its budget)") + "."]
+        collected = (f"{t['collected']} collected" if t["collected"] else "collection not recorded")
+        not_run = f", {t['not run']} not run" if t["collected"] else ""
+        lines += ["", f"**{name}** (`pytest -m gpu`): {collected}, {t['passed']} passed, {t['failed']} failed, "
+                  f"{t['skipped']} skipped{not_run}" + ("" if t["finished"] else " (stopped at its budget)") + "."]
         lines += [f"- FAILED `{nodeid}`: {_last_line(text)}" for nodeid, text in t["failures"]]
     configs = out_dir / "launch_configs.json"
     if configs.exists():
         table = json.loads(configs.read_text())
-        if table.get("launch") or table.get("backend"):
-            lines += ["", "Launch configurations chosen by the sweeps (`wmfast bench --adopt` installs them):", ""]
-            for kernel, by_key in table.get("launch", {}).items():
-                for key, cfg in by_key.items():
-                    params = ", ".join(f"{k}={v}" for k, v in cfg.items() if k in ("block_r", "tile", "num_warps"))
-                    lines.append(f"- {kernel} [{key}]: {params} ({cfg['median_ms']} ms, best of "
-                                 f"{cfg['configs_timed']})")
+        if table.get("launch") or table.get("backend") or table.get("kept_defaults"):
+            lines += ["", "Launch configurations from the sweeps (`wmfast bench --adopt` installs the adopted ones):",
+                      ""]
+            for section, verdict in (("launch", "adopted"), ("kept_defaults", "default kept")):
+                for kernel, by_key in table.get(section, {}).items():
+                    for key, cfg in by_key.items():
+                        params = ", ".join(f"{k}={v}" for k, v in cfg.items() if k in ("block_r", "tile", "num_warps"))
+                        dflt = (f" vs default {cfg['default']} {cfg['default_median_ms']} ms"
+                                if "default_median_ms" in cfg else f" (default {cfg.get('default')})")
+                        lines.append(f"- {verdict}: {kernel} [{key}]: {params} {cfg['median_ms']} ms (best of "
+                                     f"{cfg['configs_timed']}){dflt}" + (f": {cfg['reason']}" if cfg.get("reason") else ""))
             for op, by_key in table.get("backend", {}).items():
                 lines.append(f"- backend of {op}: {by_key.get('*')} (" + ", ".join(
                     f"{k}: {v}" for k, v in by_key.items() if k != "*") + ")")

@@ -143,35 +143,47 @@ def _backend_constant(op: str, device: torch.device, shape_key: str) -> str:
 
 
 def _pick_backend(op: str, x, mods, runners, tensors) -> str:
-    """The backend for this call. On CUDA tensors `runners` (backend -> zero-argument forward) lets
-    select_backend time the usable backends once per shape class when no measured table entry decides;
-    `tensors` (the op's inputs) say whether a backward is needed, which is then timed too."""
+    """The backend for this call. On CUDA tensors `runners` (a function of the op's inputs returning backend ->
+    zero-argument forward) lets select_backend time the usable backends once per shape class when no measured
+    table entry decides; `tensors` (the op's inputs, in the order `runners` takes them) say whether a backward
+    is needed, which is then timed too."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():
         return _backend_constant(op, x.device, _shape_key(x, mods, grad))
     if x.device.type != "cuda":
         return select_backend(op, x.device, _SUPPORTED)
     return select_backend(op, x.device, _SUPPORTED, shape_key=_shape_key(x, mods, grad),
-                          runners=_timing_runners(runners(), tensors, grad))
+                          runners=_timing_runners(runners, tensors, grad))
 
 
-def _timing_runners(runners: dict, tensors, grad: bool) -> dict:
-    """Runners as timed: forward only under no_grad, or forward + backward (torch.autograd.grad, so nothing
-    accumulates into the callers' .grad) when the call needs a backward, as training then runs both."""
-    needs = [t for t in tensors if t.requires_grad] if grad else []
+def _timing_runners(factory, tensors, grad: bool) -> dict:
+    """Runners as timed: forward only under no_grad, or forward + backward (torch.autograd.grad) when the call
+    needs a backward, as training then runs both. They run on detached copies of the inputs (leaves sharing the
+    storage, requiring grad like the originals), built at the first timed call: a backward from the real
+    inputs would run on into the caller's graph wherever one input is computed from another (x from residual
+    in a block) and free the saved tensors the caller's own backward needs (seen on an H200 in the Wan block)."""
+    state = {}
 
-    def wrap(fn):
+    def built() -> dict:
+        if not state:
+            leaves = tuple(t.detach().requires_grad_(grad and t.requires_grad) for t in tensors)
+            state["needs"] = [t for t in leaves if t.requires_grad]
+            state["fns"] = factory(*leaves)
+        return state
+
+    def wrap(name):
         def run():
+            s = built()
             if not grad:
                 with torch.no_grad():
-                    return fn()
-            outs = fn()
+                    return s["fns"][name]()
+            outs = s["fns"][name]()
             outs = outs if isinstance(outs, tuple) else (outs,)
-            return torch.autograd.grad(outs, needs, [torch.ones_like(o) for o in outs])
+            return torch.autograd.grad(outs, s["needs"], [torch.ones_like(o) for o in outs])
 
         return run
 
-    return {name: wrap(fn) for name, fn in runners.items()}
+    return {name: wrap(name) for name in ("triton", "cuda")}
 
 
 def _csrc():
@@ -190,7 +202,7 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     frame_len = _check_frame_len(frame_len, x)
     _check_mod("shift", shift, x, frame_len)
     _check_mod("scale", scale, x, frame_len)
-    backend = _pick_backend("layernorm_modulate", x, (shift, scale), lambda: {
+    backend = _pick_backend("layernorm_modulate", x, (shift, scale), lambda x, shift, scale: {
         "triton": _triton_runner(x, lambda: _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0),
                                  lambda: _k.layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)),
         "cuda": lambda: _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)}, (x, shift, scale))
@@ -210,7 +222,7 @@ def gated_residual(residual, x, gate, *, frame_len=None):
     _check_x("residual", residual, like=x)
     frame_len = _check_frame_len(frame_len, x)
     _check_mod("gate", gate, x, frame_len)
-    backend = _pick_backend("gated_residual", x, (gate,), lambda: {
+    backend = _pick_backend("gated_residual", x, (gate,), lambda residual, x, gate: {
         "triton": _triton_runner(x, lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0),
                                  lambda: _k.gated_residual_ref(residual, x, gate, frame_len=frame_len)),
         "cuda": lambda: _csrc().gated_residual(residual, x, gate, frame_len=frame_len)}, (residual, x, gate))
@@ -233,7 +245,8 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
     frame_len = _check_frame_len(frame_len, x)
     for name, mod in (("gate", gate), ("shift", shift), ("scale", scale)):
         _check_mod(name, mod, x, frame_len)
-    backend = _pick_backend("gated_residual_layernorm_modulate", x, (gate, shift, scale), lambda: {
+    backend = _pick_backend("gated_residual_layernorm_modulate", x, (gate, shift, scale),
+                            lambda residual, x, gate, shift, scale: {
         "triton": _triton_runner(
             x, lambda: _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps),
                                                                 frame_len or 0),

@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from wmfast.backend import forced_backend, select_backend
+from wmfast.backend import forced_backend, select_backend, traceable_backend
 from wmfast.kernels.temporal_attention import (
     MAX_DECODE_T,
     MAX_T,
@@ -92,7 +92,7 @@ def temporal_attention(q, k, v, *, causal=True):
     Any strides with a contiguous head dim (e.g. views of a fused qkv [B, T, S, 3, H, Dh]); softmax scale
     Dh**-0.5; causal: frame t attends to frames <= t. Differentiable on every backend."""
     _check_qkv("temporal_attention", q, k, v, MAX_T)
-    backend = select_backend("temporal_attention", q.device, ("triton", "torch"))
+    backend = traceable_backend("temporal_attention", q.device, ("triton", "torch"))
     if backend == "triton":
         return temporal_attention_op(q, k, v, bool(causal))
     return temporal_attention_ref(q, k, v, causal=causal)

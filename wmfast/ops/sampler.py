@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from wmfast.backend import select_backend
+from wmfast.backend import traceable_backend
 from wmfast.kernels.ensemble_sampler import (
     ensemble_euler_step_ref,
     ensemble_euler_step_triton,
@@ -60,7 +60,7 @@ def ensemble_euler_step(x: torch.Tensor, v: torch.Tensor, dt, context: torch.Ten
     context: [1, C, Fc, H, W] (broadcast to every member without a copy) or [N, C, Fc, H, W], Fc <= F.
     Returns y: [N, C, F, H, W] in x.dtype, y[:, :, :Fc] = context, y[:, :, Fc:] = x + dt * v (fp32 math)."""
     dt = _check_step_args(x, v, dt, context)
-    if select_backend("ensemble_euler_step", x.device, _SUPPORTED) == "triton":
+    if traceable_backend("ensemble_euler_step", x.device, _SUPPORTED) == "triton":
         return ensemble_euler_step_triton(x, v, dt, context)
     return ensemble_euler_step_ref(x, v, dt, context)
 
@@ -74,6 +74,6 @@ def ensemble_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                          f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"ensemble_mean_var: x must be [N >= 1, ...], got shape {_shape(x)}")
-    if select_backend("ensemble_mean_var", x.device, _SUPPORTED) == "triton":
+    if traceable_backend("ensemble_mean_var", x.device, _SUPPORTED) == "triton":
         return ensemble_mean_var_triton(x)
     return ensemble_mean_var_ref(x)
