@@ -256,11 +256,6 @@ class Ceilings:
         return self.matmul_tflops.get(key) if key else None
 
 
-def dtype_label(dtype: torch.dtype) -> str:
-    """bf16 / fp16 / fp32, as shape strings write dtypes."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype)[6:])
-
-
 def _dtype_key(dtype) -> str | None:
     if dtype is None:
         return None

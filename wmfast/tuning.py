@@ -7,10 +7,11 @@ constants when the table has no entry; `wmfast.backend` asks `measured_backend(.
 Triton kernels to run. Both read the same file:
 
     {"gpu": "NVIDIA H200",
-     "measured": {"commit": ..., "torch": ..., "triton": ..., "timestamp": ..., "results": "<run dir>"},
-     "launch": {"temporal_attention_fwd": {"T=5,Dh=64,bf16": {"block_r": 2, "num_warps": 2,
-                                                             "median_ms": 0.28, "configs_timed": 18}}},
-     "backend": {"layernorm_modulate": {"B=1,L=1536,D=3072,bf16,per-frame,grad": "cuda", "*": "cuda"}}}
+     "measured": {"commit": ..., "torch": ..., "triton": ..., "cuda": ..., "driver": ..., "timestamp": ...},
+     "launch": {"temporal_attention_fwd": {"T=5,Dh=64,bf16": {"block_r": 16, "num_warps": 4, "median_ms": ...,
+                                                             "default": {...}, "default_median_ms": ..., ...}}},
+     "backend": {"layernorm_modulate": {"B=8,L=1536,D=3072,bf16,per-frame,grad": "cuda", "*": "cuda"}},
+     "kept_defaults": {kernel: {key: {... "reason": why the hand-set default stays}}}}
 
 `choose(rows)` builds that table from the rows of a results.csv: for each sweep (SWEEPS) the fastest
 configuration per kernel and key (least summed median over the shapes timed), adopted only where it beats the
@@ -27,6 +28,7 @@ import functools
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,32 +71,42 @@ def _fields(shape: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- the sweeps
+def _temporal_sweep_key(f: dict) -> str:
+    return temporal_key(f["T"], f["Dh"], f["dtype"])
+
+
+def _decode_sweep_key(f: dict) -> str:
+    return decode_key(f["T_max"], f["Dh"], f["dtype"])
+
+
+def _adaln_sweep_key(f: dict) -> str:
+    return adaln_key(f["D"], f["dtype"])
+
+
 @dataclass(frozen=True)
 class Sweep:
-    """A sweep's rows: op name in results.csv; kernel name per mode; provider -> parameters; shape -> key."""
+    """A sweep's rows: op name in results.csv; kernel name per mode; provider regex (named groups: the
+    launcher's int parameters); the launch key from a row's shape fields."""
 
     op: str
     kernels: dict
-    provider: str  # regex with named groups, each an int parameter of the launcher
+    provider: str
+    key_of: Callable[[dict], str]
 
     def key(self, shape: str) -> str | None:
-        f = _fields(shape)
         try:
-            if self.op == "temporal_attention_sweep":
-                return temporal_key(f["T"], f["Dh"], f["dtype"])
-            if self.op == "temporal_decode_sweep":
-                return decode_key(f["T_max"], f["Dh"], f["dtype"])
-            return adaln_key(f["D"], f["dtype"])
+            return self.key_of(_fields(shape))
         except KeyError:
             return None
 
 
 SWEEPS = (
     Sweep("temporal_attention_sweep", {"fwd": "temporal_attention_fwd", "bwd": "temporal_attention_bwd"},
-          r"triton-br(?P<block_r>\d+)-w(?P<num_warps>\d+)"),
-    Sweep("temporal_decode_sweep", {"fwd": "temporal_decode"}, r"triton-br(?P<block_r>\d+)-w(?P<num_warps>\d+)"),
+          r"triton-br(?P<block_r>\d+)-w(?P<num_warps>\d+)", _temporal_sweep_key),
+    Sweep("temporal_decode_sweep", {"fwd": "temporal_decode"}, r"triton-br(?P<block_r>\d+)-w(?P<num_warps>\d+)",
+          _decode_sweep_key),
     Sweep("gated_residual_layernorm_modulate_sweep", {"fwd": "adaln_fwd", "bwd": "adaln_bwd"},
-          r"wmfast-triton-tile(?P<tile>\d+)-w(?P<num_warps>\d+)"),
+          r"wmfast-triton-tile(?P<tile>\d+)-w(?P<num_warps>\d+)", _adaln_sweep_key),
 )
 
 # Ops with both a CUDA and a Triton kernel: the bench providers compared, and the op's shape key from a row.

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from wmfast import benchmarking as bm
+from wmfast.tuning import dtype_name
 
 EXPECTED_SCRIPTS = {
     "ops": ("bench_adaln.py", "bench_st_attention.py", "bench_wan_block.py"),
@@ -129,7 +130,7 @@ def model_matmuls(ctx: bm.BenchContext) -> None:
     for (M, N, K), what in (QUICK_MATMULS if ctx.quick or ctx.device.type == "cpu" else MODEL_MATMULS):
         a = torch.randn(M, K, device=ctx.device, dtype=dtype)
         b = torch.randn(K, N, device=ctx.device, dtype=dtype)
-        ctx.bench("matmul", f"{what} M={M} N={N} K={K} {bm.dtype_label(dtype)}", "torch", "fwd",
+        ctx.bench("matmul", f"{what} M={M} N={N} K={K} {dtype_name(dtype)}", "torch", "fwd",
                   lambda a=a, b=b: a @ b, flops=2 * M * N * K, dtype=dtype, memory=False)
 
 
