@@ -7,9 +7,14 @@ build, no CUDA toolkit, or a CPU-only torch. Environment:
 - WMFAST_CUDA_ARCHS="90;100" (default): "90" -> sm_90a (H100/H200), "100" -> sm_100a (B200). An entry with
   a letter or an "8x" arch is taken as given ("120" -> sm_120a, "89" -> sm_89).
 - MAX_JOBS: parallel compile jobs; default from free memory (~1.5 GiB per nvcc job) and the CPU count.
+- CXX / CC: the host compiler, as torch.utils.cpp_extension reads them; one that links libstdc++ statically
+  is replaced by the g++/gcc on PATH (see `host_compiler`).
 """
 import glob
 import os
+import shutil
+import subprocess
+import tempfile
 
 DEFAULT_ARCHS = "90;100"
 # No -std: torch.utils.cpp_extension adds the one its headers need (c++17 on torch 2.11, c++20 later); the
@@ -53,6 +58,48 @@ def default_max_jobs():
     return max(1, min(os.cpu_count() or 1, by_mem))
 
 
+def links_libstdcxx_dynamically(cxx):
+    """True when `cxx` links a C++ shared object against libstdc++.so, False when it links libstdc++ into the
+    object (a wrapper passing -static-libstdc++), None when the probe cannot tell (no compiler, no readelf).
+
+    It matters because the binding's errors are c10::Error exceptions thrown through torch's libraries and
+    caught by pybind11: with a second, static copy of the C++ runtime inside wmfast._C the catch misses and
+    the process dies (seen on an H200 image whose CXX was such a wrapper: every rejected input segfaulted)."""
+    readelf = shutil.which("readelf")
+    if not readelf or not shutil.which(cxx.split()[0]):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write("#include <stdexcept>\nvoid wmfast_probe(int x) { if (x) throw std::runtime_error(\"x\"); }\n")
+        try:
+            subprocess.run(cxx.split() + ["-shared", "-fPIC", src, "-o", lib], check=True, capture_output=True,
+                           timeout=60)
+            dyn = subprocess.run([readelf, "-d", lib], check=True, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return "libstdc++.so" in dyn
+
+
+def host_compiler(env=None):
+    """Make CXX/CC in `env` (default os.environ) a pair that links libstdc++ dynamically, as torch does.
+
+    Returns a line for the build log, or "" when nothing needed changing (CXX unset, or it already links
+    dynamically, or the probe cannot tell). A static-runtime CXX is replaced by g++/gcc from PATH when those
+    link dynamically; when there is none, CXX is kept and the line warns what will break."""
+    env = os.environ if env is None else env
+    cxx = env.get("CXX")
+    if not cxx or links_libstdcxx_dynamically(cxx) is not False:
+        return ""
+    gxx, gcc = shutil.which("g++"), shutil.which("gcc")
+    if gxx and gcc and links_libstdcxx_dynamically(gxx):
+        env["CXX"], env["CC"] = gxx, gcc
+        return (f"wmfast: CXX={cxx} links libstdc++ statically (exceptions from the binding would crash the "
+                f"process): building with CXX={gxx} CC={gcc}")
+    return (f"wmfast: warning: CXX={cxx} links libstdc++ statically and no g++ on PATH links it dynamically: "
+            "errors raised by the CUDA binding may crash the process instead of raising")
+
+
 def extension_args(root):
     """Keyword arguments shared by CUDAExtension and torch.utils.cpp_extension.load."""
     return {
@@ -79,6 +126,9 @@ def cuda_extension_kwargs(root):
         print(f"wmfast: skipping the CUDA extension: {why}")
         return {}
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    note = host_compiler()
+    if note:
+        print(note)
     rel = [os.path.relpath(s, root) for s in cu + [binding]]
     print(f"wmfast: building the CUDA extension wmfast._C for {gencode_flags()} with MAX_JOBS={os.environ['MAX_JOBS']}")
     ext = CUDAExtension(name="wmfast._C", sources=rel, **extension_args(root))

@@ -151,18 +151,24 @@ def _op_bytes(op, N, es, mod_bytes):
 
 
 def compiled(fn):
-    """torch.compile(fn), with AOTAutograd's donated buffers off: the "bwd" rows run backward twice over one
-    stored forward (retain_graph=True), which a backward compiled with donated buffers refuses (seen on an
-    H200 with torch 2.11). Donated buffers only let the backward reuse saved tensors' memory."""
-    import torch._functorch.config as functorch_config
-
-    inner = torch.compile(fn)
+    """torch.compile(fn, dynamic=False), with AOTAutograd's donated buffers off for its forward and its backward:
+    the "bwd" rows run backward twice over one stored forward (retain_graph=True), which a backward compiled with
+    donated buffers refuses (seen on an H200 with torch 2.11, on the second shape, whose backward compiled lazily
+    outside a patch of the forward call alone). Donated buffers only let the backward reuse saved tensors' memory.
+    dynamic=False: one specialised graph per shape, as a user compiling a fixed-shape model gets."""
+    inner = torch.compile(fn, dynamic=False)
 
     def run(*args, **kwargs):
-        with functorch_config.patch(donated_buffer=False):
+        with _no_donated_buffers():
             return inner(*args, **kwargs)
 
     return run
+
+
+def _no_donated_buffers():
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(donated_buffer=False)
 
 
 def _bench_modes(ctx, op_name, shape, provider, fwd, inputs, nbytes):
@@ -172,9 +178,10 @@ def _bench_modes(ctx, op_name, shape, provider, fwd, inputs, nbytes):
         ctx.bench(op_name, shape, provider, "fwd", fwd, bytes=fwd_bytes, dtype=torch.bfloat16)
     outs = fwd()
     cots = [torch.randn_like(o) for o in outs]
-    ctx.bench(op_name, shape, provider, "bwd",
-              lambda: torch.autograd.grad(outs, inputs, cots, retain_graph=True),
-              bytes=bwd_bytes, dtype=torch.bfloat16)
+    with _no_donated_buffers():  # a compiled backward may compile lazily, here
+        ctx.bench(op_name, shape, provider, "bwd",
+                  lambda: torch.autograd.grad(outs, inputs, cots, retain_graph=True),
+                  bytes=bwd_bytes, dtype=torch.bfloat16)
     ctx.bench(op_name, shape, provider, "fwd+bwd", lambda: torch.autograd.grad(fwd(), inputs, cots),
               bytes=fwd_bytes + bwd_bytes, dtype=torch.bfloat16)
 

@@ -42,3 +42,31 @@ def test_cuda_build_skips_cleanly_without_torch():
     out = subprocess.run([sys.executable, "-c", code, REPO], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "{}", out.stdout
     assert "skipping the CUDA extension" in out.stdout
+
+
+def test_host_compiler_with_static_libstdcxx_is_replaced(tmp_path):
+    # A CXX that links libstdc++ into the extension (a wrapper adding -static-libstdc++) makes every error the
+    # binding raises crash the process; the build must detect it and fall back to the g++ on PATH.
+    import shutil
+
+    import pytest
+
+    sys.path.insert(0, REPO)
+    import wmfast_build
+
+    gxx = shutil.which("g++")
+    if not gxx or not shutil.which("gcc") or not shutil.which("readelf"):
+        pytest.skip("needs g++, gcc and readelf")
+    wrapper = tmp_path / "g++-static"
+    wrapper.write_text(f'#!/bin/sh\nexec {gxx} -static-libstdc++ "$@"\n')
+    wrapper.chmod(0o755)
+    assert wmfast_build.links_libstdcxx_dynamically(gxx) is True
+    assert wmfast_build.links_libstdcxx_dynamically(str(wrapper)) is False
+    assert wmfast_build.links_libstdcxx_dynamically(str(tmp_path / "missing-g++")) is None
+
+    env = {"CXX": str(wrapper), "CC": "/opt/elsewhere/gcc"}
+    note = wmfast_build.host_compiler(env)
+    assert env == {"CXX": gxx, "CC": shutil.which("gcc")} and "statically" in note
+    env = {"CXX": gxx}
+    assert wmfast_build.host_compiler(env) == "" and env == {"CXX": gxx}
+    assert wmfast_build.host_compiler({}) == ""

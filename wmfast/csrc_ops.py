@@ -52,6 +52,9 @@ def _jit_build():
     from torch.utils.cpp_extension import load
 
     build = build_module()
+    note = build.host_compiler()
+    if note:
+        print(note)
     cu, binding = build.cuda_sources(REPO)
     args = build.extension_args(REPO)
     load(name="wmfast_cuda_jit", sources=cu + [binding], extra_cflags=args["extra_compile_args"]["cxx"],

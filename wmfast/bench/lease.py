@@ -275,7 +275,8 @@ def _toolchain_report() -> str:
     lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}), _GLIBCXX_USE_CXX11_ABI="
              f"{int(torch._C._GLIBCXX_USE_CXX11_ABI)}; torch built with: "
              + next((ln.strip() for ln in torch.__config__.show().splitlines() if "GCC" in ln or "clang" in ln), "?")]
-    for tool in ("c++", "g++", "gcc", "nvcc"):
+    tools = ["c++", "g++", "gcc", "nvcc"] + [os.environ[v] for v in ("CXX", "CC") if os.environ.get(v)]
+    for tool in tools:
         path = shutil.which(tool)
         if path:
             try:
