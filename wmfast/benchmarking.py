@@ -68,9 +68,7 @@ import math
 import os
 import platform
 import re
-import statistics
 import subprocess
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -78,6 +76,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .telemetry import GpuSampler, driver_version
 
 logger = logging.getLogger("wmfast.bench")
 
@@ -363,22 +363,11 @@ def environment(device: str = "") -> dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
         triton_version = "none"
     if dev.type == "cuda":
-        gpu_name, driver = torch.cuda.get_device_name(dev), _nvml_driver()
+        gpu_name, driver = torch.cuda.get_device_name(dev), driver_version()
     else:
         gpu_name, driver = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)", ""
     return {"gpu_name": gpu_name, "driver": driver, "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda or "none", "commit": git_commit()}
-
-
-def _nvml_driver() -> str:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        return driver.decode() if isinstance(driver, bytes) else str(driver)
-    except Exception:  # noqa: BLE001 - NVML absent or not permitted: the driver column stays empty
-        return ""
 
 
 def slug(name: str) -> str:
@@ -453,76 +442,6 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------- telemetry
-class GpuSampler:
-    """Samples SM/memory clocks (MHz), power (W) and temperature (C) with nvidia-ml-py in a background
-    thread while the context is open. A no-op (no samples, `available` False) without a GPU or NVML."""
-
-    FIELDS = ("time_s", "sm_clock_mhz", "mem_clock_mhz", "power_w", "temp_c")
-
-    def __init__(self, interval_s: float = 0.1, index: int | None = None):
-        self.interval_s = interval_s
-        self.index = index if index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
-        self.samples: list[tuple[float, ...]] = []
-        self.available = False
-        self.reason = ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self):
-        if not torch.cuda.is_available():
-            self.reason = "no CUDA device"
-            return self
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
-            self._nvml = pynvml
-        except Exception as e:  # noqa: BLE001 - telemetry is optional; say why it is missing
-            self.reason = f"nvidia-ml-py unusable: {e}"
-            return self
-        self.available = True
-        self._t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._loop, name="wmfast-gpu-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        nv, h = self._nvml, self._handle
-        while not self._stop.is_set():
-            try:
-                self.samples.append((time.perf_counter() - self._t0,
-                                     nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
-                                     nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
-                                     nv.nvmlDeviceGetPowerUsage(h) / 1e3,
-                                     nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)))
-            except Exception as e:  # noqa: BLE001 - stop sampling on the first NVML error, keep the reason
-                self.reason = f"NVML sampling stopped: {e}"
-                return
-            self._stop.wait(self.interval_s)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        return False
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """{field: {min, median, max}} over the samples; {} when nothing was sampled."""
-        out = {}
-        for i, name in enumerate(self.FIELDS[1:], start=1):
-            vals = [s[i] for s in self.samples]
-            if vals:
-                out[name] = {"min": min(vals), "median": statistics.median(vals), "max": max(vals)}
-        return out
-
-    def write_csv(self, path: str | os.PathLike) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(self.FIELDS)
-            w.writerows(self.samples)
-
-
 # ------------------------------------------------------------------------------------- script contexts
 PROFILES = ("quick", "lease", "full")
 # Timing budgets (ms, do_bench semantics) per profile. "lease" times half as long as "full" to fit a 9-minute

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..telemetry import Nvml
+
 logger = logging.getLogger("wmfast")
 
 # dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets (SXM parts, no sparsity)
@@ -61,32 +63,24 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class GpuTelemetry:
-    """Utilisation (%), power (W) and temperature (C) of this rank's GPU via nvidia-ml-py; no-op without one."""
+    """Utilisation (%), power (W) and temperature (C) of this rank's GPU (wmfast.telemetry); no-op without one."""
 
     def __init__(self, device: torch.device):
-        self.handle = None
+        self.reader = None
         if device.type != "cuda":
             return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self.nvml = pynvml
-        except Exception as e:  # noqa: BLE001 - telemetry is optional
-            logger.info("wmfast: GPU telemetry off (%s)", e)
+        self.reader = Nvml.open(device.index if device.index is not None else torch.cuda.current_device())
+        if self.reader is None:
+            logger.info("wmfast: GPU telemetry off (%s)", Nvml.last_error)
 
     def read(self) -> dict[str, float]:
-        if self.handle is None:
+        if self.reader is None:
             return {}
-        n = self.nvml
         try:
-            return {"gpu_util": float(n.nvmlDeviceGetUtilizationRates(self.handle).gpu),
-                    "gpu_power_w": n.nvmlDeviceGetPowerUsage(self.handle) / 1000.0,
-                    "gpu_temp_c": float(n.nvmlDeviceGetTemperature(self.handle, n.NVML_TEMPERATURE_GPU))}
-        except Exception:  # noqa: BLE001
+            r = self.reader.read()
+        except Exception:  # noqa: BLE001 - a failed query skips this step's telemetry
             return {}
+        return {"gpu_util": r["gpu_util"], "gpu_power_w": r["power_w"], "gpu_temp_c": r["temp_c"]}
 
 
 class RunLog:
