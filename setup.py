@@ -4,8 +4,10 @@
 ships a package of that name that transformers and diffusers probe for.
 
 The CUDA extension (`csrc/`) is optional: it is built only when a CUDA toolkit and a CUDA build of torch
-are present, and `WMFAST_SKIP_CUDA_BUILD=1` forces the skip (see `wmfast_build.py`).
+are present, and `WMFAST_SKIP_CUDA_BUILD=1` forces the skip (see `wmfast/ops/cuda_build.py`). The csrc/ sources
+are also installed as package data (wmfast/csrc/), so the JIT build (WMFAST_CUDA_JIT=1) works from an install.
 """
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -18,18 +20,15 @@ def _cuda_extension_kwargs():
     if os.environ.get("WMFAST_SKIP_CUDA_BUILD", "0") == "1":
         print("wmfast: WMFAST_SKIP_CUDA_BUILD=1: skipping the CUDA extension")
         return {}
-    try:
-        import sys
-
-        sys.path.insert(0, here)
-        from wmfast_build import cuda_extension_kwargs
-    except ImportError as e:  # torch absent at build time (isolated build): nothing to build against
-        print(f"wmfast: skipping the CUDA extension ({e})")
-        return {}
-    return cuda_extension_kwargs(here)
+    # Loaded by path: the wmfast package is not importable while it is being built.
+    spec = importlib.util.spec_from_file_location("wmfast_cuda_build", os.path.join(here, "wmfast", "ops",
+                                                                                     "cuda_build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.cuda_extension_kwargs(here)
 
 
-packages = find_packages(include=["wmfast", "wmfast.*"]) + ["wmfast.kernels"]
+packages = find_packages(include=["wmfast", "wmfast.*"]) + ["wmfast.kernels", "wmfast.csrc"]
 
 setup(
     name="wmfast",
@@ -37,8 +36,11 @@ setup(
     description="Fast kernels, training and inference for video world models (1X World Model Challenge)",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"wmfast.kernels": "kernels"},
-    package_data={"wmfast.kernels": ["configs/*.json"]},  # the measured per-GPU launch tables (wmfast.tuning)
+    package_dir={"wmfast.kernels": "kernels", "wmfast.csrc": "csrc"},
+    package_data={
+        "wmfast.kernels": ["configs/*.json"],  # the measured per-GPU launch tables (wmfast.kernels.tuning)
+        "wmfast.csrc": ["*.cpp", "*/*.h", "*/*.cuh", "*/*.cu"],  # the CUDA sources, for the JIT build
+    },
     install_requires=[
         "torch>=2.6",  # a lower bound only: never replaces a torch that is already installed
         "triton>=3.2",

@@ -3,7 +3,7 @@ expressions of one Wan2.2 block.
 
     python benchmarks/bench_adaln.py [--quick] [--out DIR] [--device cuda|cpu]
 
-Sections (rows in bench_adaln.csv, shared harness wmfast.benchmarking; modes fwd, bwd, fwd+bwd):
+Sections (rows in bench_adaln.csv, shared harness wmfast.bench; modes fwd, bwd, fwd+bwd):
 1. each op on real shapes: Wan2.2-TI2V-5B blocks (D=3072, L=1536 tokens = 6 latent frames x 256 per
    512x512 sample, batch 1 and 8, bf16 x, fp32 modulation per-sample [B, 6, D], per-frame [B, 6 frames, 6, D]
    and per-token [B, L, 6, D], the kernels reading `unbind` views in place) and the ST-Transformer (D=512,
@@ -28,39 +28,27 @@ script sets when there is no GPU, before anything imports triton). Only measured
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
-if not torch.cuda.is_available():  # the kernels then run under the interpreter; must precede importing triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from wmfast.bench.context import interpret_triton_without_gpu, script_main
+
+interpret_triton_without_gpu()  # before anything imports triton
 
 import torch.nn.functional as F
 
-from wmfast.benchmarking import direct_triton_launches, script_main
+from wmfast.bench.timing import direct_triton_launches
+from wmfast.ops import use_backend
 
 SUITE = "ops"
 OPS = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate")
 CUDA_OPS = ("layernorm_modulate", "gated_residual_layernorm_modulate")  # what csrc/adaln implements
 
 
-@contextlib.contextmanager
-def forced_backend(name: str):
-    old = os.environ.get("WMFAST_BACKEND")
-    os.environ["WMFAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["WMFAST_BACKEND"]
-        else:
-            os.environ["WMFAST_BACKEND"] = old
-
-
 def _with_backend(fn, name):
     def run(*a, **k):
-        with forced_backend(name):
+        with use_backend(name):
             return fn(*a, **k)
 
     return run
@@ -68,7 +56,7 @@ def _with_backend(fn, name):
 
 def _backends(ctx) -> dict[str, str]:
     """wmfast providers that can run here -> backend name (one log line for each that cannot)."""
-    from wmfast.backend import cuda_ext_available, triton_available
+    from wmfast.ops.dispatch import cuda_ext_available, triton_available
 
     out = {}
     ok, why = triton_available()
@@ -78,9 +66,9 @@ def _backends(ctx) -> dict[str, str]:
         ctx.log(f"wmfast-triton: skipped ({why})")
     ok, why = cuda_ext_available()
     try:
-        import wmfast.csrc_ops  # noqa: F401
+        import wmfast.ops.cuda_ext  # noqa: F401
     except ImportError as e:
-        ok, why = False, f"wmfast.csrc_ops not importable ({e})"
+        ok, why = False, f"wmfast.ops.cuda_ext not importable ({e})"
     if ok:
         out["wmfast-cuda"] = "cuda"
     else:
@@ -317,7 +305,7 @@ def _sweep_shape(ctx, label, B, L, D, fl):
 
 def run(ctx):
     """The ops, the launch-configuration sweep (before the Wan block under the lease profile: its rows set the
-    kernels' per-GPU table, wmfast.tuning), then the Wan block's AdaLN expressions."""
+    kernels' per-GPU table, wmfast.kernels.tuning), then the Wan block's AdaLN expressions."""
     backends = _backends(ctx)
     bench_ops(ctx, backends)
     sweep = ctx.device.type == "cuda" and not ctx.quick and "wmfast-triton" in backends

@@ -18,20 +18,17 @@ Without CUDA the kernels run under TRITON_INTERPRET=1 (set here unless already s
 kernels' code paths, not speed.
 Op "dit_forward": one velocity call at batch N, with its FLOPs: the row's fraction_of_ceiling is the fraction of
 the bf16 matmul ceiling measured in the same run, and the log line adds the MFU (model FLOP/s over the datasheet
-dense bf16 peak, wmfast.train.metrics.mfu: the same MFU as the training log and bench_train).
+dense bf16 peak, wmfast.train.runlog.mfu: the same MFU as the training log and bench_train).
 --profile lease: 2 real-width blocks, N in {1, 2, 4, 8}, 2 Euler steps, batched and sequential only.
 Targets on an H100: per-sample cost at N=8 <= 0.8x the N=1 cost; N=8 batched >= 1.25x faster than sequential.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():  # the kernels then run under the interpreter; must precede importing triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from wmfast.bench.context import interpret_triton_without_gpu, script_main
 
-from wmfast.benchmarking import script_main
+interpret_triton_without_gpu()  # before anything imports triton
 
 SUITE = "ensemble"
 
@@ -101,7 +98,7 @@ def _setup(ctx):
 
 def run(ctx) -> None:
     from wmfast.inference.ensemble import EnsembleConfig, sample_ensemble
-    from wmfast.train.metrics import mfu
+    from wmfast.train.runlog import mfu
 
     model, context, states, ns, steps, (h, w) = _setup(ctx)
     F = model.schedule.num_latents

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_st_attention.py [--quick] [--out DIR] [--device cuda|cpu]
 
-Sections (rows in bench_st_attention.csv, shared harness wmfast.benchmarking):
+Sections (rows in bench_st_attention.csv, shared harness wmfast.bench):
 1. temporal_attention fwd / bwd / fwd+bwd on the model layout [B, T, S, H, Dh] (q, k, v are views of one
    fused qkv projection [B, T, S, 3, H, Dh]): the Triton kernel reading them in place, vs the 1xgpt way
    (transpose to [B*S, H, T, Dh] copies, SDPA, transpose back; copies included in the time), the same
@@ -12,7 +12,7 @@ Sections (rows in bench_st_attention.csv, shared harness wmfast.benchmarking):
    `flash_attn_with_kvcache` (cache [B*S, T_max, H, Dh]) vs cache write + SDPA vs the torch reference.
 3. with wmfast.models: forward+backward of the 1x-compression preset (136M) with wmfast attention vs plain
    torch attention (SDPA on transposed copies), eager and compiled: tokens/s and MFU, where
-   MFU = flops_per_sample(config) * samples/s / the datasheet dense bf16 peak (wmfast.train.metrics.mfu, the
+   MFU = flops_per_sample(config) * samples/s / the datasheet dense bf16 peak (wmfast.train.runlog.mfu, the
    same MFU as the training log and bench_train; unknown device or CPU: n/a, or set WMFAST_PEAK_TFLOPS); the
    fraction of the bf16 matmul ceiling measured in this run is logged beside it and is the CSV row's
    fraction_of_ceiling; flops_per_sample (wmfast.models.st_transformer) = 3 x forward, forward = per layer and token
@@ -27,20 +27,17 @@ repository unless measured: results/ holds only what ran.
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 
 import torch
 
-# Without a GPU the kernels run under the interpreter, which must be chosen before triton is first imported. If
-# something imported triton already (e.g. `wmfast bench` ran another script), changing the variable now would
-# make wmfast.backend pick kernels that were compiled for a GPU: leave it alone (the Triton rows are then skipped).
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from wmfast.bench.context import interpret_triton_without_gpu, script_main
+
+interpret_triton_without_gpu()  # before anything imports triton
 
 import torch.nn.functional as F
 
-from wmfast.benchmarking import direct_triton_launches, script_main
+from wmfast.bench.timing import direct_triton_launches
+from wmfast.bench.workloads import compression_batch
 
 SUITE = "ops"
 
@@ -130,7 +127,7 @@ def bench_temporal(ctx):
 
 
 def sweep_block_rows(ctx, qkv, shape, nbytes, dtype):
-    """Rows per program x warps of the Triton kernel (rows "temporal_attention_sweep": wmfast.tuning adopts the
+    """Rows per program x warps of the Triton kernel (rows "temporal_attention_sweep": wmfast.kernels.tuning adopts the
     fastest where it beats the hand-set default), launched as the op launches them."""
     q, k, v = (x.detach() for x in qkv.unbind(3))
     do = torch.randn_like(q)
@@ -169,11 +166,11 @@ def _decode_providers(ctx):
     providers = {"sdpa+cache-write": sdpa, "torch-ref": temporal_decode_ref}
     if _triton_usable(ctx):
         providers = {"triton-fused": temporal_decode_op, **providers}
-    from wmfast.backend import cuda_ext_available
+    from wmfast.ops.dispatch import cuda_ext_available
 
     cuda_ok, cuda_why = cuda_ext_available()
     if cuda_ok and ctx.device.type == "cuda":  # the CUDA C++ kernel (csrc/temporal_attention), wmfast._C
-        from wmfast.csrc_ops import temporal_decode_step as cuda_decode_step
+        from wmfast.ops.cuda_ext import temporal_decode_step as cuda_decode_step
 
         providers = {"cuda-fused": cuda_decode_step, **providers}
     else:
@@ -210,7 +207,7 @@ def bench_decode(ctx):
 
 
 def sweep_decode(ctx, q, k, v, T_max, t, shape, nbytes, dtype):
-    """Rows per program x warps of the Triton decode kernel (rows "temporal_decode_sweep": wmfast.tuning picks
+    """Rows per program x warps of the Triton decode kernel (rows "temporal_decode_sweep": wmfast.kernels.tuning picks
     the per-GPU launch configuration from them)."""
     from wmfast.kernels.temporal_attention import _temporal_decode
 
@@ -270,20 +267,14 @@ def bench_model(ctx):
     bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample)
 
 
-def _batch(c, B, device, dtype):
-    """A training batch in the data reader's format: tokens [B, 6, G, G], states [B, 34, 25]."""
-    tokens = torch.randint(0, c.vocab_size, (B, c.num_frames + 1, c.grid_size, c.grid_size), device=device)
-    return {"tokens": tokens, "states": torch.randn(B, 34, c.state_dim, device=device, dtype=dtype)}
-
-
 def bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample):
     """Forward+backward of the training loss: tokens/s, MFU (datasheet peak) and the fraction of the measured
     bf16 matmul ceiling."""
-    from wmfast.train.metrics import mfu
+    from wmfast.train.runlog import mfu
 
     model.train()
     B = 2 if ctx.quick else 8
-    batch = _batch(c, B, ctx.device, dtype)
+    batch = compression_batch(c, B, ctx.device, dtype)
     flops = flops_per_sample(c, training=True) * B
     peak = ctx.ceilings.tflops_for(dtype)
     input_tokens = B * c.num_frames * c.seq_len

@@ -10,24 +10,14 @@ Issue targets on an H100 (unmeasured by the session that wrote this): cache >= 2
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-# Interpreter on CPU only if triton is not imported yet (see bench_st_attention.py).
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from wmfast.bench.context import interpret_triton_without_gpu, script_main
 
-from wmfast.benchmarking import script_main
+interpret_triton_without_gpu()  # before anything imports triton
+from wmfast.bench.workloads import compression_batch
 
 SUITE = "generate"
-
-
-def _batch(c, B, device, dtype):
-    """A batch in the data reader's format: tokens [B, 6, G, G], states [B, 34, 25]."""
-    tokens = torch.randint(0, c.vocab_size, (B, c.num_frames + 1, c.grid_size, c.grid_size), device=device)
-    return {"tokens": tokens, "states": torch.randn(B, 34, c.state_dim, device=device, dtype=dtype)}
 
 
 def bench_generate(ctx, model, c, dtype):
@@ -38,7 +28,7 @@ def bench_generate(ctx, model, c, dtype):
     import wmfast.inference
 
     if not hasattr(wmfast.inference, "generate"):
-        ctx.log("generate_3_frames: skipped (wmfast.inference.generate not present in this checkout)")
+        ctx.log("generate_3_frames: skipped (the generation loop is not present in this checkout)")
         return
     variants = {"cache": {"use_cache": True}, "no-cache": {"use_cache": False}}
     if (ctx.device.type == "cuda" and "compile_step" in inspect.signature(wmfast.inference.generate).parameters
@@ -46,7 +36,7 @@ def bench_generate(ctx, model, c, dtype):
         variants["cache-compiled-step"] = {"use_cache": True, "compile_step": True}
     model.eval()
     for B in ((1,) if ctx.quick else (1, 16) if ctx.lease else (1, 8, 64)):
-        batch = _batch(c, B, ctx.device, dtype)
+        batch = compression_batch(c, B, ctx.device, dtype)
         context = batch["tokens"][:, : c.context_frames]
         for name, kw in variants.items():
             with torch.inference_mode():

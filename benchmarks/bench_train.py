@@ -3,16 +3,16 @@ for ZeRO-1/2/3, with and without activation checkpointing, wmfast kernels vs pla
 torch.compile).
 
 One row per configuration: op "train_step", mode "step" (one micro-batch forward + backward + optimizer step,
-gradient accumulation 1), `tflops` = achieved model TFLOP/s (task FLOP formula, wmfast/models/st_transformer.py)
+gradient accumulation 1), `tflops` = achieved model TFLOP/s (task FLOP formula, wmfast/models/st_transformer/config.py)
 and `fraction_of_ceiling` = that over the bf16 matmul ceiling measured in the same run. bench_train_summary.csv
-beside the CSV has samples/s, tokens/s, `mfu` (against the datasheet dense bf16 peak: wmfast.train.metrics.mfu,
+beside the CSV has samples/s, tokens/s, `mfu` (against the datasheet dense bf16 peak: wmfast.train.runlog.mfu,
 the one MFU of every wmfast log and bench) and `fraction_of_matmul_ceiling` (the measured ceiling, a separate
 column, never called MFU).
-Providers: "wmfast" (the default dispatch: Triton/CUDA kernels on GPU), "torch" (WMFAST_BACKEND=torch: the
+Providers: "wmfast" (the default dispatch: Triton/CUDA kernels on GPU), "torch" (use_backend("torch"): the
 pure-torch reference modules), "torch.compile" (the torch modules under torch.compile), "wmfast+compile".
 --profile lease: ZeRO-1 without checkpointing at a fixed micro-batch of 8 (no search), wmfast / torch, eager and
 compiled (a compiled provider only while 90 s of the budget are left), with the step's peak memory.
-The micro-batch search (wmfast.train.loop.find_micro_batch, as `--micro-batch auto`) runs eager trials for every
+The micro-batch search (wmfast.train.microbatch.find_micro_batch, as `--micro-batch auto`) runs eager trials for every
 provider; the torch.compile providers are then timed at the eager-found size (it fits, as compiled steps
 rarely need more memory than eager ones, but a compiled search might find a larger one).
 Anchor (the issue): the winning team trained at ~50 samples/s per B200, ~11% of its bf16 peak.
@@ -21,14 +21,14 @@ Anchor (the issue): the winning team trained at ~50 samples/s per B200, ~11% of 
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import time
 
 import torch
 
-from wmfast.benchmarking import script_main
+from wmfast.bench.context import script_main
+from wmfast.ops import use_backend
 
 SUITE = "train"
 
@@ -37,7 +37,7 @@ def _synthetic_task(preset: str):
     """The compression task on random tokens/states held in memory (the throughput does not depend on the
     values; no dataset needs to exist on the benchmark machine)."""
     from wmfast.models import STTransformerConfig
-    from wmfast.train.compression import CompressionTask
+    from wmfast.tasks.compression import CompressionTask
 
     class _Random(torch.utils.data.Dataset):
         def __init__(self, c, n=256):
@@ -57,20 +57,9 @@ def _synthetic_task(preset: str):
     return task
 
 
-@contextlib.contextmanager
 def _backend(provider: str):
-    old = os.environ.get("WMFAST_BACKEND")
-    if provider.startswith("torch"):
-        os.environ["WMFAST_BACKEND"] = "torch"
-    else:
-        os.environ.pop("WMFAST_BACKEND", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("WMFAST_BACKEND", None)
-        else:
-            os.environ["WMFAST_BACKEND"] = old
+    """The torch references for the "torch" providers, else the automatic choice (WMFAST_BACKEND ignored)."""
+    return use_backend("torch" if provider.startswith("torch") else None)
 
 
 LEASE_MICRO_BATCH = 8  # the lease times a fixed micro-batch (no search): ~36 GB of activations at 4.5 GiB/sample
@@ -88,8 +77,10 @@ def _configs(profile: str):
 def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
     from wmfast.train import TrainConfig
     from wmfast.train.config import resolve_precision
-    from wmfast.train.loop import build_engine, destroy_engine, find_micro_batch, train_step
-    from wmfast.train.metrics import mfu as model_flops_utilisation
+    from wmfast.train.engine import build_engine, destroy_engine
+    from wmfast.train.microbatch import find_micro_batch
+    from wmfast.train.runlog import mfu as model_flops_utilisation
+    from wmfast.train.step import train_step
 
     device = ctx.device
     precision = resolve_precision("auto", device.type)
@@ -138,7 +129,7 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
 
 
 def run(ctx) -> None:
-    from wmfast.train.loop import setup_distributed
+    from wmfast.train.distributed import setup_distributed
 
     preset = "tiny" if ctx.quick else "1x-compression"
     if ctx.device.type == "cpu" and not ctx.quick:

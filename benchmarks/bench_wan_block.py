@@ -6,7 +6,7 @@ Shapes: D = 3072 (24 heads x 128), FFN 14336, 512 text tokens, L = 1536 tokens (
 16x16 patches of a 512x512 frame) at batch 1 and 8 (8 x 1536), bf16 weights and activations, per-token
 timesteps (TI2V: the context frames at t = 0, the others at t), i.e. diffusers' (B, L, 6, D) fp32 path.
 
-Providers (rows in bench_wan_block.csv, shared harness wmfast.benchmarking):
+Providers (rows in bench_wan_block.csv, shared harness wmfast.bench):
 - diffusers: the unpatched block, eager; temb = (B, L, 6, D) fp32 built from per-token timesteps (its input).
 - diffusers-compiled: torch.compile of the same block.
 - wmfast: FusedWanTransformerBlock, eager: per-frame temb (B, 6, 6, D) + frame_len, norm/modulate and gated
@@ -25,14 +25,11 @@ Only measured numbers are ever committed.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():  # the kernels then run under the interpreter; must precede importing triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from wmfast.bench.context import interpret_triton_without_gpu, script_main
 
-from wmfast.benchmarking import script_main
+interpret_triton_without_gpu()  # before anything imports triton
 
 SUITE = "ops"
 REAL = {"heads": 24, "head_dim": 128, "ffn": 14336, "text": 512, "frames": 6, "frame_len": 256, "batches": (1, 8)}
@@ -42,7 +39,7 @@ QUICK = {"heads": 2, "head_dim": 12, "ffn": 32, "text": 8, "frames": 3, "frame_l
 def _blocks(cfg, device, dtype):
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-    from wmfast.models.wan_blocks import patch_blocks
+    from wmfast.models.wan.blocks import patch_blocks
 
     D = cfg["heads"] * cfg["head_dim"]
     torch.manual_seed(0)
@@ -76,7 +73,7 @@ def _inputs(cfg, B, device, dtype):
 
 
 def _fns(base, fused, x, text, temb_frame, temb_token, rotary, S, compiled):
-    from wmfast.models.wan_blocks import text_kv
+    from wmfast.models.wan.blocks import text_kv
 
     b = torch.compile(base) if compiled else base
     f = torch.compile(fused) if compiled else fused

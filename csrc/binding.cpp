@@ -1,7 +1,8 @@
 // Thin torch binding of the wmfast CUDA kernels: validates inputs (TORCH_CHECK, naming the argument and its
 // shape), allocates outputs, and hands raw pointers and strides to the plain-CUDA launchers in csrc/*/.
 // Ops live in the `wmfast_cuda` namespace (the Triton ops own `wmfast`); fake (meta) implementations and
-// autograd are registered in Python (wmfast/csrc_ops.py) so torch.compile traces these ops.
+// autograd are registered in Python (wmfast/ops/cuda_ext.py) so torch.compile traces these ops. The kernels'
+// limits are exported by the `limits` op, so Python reads them from the headers' constants instead of a copy.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -14,6 +15,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "adaln/adaln.h"
 #include "temporal_attention/temporal_decode.h"
@@ -241,10 +243,23 @@ Tensor temporal_decode_step(const Tensor& q, const Tensor& k, const Tensor& v, T
   return o;
 }
 
+// The kernels' limits as (name, value) pairs, from the headers' constants: the Python side's support checks
+// read them here (wmfast/ops/cuda_ext.py limits()).
+std::tuple<std::vector<std::string>, std::vector<int64_t>> limits() {
+  std::vector<std::string> names = {"adaln_max_d_fwd", "adaln_max_d_bwd", "adaln_max_d_bwd_unaligned"};
+  std::vector<int64_t> values = {kAdaLNMaxDFwd, kAdaLNMaxDBwd, kAdaLNMaxDBwdScalar};
+  for (int64_t d : kTemporalDecodeHeadDims) {
+    names.push_back("decode_head_dim");
+    values.push_back(d);
+  }
+  return {names, values};
+}
+
 }  // namespace
 }  // namespace wmfast
 
 TORCH_LIBRARY(wmfast_cuda, m) {
+  m.def("limits() -> (str[], int[])", &wmfast::limits);
   m.def("layernorm_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layernorm_modulate_bwd(Tensor dy, Tensor x, Tensor shift, Tensor scale, Tensor mean, Tensor rstd)"
         " -> (Tensor, Tensor, Tensor)");

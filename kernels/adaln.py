@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from wmfast.backend import triton_interpret
-from wmfast.tuning import adaln_key, launch_config
+from wmfast.kernels._launch import launch_params, launcher, register, triton_interpret
+from wmfast.kernels.tuning import adaln_key
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. References (the specification)
@@ -252,14 +251,6 @@ _BWD_PROGRAMS_INTERPRET = 4
 SAMPLE, FRAME, TOKEN = 0, 1, 2
 
 
-def _launch(kernel):
-    """The kernel to call inside a torch.library op. Under the interpreter, the op is a plain custom_op (see
-    section 4) and calls the kernel directly; on GPU, wrap_triton lets torch.compile see and inline it."""
-    if triton_interpret():
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
 def _mod_layout(mod: torch.Tensor, L: int, frame_len: int):
     """(stride_b, stride_row, stride_d, row divisor, kind) with which the kernels address a modulation tensor:
     token l of sample b reads row (l // divisor) of sample b."""
@@ -295,12 +286,10 @@ def default_launch(kernel: str, D: int) -> dict:
 
 
 def _launch_params(kernel: str, D: int, x: torch.Tensor, tile, num_warps):
-    """(tile, num_warps): the caller's, else the measured table of this GPU (wmfast.tuning), else (None, None):
-    the hand-set _TILE and _num_warps."""
-    if tile is None and num_warps is None:
-        cfg = launch_config(kernel, adaln_key(D, x.dtype), x.device)
-        return cfg.get("tile"), cfg.get("num_warps")
-    return tile, num_warps
+    """(tile, num_warps): the caller's, else the measured table of this GPU (wmfast.kernels.tuning), else
+    (None, None): the hand-set _TILE and _num_warps."""
+    p = launch_params(kernel, adaln_key(D, x.dtype), x.device, tile=tile, num_warps=num_warps)
+    return p["tile"], p["num_warps"]
 
 
 def _adaln_fwd(x, residual, gate, shift, scale, eps: float, frame_len: int, has_res: bool, has_norm: bool,
@@ -318,7 +307,7 @@ def _adaln_fwd(x, residual, gate, shift, scale, eps: float, frame_len: int, has_
     s_lay = _mod_layout(shift, L, frame_len)[:4] if has_norm else (0, 0, 0, 1)
     c_lay = _mod_layout(scale, L, frame_len)[:4] if has_norm else (0, 0, 0, 1)
     grid = (triton.cdiv(B * L, block_m),)
-    _launch(_adaln_fwd_kernel)[grid](
+    launcher(_adaln_fwd_kernel)[grid](
         x, *_strides3(x),
         residual if has_res else dummy, *(_strides3(residual) if has_res else (0, 0, 0)),
         gate if has_res else dummy, *g_lay,
@@ -366,7 +355,7 @@ def _finish_grad(mod, kind, buf, B, NG, NC, D):
     g3 = grad.view(B, -1, D)
     block_d = min(triton.next_power_of_2(D), 1024)
     block_p = max(1, min(triton.next_power_of_2(NP), _TILE // block_d))
-    _launch(_reduce_partials_kernel)[(B * R, triton.cdiv(D, block_d))](
+    launcher(_reduce_partials_kernel)[(B * R, triton.cdiv(D, block_d))](
         buf, g3, g3.stride(0), g3.stride(1) if R > 1 else 0, R, NP, D, BLOCK_P=block_p, BLOCK_D=block_d,
         num_warps=_num_warps(block_p, block_d),
     )
@@ -393,7 +382,7 @@ def _adaln_bwd(dy, dout, x, residual, gate, shift, scale, eps: float, frame_len:
     dummy = x
     g_lay = _mod_layout(gate, L, frame_len)[:4] if has_res else (0, 0, 0, 1)
     c_lay = _mod_layout(scale, L, frame_len)[:4] if has_norm else (0, 0, 0, 1)
-    _launch(_adaln_bwd_kernel)[(B * NG * NC,)](
+    launcher(_adaln_bwd_kernel)[(B * NG * NC,)](
         dy if has_norm else dummy, *(_strides3(dy) if has_norm else (0, 0, 0)),
         dout if has_res else dummy, *(_strides3(dout) if has_res else (0, 0, 0)),
         x, *_strides3(x),
@@ -413,23 +402,12 @@ def _adaln_bwd(dy, dout, x, residual, gate, shift, scale, eps: float, frame_len:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. torch.library registration
+# 4. torch.library registration (kernels/_launch.py: triton_op on GPU, custom_op + fake under the interpreter)
 # ---------------------------------------------------------------------------------------------------------------
-# On GPU the ops are `triton_op`s whose kernels are launched through `wrap_triton`, so torch.compile(fullgraph=True)
-# traces into them (Inductor sees the kernels). Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted
-# function unchanged, so a triton_op's fake (meta) pass would run the interpreter on FakeTensors and fail
-# (checked on torch 2.13 / triton 3.9: "Attempted to set the storage of a tensor on device meta"). There the ops
-# are registered as plain `custom_op`s with an explicit fake implementation instead: eager calls, opcheck and
-# torch.compile (as an opaque op, no graph break) all still run the real kernels on the CPU.
 
 
 def _register(name: str, fn, fake):
-    qualname = f"wmfast::{name}"
-    if triton_interpret():
-        op = torch.library.custom_op(qualname, fn, mutates_args=())
-        op.register_fake(fake)
-        return op
-    return torch.library.triton_op(qualname, fn, mutates_args=())
+    return register(f"wmfast::{name}", fn, fake)
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:

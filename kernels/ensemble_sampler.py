@@ -18,11 +18,10 @@ Reading order (STYLE.md): references, jit kernels, launchers, torch.library regi
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from wmfast.kernels._launch import launcher, register
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. pure-torch references (the specification)
@@ -102,7 +101,7 @@ def _ensemble_mean_var_fwd_kernel(X, MEAN, VAR, N, M, sxn, BLOCK: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. launchers (inputs validated by wmfast.ops.sampler; these only adapt strides)
+# 3. launchers (inputs validated by wmfast.ops.ensemble_sampler; these only adapt strides)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -128,7 +127,7 @@ def _ensemble_euler_step_fwd(x, v, dt, context):
     BLOCK_S = min(1024, triton.next_power_of_2(S))
     BLOCK_R = min(triton.next_power_of_2(R), max(1, 2048 // BLOCK_S))
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(S, BLOCK_S))
-    torch.library.wrap_triton(_ensemble_euler_step_fwd_kernel)[grid](
+    launcher(_ensemble_euler_step_fwd_kernel)[grid](
         x, v, context, dt, y,
         C, F, context.shape[2], R, S,
         x.stride(0), x.stride(1), x.stride(2), sxs,
@@ -150,31 +149,15 @@ def _ensemble_mean_var_fwd(x):
     if M == 0:
         return mean, var
     BLOCK = min(1024, triton.next_power_of_2(M))
-    torch.library.wrap_triton(_ensemble_mean_var_fwd_kernel)[(triton.cdiv(M, BLOCK),)](
+    launcher(_ensemble_mean_var_fwd_kernel)[(triton.cdiv(M, BLOCK),)](
         x2, mean, var, N, M, x2.stride(0), BLOCK=BLOCK)
     return mean, var
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. torch.library registration: torch.compile(fullgraph=True) traces the kernels, CUDA graphs capture them
+# 4. torch.library registration (kernels/_launch.py): torch.compile(fullgraph=True) traces the kernels, CUDA
+#    graphs capture them
 # ---------------------------------------------------------------------------------------------------------
-# On a GPU the ops are `triton_op`s, so Inductor sees the Triton kernels themselves. Under TRITON_INTERPRET=1
-# wrap_triton returns the interpreted function, which cannot run on the FakeTensors/FunctionalTensors of
-# AOT tracing; there the ops are registered as opaque `custom_op`s (same schema, same fake impls), so
-# opcheck and torch.compile(fullgraph=True) still exercise the registration on the CPU.
-_register = torch.library.custom_op if os.environ.get("TRITON_INTERPRET", "0") == "1" else torch.library.triton_op
-
-
-
-@_register("wmfast::ensemble_euler_step", mutates_args=())
-def ensemble_euler_step_triton(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
-                               context: torch.Tensor) -> torch.Tensor:
-    return _ensemble_euler_step_fwd(x, v, dt, context)
-
-
-@_register("wmfast::ensemble_mean_var", mutates_args=())
-def ensemble_mean_var_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ensemble_mean_var_fwd(x)
 
 
 def _ensemble_euler_step_fake(x, v, dt, context):
@@ -186,8 +169,13 @@ def _ensemble_mean_var_fake(x):
             torch.empty(x.shape[1:], device=x.device, dtype=x.dtype))
 
 
-# The opaque custom_ops (interpreter) need explicit fake implementations; a triton_op derives its own by
-# tracing the launcher, whose wrap_triton does not launch under fake tensors.
-if _register is torch.library.custom_op:
-    ensemble_euler_step_triton.register_fake(_ensemble_euler_step_fake)
-    ensemble_mean_var_triton.register_fake(_ensemble_mean_var_fake)
+def _euler_step(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    return _ensemble_euler_step_fwd(x, v, dt, context)
+
+
+def _mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ensemble_mean_var_fwd(x)
+
+
+ensemble_euler_step_triton = register("wmfast::ensemble_euler_step", _euler_step, _ensemble_euler_step_fake)
+ensemble_mean_var_triton = register("wmfast::ensemble_mean_var", _mean_var, _ensemble_mean_var_fake)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-
-from wmfast.tuning import decode_key, launch_config, temporal_key
+from wmfast.kernels._launch import launch_params, launcher, triton_interpret
+from wmfast.kernels._launch import op as _register
+from wmfast.kernels.tuning import decode_key, temporal_key
 
 MAX_T = 16  # the register design keeps all T keys/values of a row in registers; beyond that, use a flash kernel
 MAX_DECODE_T = 64  # decode cache length: positions 0..t of the cache are held in registers
@@ -202,12 +202,6 @@ def _temporal_decode_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    from wmfast.backend import triton_interpret
-
-    return triton_interpret()
-
-
 GPU_TILE_ELEMENTS = 4096  # elements of one [BLOCK_R, BLOCK_T, BLOCK_D] fp32 tile on a GPU (see block_rows)
 
 
@@ -222,30 +216,23 @@ def block_rows(block_t: int, block_d: int, tiles: int, block_r: int | None = Non
     Under the interpreter each program is a Python loop over numpy ops, so fewer, larger programs are faster."""
     if block_r is not None:
         return block_r
-    budget = budget or (1 << 15 if _interpreting() else GPU_TILE_ELEMENTS)
+    budget = budget or (1 << 15 if triton_interpret() else GPU_TILE_ELEMENTS)
     return max(1, min(256, triton.next_power_of_2(max(1, budget // (tiles * block_t * block_d)))))
 
 
 def default_launch(kernel: str, T: int, Dh: int) -> dict:
     """The hand-set launch configuration on a GPU, what runs where the measured table has no entry (the sweeps'
-    choice is adopted only when it beats this one beyond the noise: wmfast.tuning)."""
+    choice is adopted only when it beats this one beyond the noise: wmfast.kernels.tuning)."""
     tiles = 4 if kernel == "temporal_attention_bwd" else 2
     bt, bd = triton.next_power_of_2(T), triton.next_power_of_2(Dh)
     return {"block_r": block_rows(bt, bd, tiles, budget=GPU_TILE_ELEMENTS), "num_warps": 4}
 
 
-def _launcher(kernel):
-    """wrap_triton makes the launch traceable inside a triton_op; the interpreter runs the kernel as is."""
-    return kernel if _interpreting() else wrap_triton(kernel)
-
-
 def _launch_params(kernel: str, key: str, device, block_r, num_warps) -> tuple[int | None, int]:
-    """(block_r, num_warps): the caller's, else the measured table of this GPU (wmfast.tuning), else the
+    """(block_r, num_warps): the caller's, else the measured table of this GPU (wmfast.kernels.tuning), else the
     hand-set defaults (block_rows' tile budget, 4 warps)."""
-    if block_r is None and num_warps is None:
-        cfg = launch_config(kernel, key, device)
-        block_r, num_warps = cfg.get("block_r"), cfg.get("num_warps")
-    return block_r, num_warps or 4
+    p = launch_params(kernel, key, device, block_r=block_r, num_warps=num_warps)
+    return p["block_r"], p["num_warps"] or 4
 
 
 def _strides4(x):
@@ -263,7 +250,7 @@ def _temporal_attention_fwd(q, k, v, causal: bool, block_r: int | None = None, n
         return o
     R, BT, BD = B * S * H, triton.next_power_of_2(T), triton.next_power_of_2(Dh)
     BR = block_rows(BT, BD, 2, block_r)
-    _launcher(_temporal_attention_fwd_kernel)[(triton.cdiv(R, BR),)](
+    launcher(_temporal_attention_fwd_kernel)[(triton.cdiv(R, BR),)](
         q, k, v, o, R, T, S, H, Dh, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o),
         Dh ** -0.5 * LOG2E, CAUSAL=causal, BLOCK_R=BR, BLOCK_T=BT, BLOCK_D=BD, num_warps=num_warps)
     return o
@@ -281,7 +268,7 @@ def _temporal_attention_bwd(do, q, k, v, causal: bool, block_r: int | None = Non
         return dq, dk, dv
     R, BT, BD = B * S * H, triton.next_power_of_2(T), triton.next_power_of_2(Dh)
     BR = block_rows(BT, BD, 4, block_r)
-    _launcher(_temporal_attention_bwd_kernel)[(triton.cdiv(R, BR),)](
+    launcher(_temporal_attention_bwd_kernel)[(triton.cdiv(R, BR),)](
         q, k, v, do, dq, dk, dv, R, T, S, H, Dh,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do), *_strides4(dq),
         Dh ** -0.5, Dh ** -0.5 * LOG2E, CAUSAL=causal, BLOCK_R=BR, BLOCK_T=BT, BLOCK_D=BD, num_warps=num_warps)
@@ -299,7 +286,7 @@ def _temporal_decode(q, k, v, k_cache, v_cache, t: int, block_r: int | None = No
     R, BT, BD = B * S * H, triton.next_power_of_2(T_max), triton.next_power_of_2(Dh)
     BR = block_rows(BT, BD, 2, block_r)
     s3 = lambda x: (x.stride(0), x.stride(2), x.stride(3))  # (b, s, h) strides of [B, 1, S, H, Dh]
-    _launcher(_temporal_decode_kernel)[(triton.cdiv(R, BR),)](
+    launcher(_temporal_decode_kernel)[(triton.cdiv(R, BR),)](
         q, k, v, k_cache, v_cache, o, R, S, H, Dh, t, *s3(q), *s3(k), *s3(v),
         *k_cache.stride()[:4], *v_cache.stride()[:4], *s3(o),
         Dh ** -0.5 * LOG2E, BLOCK_R=BR, BLOCK_T=BT, BLOCK_D=BD, num_warps=num_warps)
@@ -307,28 +294,13 @@ def _temporal_decode(q, k, v, k_cache, v_cache, t: int, block_r: int | None = No
 
 
 # ----------------------------------------------------------------------------------------------------------
-# torch.library registration: torch.compile(fullgraph=True) traces these without a graph break
+# torch.library registration (kernels/_launch.py): torch.compile(fullgraph=True) traces these without a graph break
 # ----------------------------------------------------------------------------------------------------------
-def _register(name: str, mutates_args: tuple[str, ...], fake):
-    """triton_op on a real GPU: AOTAutograd decomposes it so Inductor sees (and can fuse around) the kernel.
-
-    Under TRITON_INTERPRET=1 that decomposition would trace the launch with fake tensors, which the interpreter
-    cannot run (it copies storages to the host), and older torch rejects interpreted kernels in wrap_triton: so
-    there the op is an opaque custom_op with an explicit fake. Both trace with fullgraph=True."""
-    def dec(fn):
-        if _interpreting():
-            op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-            op.register_fake(fake)
-            return op
-        return triton_op(name, mutates_args=mutates_args)(fn)
-    return dec
-
-
 def _empty_like_q(q, *_, **__):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-@_register("wmfast::temporal_attention", (), _empty_like_q)
+@_register("wmfast::temporal_attention", _empty_like_q)
 def temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """Triton temporal attention (inputs validated by wmfast.ops.temporal_attention)."""
     return _temporal_attention_fwd(q, k, v, causal)
@@ -338,7 +310,7 @@ def _bwd_fake(do, q, k, v, causal):
     return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
 
-@_register("wmfast::temporal_attention_bwd", (), _bwd_fake)
+@_register("wmfast::temporal_attention_bwd", _bwd_fake)
 def temporal_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of temporal attention, recomputing the probabilities."""
@@ -360,7 +332,7 @@ def _backward(ctx, do):
 temporal_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@_register("wmfast::temporal_decode_step", ("k_cache", "v_cache"), _empty_like_q)
+@_register("wmfast::temporal_decode_step", _empty_like_q, mutates_args=("k_cache", "v_cache"))
 def temporal_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, t: int) -> torch.Tensor:
     """Fused cache write at position t + attention over positions <= t (inference only: no autograd)."""

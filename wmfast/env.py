@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import platform
 import shutil
@@ -12,8 +13,6 @@ import subprocess
 import sys
 
 import torch
-
-from wmfast import backend as _backend
 
 _PACKAGES = ("triton", "diffusers", "peft", "deepspeed", "transformers", "flash-attn", "nvidia-ml-py")
 _ENV_VARS = ("WMFAST_BACKEND", "WMFAST_AUTOTUNE", "WMFAST_CUDA_JIT", "WMFAST_CUDA_ARCHS", "TRITON_INTERPRET",
@@ -44,28 +43,9 @@ def nvcc_version() -> str | None:
 
 def gpus_nvml() -> tuple[list[dict], str]:
     """GPUs as NVML sees them (name, memory in GiB, driver), and a note: why NVML gave nothing, if so."""
-    try:
-        import pynvml
-    except ImportError:
-        return [], "nvidia-ml-py not installed"
-    try:
-        pynvml.nvmlInit()
-    except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound / DriverNotLoaded / ...: no usable driver
-        return [], f"NVML unavailable: {e}"
-    try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        driver = driver.decode() if isinstance(driver, bytes) else driver
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
-                        "memory_total_gib": round(mem.total / 2**30, 2), "memory_used_gib": round(mem.used / 2**30, 2),
-                        "driver": driver})
-        return out, "NVML"
-    finally:
-        pynvml.nvmlShutdown()
+    from wmfast.telemetry import list_gpus
+
+    return list_gpus()
 
 
 def gpus_torch() -> list[dict]:
@@ -81,7 +61,9 @@ def gpus_torch() -> list[dict]:
 
 
 def backends() -> dict[str, dict]:
-    """Every backend of wmfast.backend: usable or not, and why."""
+    """Every backend of wmfast.ops.dispatch: usable or not, and why."""
+    from wmfast.ops import dispatch as _backend  # the report reads the ops layer: imported when asked
+
     ok_t, why_t = _backend.triton_available()
     ok_c, why_c = _backend.cuda_ext_available()
     return {"triton": {"usable": ok_t, "reason": why_t},
@@ -91,13 +73,21 @@ def backends() -> dict[str, dict]:
 
 def selected_backends() -> dict[str, str]:
     """The backend the fused AdaLN ops would pick for CPU and (when present) CUDA tensors."""
+    from wmfast.ops import dispatch as _backend
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out = {}
-    for dev in devices:
-        try:
-            out[dev] = _backend.select_backend("layernorm_modulate", torch.device(dev))
-        except ValueError as e:  # a forced backend that cannot run here
-            out[dev] = f"error: {e}"
+    quiet = logging.getLogger("wmfast")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the report says why; no fallback line in the middle of it
+    try:
+        for dev in devices:
+            try:
+                out[dev] = _backend.select_backend("layernorm_modulate", torch.device(dev))
+            except ValueError as e:  # a forced backend that cannot run here
+                out[dev] = f"error: {e}"
+    finally:
+        quiet.setLevel(level)
     return out
 
 

@@ -1,6 +1,6 @@
 """The one NVML reader: GPU utilisation, clocks, power and temperature through nvidia-ml-py.
 
-`Nvml.open(index)` returns a reader, or None with the reason in `Nvml.last_error` (no GPU, nvidia-ml-py absent,
+`list_gpus()` lists the GPUs NVML sees (`wmfast env`). `Nvml.open(index)` returns a reader, or None with the reason in `Nvml.last_error` (no GPU, nvidia-ml-py absent,
 NVML not permitted): telemetry is always optional. `GpuSampler` samples it in a background thread while a block
 runs (the benchmark harness); the training loop reads it once per logged step.
 """
@@ -52,6 +52,32 @@ def driver_version() -> str:
         return driver.decode() if isinstance(driver, bytes) else str(driver)
     except Exception:  # noqa: BLE001 - NVML absent or not permitted
         return ""
+
+
+def list_gpus() -> tuple[list[dict], str]:
+    """GPUs as NVML sees them (name, memory in GiB, driver), and a note: why NVML gave nothing, if so."""
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound / DriverNotLoaded / ...: no usable driver
+        return [], f"NVML unavailable: {e}"
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else driver
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                        "memory_total_gib": round(mem.total / 2**30, 2), "memory_used_gib": round(mem.used / 2**30, 2),
+                        "driver": driver})
+        return out, "NVML"
+    finally:
+        pynvml.nvmlShutdown()
 
 
 class GpuSampler:

@@ -65,7 +65,8 @@ struct AdaLNBwdParams {
 
 // Largest D the kernels take: a row lives in registers (16 fp32 per thread forward; 8 backward, 4 on the
 // unaligned scalar path) of at most 512 threads (__launch_bounds__(512) leaves 128 registers per thread: no
-// spills in any instantiation). Larger D: the Python side uses another backend.
+// spills in any instantiation). Larger D: the Python side uses another backend (it reads these limits from the
+// binding's `limits` op).
 constexpr int64_t kAdaLNMaxDFwd = 16 * 512;
 constexpr int64_t kAdaLNMaxDBwd = 8 * 512;
 constexpr int64_t kAdaLNMaxDBwdScalar = 4 * 512;

@@ -25,7 +25,7 @@ __device__ __forceinline__ void emit_grad(const AdaLNBwdParams& p, const BwdGeom
 }
 
 // __launch_bounds__(512, 1): with (512) alone ptxas capped the unaligned variants at 64 registers and spilled;
-// with min-blocks 1 it may use up to 128 and spills nothing (checked by tests/test_csrc.py).
+// with min-blocks 1 it may use up to 128 and spills nothing (checked by tests/kernels/test_cuda_kernels.py).
 template <typename T, typename M, int VEC, bool GATED>
 __global__ void __launch_bounds__(512, 1) adaln_bwd_kernel(const AdaLNBwdParams p, const BwdGeom g) {
   constexpr int MAXC = VEC == 1 ? kEptBwdScalar : kEptBwd / VEC;

@@ -81,7 +81,7 @@ Status launch_fwd(const AdaLNFwdParams& p, cudaStream_t stream) {
                    (p.out == nullptr || aligned16(p.out)) && mod_vec_ok(p.shift, msz) &&
                    mod_vec_ok(p.scale, msz) && mod_vec_ok(p.gate, msz);
   // Both paths hold kEptFwd elements of the row a thread (MAXC chunks of VEC, or 16 scalars: no spill at
-  // D=8192 either way, tests/test_csrc.py), so they need the same threads per row.
+  // D=8192 either way, tests/kernels/test_cuda_kernels.py), so they need the same threads per row.
   const int nt = threads_per_row(p.D, kEptFwd);
   if (nt > 512) return Status{1, "adaln forward: D too large for the CUDA kernel (max 8192)"};
   const int units = units_per_block(nt);

@@ -1,6 +1,6 @@
 // Work geometry of the AdaLN kernels, as plain C++ shared by the host launchers, the device code and the
-// CPU test (tests/test_csrc.py compiles this header with g++ and checks that the backward's work units and
-// its stage-2 reduction cover every (row, modulation row) exactly once, for many shapes).
+// CPU test (tests/kernels/test_cuda_kernels.py compiles this header with g++ and checks that the backward's work
+// units and its stage-2 reduction cover every (row, modulation row) exactly once, for many shapes).
 #pragma once
 #include <cstdint>
 #include <numeric>

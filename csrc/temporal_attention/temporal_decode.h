@@ -30,8 +30,14 @@ struct TemporalDecodeParams {
   DType dtype = DType::BF16;  // q, k, v, caches and o share it
 };
 
-// Head dims the kernel is instantiated for.
-inline bool temporal_decode_supports_head_dim(int64_t Dh) { return Dh == 32 || Dh == 64 || Dh == 128; }
+// Head dims the kernel is instantiated for (exported to Python by the binding's `limits` op).
+constexpr int64_t kTemporalDecodeHeadDims[] = {32, 64, 128};
+inline bool temporal_decode_supports_head_dim(int64_t Dh) {
+  for (int64_t d : kTemporalDecodeHeadDims) {
+    if (Dh == d) return true;
+  }
+  return false;
+}
 
 Status temporal_decode(const TemporalDecodeParams& p, cudaStream_t stream);
 

@@ -1,7 +1,8 @@
 // CPU check of the AdaLN backward's work geometry (csrc/adaln/adaln_geom.h), the index math no CPU test can
 // run through the kernels: every token row belongs to exactly one work unit, a unit never crosses a
 // modulation row of any reduced tensor, and stage 2 sums, for each modulation row, exactly the units that
-// hold its rows. Built and run by tests/test_csrc.py with g++; prints "ok <cases>" or the first failure.
+// hold its rows. Built and run by tests/kernels/test_cuda_kernels.py with g++; prints "ok <cases>" or the first
+// failure.
 #include <cstdio>
 #include <vector>
 

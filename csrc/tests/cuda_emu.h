@@ -1,6 +1,6 @@
-// A tiny CUDA execution emulator for the CPU test of the kernels (tests/test_csrc.py): the very .cu files are
-// compiled by g++ as C++ with `-DWMFAST_EMULATE -include csrc/tests/cuda_emu.h`, and each block runs on one
-// host thread per CUDA thread, with std::barrier for __syncthreads and for warp shuffles. Blocks run one
+// A tiny CUDA execution emulator for the CPU test of the kernels (tests/kernels/test_cuda_kernels.py): the very
+// .cu files are compiled by g++ as C++ with `-DWMFAST_EMULATE -include csrc/tests/cuda_emu.h`, and each block runs
+// on one host thread per CUDA thread, with std::barrier for __syncthreads and for warp shuffles. Blocks run one
 // after another, so a function-static array is exactly a block's shared memory. Slow, exact semantics for
 // what these kernels use (threadIdx/blockIdx/blockDim.x, __syncthreads, __shfl_xor_sync, __ldg): enough to
 // execute every index computation, mask, vector load and reduction of the kernels without a GPU.

@@ -1,5 +1,5 @@
-// C entry points of the emulated kernels for ctypes (tests/test_csrc.py); the sizes let the test check that
-// its ctypes mirrors of the params structs have the C++ layout.
+// C entry points of the emulated kernels for ctypes (tests/kernels/test_cuda_kernels.py); the sizes let the test
+// check that its ctypes mirrors of the params structs have the C++ layout.
 #include "../adaln/adaln.h"
 #include "../temporal_attention/temporal_decode.h"
 

@@ -1,1 +1,27 @@
-"""Suite orchestration for `wmfast bench`: the attention-memory suite, reports, summaries and plots."""
+"""The one benchmark home: the harness every benchmark measures through, the `wmfast bench` suites, and reports.
+
+The harness (how to write a bench script, and the measurement conventions: wmfast.bench.context):
+    timing        measure(fn) -> Measurement (median, p20, p80 ms; do_bench on CUDA, a perf_counter loop on the
+                  CPU), peak_memory, direct_triton_launches (kernel launchers timed as their ops launch them)
+    memory        LiveBytesTracker (the CPU peak-memory estimate and attention score bytes), saved_bytes
+    ceilings      copy GB/s and matmul TFLOP/s measured in the same run (Ceilings, ceilings())
+    results       the CSV schema (COLUMNS), ResultWriter, read_rows, roofline_fraction, environment columns
+    context       BenchContext, make_context, script_main, BudgetExhausted, the profiles
+    discovery     find_bench_dir, load_bench_script (benchmarks/bench_<x>.py)
+    workloads     inputs the scripts share (a random compression-task batch)
+GPU telemetry (clocks, power, temperature) comes from wmfast.telemetry.GpuSampler, the one NVML reader.
+
+The suites and their outputs:
+    suite              `wmfast bench`: ceilings, then the chosen suites, into results.csv, status.json, bench.log
+    report             summary.md, plots and the README results block, regenerated from a results directory
+    attention_memory   the attention-memory suite: the memory-complexity table and its measurement
+    largest_batch      the largest batch that fits a training step, full vs factorized attention
+    lease              one GPU lease, one command (`python -m wmfast.bench.lease`, benchmarks/lease/run.sh)
+    lease_summary      what a lease leaves: junit.xml, launch_configs.json, summary.md, the packed copy
+    pytest_stream      a pytest plugin streaming every test report to a JSON-lines file as it arrives
+
+This module imports nothing, so that `python -m wmfast.bench.lease` and the pytest plugin start without torch.
+"""
+
+SUITES = ("ceilings", "ops", "attention-memory", "train", "generate", "ensemble")
+PROFILES = ("quick", "lease", "full")

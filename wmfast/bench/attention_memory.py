@@ -14,14 +14,20 @@ What is measured, per (T, S) at fixed batch B, heads H and head dim D:
   the layers of a model in training.
 - GPU only: the largest batch that fits a training step of the 136M model with full vs factorized attention
   at T = 5 (wmfast.bench.largest_batch).
-- memory: the peak allocated during one call above the inputs (wmfast.benchmarking.peak_memory): CUDA
+- memory: the peak allocated during one call above the inputs (wmfast.bench.timing.peak_memory): CUDA
   max_memory_allocated, or on the CPU the live-bytes estimate of a TorchDispatchMode (fused kernels'
   internal scratch is invisible to it, so CPU fused numbers are lower bounds).
 
-The formula (design card): memory(factorized) / memory(full) = (T S^2 + S T^2) / (T S)^2. The two
+The formula (design card, `attention_memory_table`): memory(factorized) / memory(full) = (T S^2 + S T^2) / (T S)^2
+(T = 5, S = 1024: 26.2M vs 5.27M scores -> 20.1%). The two
 factorized steps run one after the other, so their *peaks* do not add: the peak ratio is
 max(T S^2, S T^2) / (T S)^2, lower than the formula by 1/S (0.39 percentage points at S = 256), while the
 *saved* bytes do add. The check: every eager ratio within 1 percentage point of the formula.
+
+`measure_attention_memory` counts the same on the model layout [B, T, S, H, Dh] with the model's own eager
+attention (wmfast.models.st_transformer.eager_attention) under the live-bytes tracker (wmfast.bench.memory):
+the bytes of the attention probabilities (softmax outputs: one element per score) and the live bytes (peak,
+and retained for the backward at the end of the forward) of tensors created inside the call.
 """
 from __future__ import annotations
 
@@ -33,7 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from wmfast.benchmarking import BenchContext
+from wmfast.bench.context import BenchContext
+from wmfast.bench.memory import LiveBytesTracker, saved_bytes
 
 # (T, S) pairs of the issue: T sweep at S = 1024, S sweep at T = 5; B, H, D of the 136M ST-Transformer
 # (d = 512, 8 heads of 64), batch 1 so that T = 16 / S = 4096 full attention (2 x 6.7 GB of bf16 scores)
@@ -51,10 +58,40 @@ MODES = ("fwd", "fwd+bwd", "saved")
 CHECKED_MODES = ("fwd", "saved")
 
 
-def formula_ratio(T: int, S: int) -> float:
-    """(T S^2 + S T^2) / (T S)^2: the design card's table, from wmfast.analysis (the one source of the formula)."""
-    from wmfast.analysis import attention_memory_table
+def attention_memory_table(T: int, S: int, *, batch: int = 1, heads: int = 1, bytes_per_element: int = 4) -> dict:
+    """Attention-score elements per (batch, head) for full vs factorized attention over T frames of S tokens.
 
+    Returns {"T", "S", "full", "factorized", "spatial", "temporal", "ratio", "full_bytes", "factorized_bytes",
+    "rows"}: rows is the seed's table [{"method", "complexity", "score_elements", "relative"}], relative to
+    full attention (T=5, S=1024 -> ratio 0.2010). *_bytes multiply by batch * heads * bytes_per_element."""
+    if T < 1 or S < 1:
+        raise ValueError(f"T={T} and S={S} must be >= 1")
+    full = (T * S) ** 2
+    spatial, temporal = T * S * S, S * T * T
+    factorized = spatial + temporal
+    scale = batch * heads * bytes_per_element
+    return {
+        "T": T, "S": S, "full": full, "factorized": factorized, "spatial": spatial, "temporal": temporal,
+        "ratio": factorized / full, "full_bytes": full * scale, "factorized_bytes": factorized * scale,
+        "rows": [
+            {"method": "full attention", "complexity": "O((T S)^2)", "score_elements": full, "relative": 1.0},
+            {"method": "spatio-temporal attention", "complexity": "O(T S^2 + S T^2)", "score_elements": factorized,
+             "relative": factorized / full},
+        ],
+    }
+
+
+def format_memory_table(table: dict) -> str:
+    """The table as Markdown (what the README and the bench report show)."""
+    lines = [f"T={table['T']}, S={table['S']}", "| method | memory complexity | score elements | relative cost |",
+             "|---|---|---|---|"]
+    for r in table["rows"]:
+        lines.append(f"| {r['method']} | {r['complexity']} | {r['score_elements'] / 1e6:.2f}M | {r['relative']:.1%} |")
+    return "\n".join(lines)
+
+
+def formula_ratio(T: int, S: int) -> float:
+    """(T S^2 + S T^2) / (T S)^2: the design card's table (attention_memory_table, the one source of the formula)."""
     return attention_memory_table(T, S)["ratio"]
 
 
@@ -130,23 +167,6 @@ def _fused_full(device, inp: Inputs, T: int, S: int):
     return (lambda: (F.scaled_dot_product_attention(*inp.full, attn_mask=allowed),)), "sdpa+mask"
 
 
-def saved_bytes(fn, inputs: tuple) -> int:
-    """Bytes autograd saves for backward during fn(), excluding the inputs' storages (counted once each)."""
-    input_keys = {t.untyped_storage().data_ptr() for t in inputs}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in input_keys:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
-
-
 # ------------------------------------------------------------------------------------------- the suite
 def _step(fn, mode: str, grads: tuple):
     """The callable measured for `mode`: forward without grad, or forward + backward with fixed grads."""
@@ -213,6 +233,28 @@ def _ratio_rows(T: int, S: int, shape: str, peaks: dict, method: str) -> list[di
 
 RATIO_COLUMNS = ("T", "S", "shape", "impl", "mode", "full_bytes", "factorized_bytes", "measured_ratio",
                  "formula_ratio", "sequential_ratio", "diff_pp", "method", "check")
+
+
+def measure_attention_memory(T: int, S: int, *, batch: int = 1, heads: int = 2, head_dim: int = 4,
+                             dtype=torch.float32, device="cpu") -> dict:
+    """Run the model's eager full and factorized attention forward (autograd on, as in training) and count bytes.
+
+    Returns {"full": {...}, "factorized": {...}} each with score_bytes (softmax outputs), peak_bytes and
+    retained_bytes (live at the end of the forward: what the backward keeps), all for tensors allocated in
+    the call. Keep head_dim small against S so the q/k/v-sized extras stay negligible beside the scores."""
+    from wmfast.models.st_transformer.eager_attention import eager_factorized_attention, eager_full_attention
+
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, T, S, heads, head_dim)
+    q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    result = {}
+    for name, fn in (("full", eager_full_attention), ("factorized", eager_factorized_attention)):
+        with LiveBytesTracker() as tracker:
+            o = fn(q, k, v)
+            retained = tracker.current
+        result[name] = {"score_bytes": tracker.softmax_bytes, "peak_bytes": tracker.peak, "retained_bytes": retained}
+        del o
+    return result
 
 
 def run(ctx: BenchContext) -> list[dict]:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from wmfast.benchmarking import BenchContext, LiveBytesTracker, measure
+from wmfast.bench.context import BenchContext
+from wmfast.bench.memory import LiveBytesTracker
+from wmfast.bench.timing import measure
+from wmfast.bench.workloads import compression_batch
 
 ROW_OP = "largest-batch"
 
@@ -23,14 +26,6 @@ def _model_and_optimizer(attention: str, preset: str, device: torch.device, over
     model = STTransformer(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     return model, opt
-
-
-def _batch(config, b: int, device: torch.device) -> dict:
-    from wmfast.data.format import SAMPLE_FRAMES, STATE_DIM
-
-    g = config.grid_size
-    return {"tokens": torch.randint(0, config.vocab_size, (b, config.num_frames + 1, g, g), device=device),
-            "states": torch.randn(b, SAMPLE_FRAMES, STATE_DIM, device=device)}
 
 
 def _train_step(model, opt, batch: dict, device: torch.device) -> None:
@@ -51,11 +46,11 @@ def largest_batch(attention: str, *, device, preset: str = "1x-compression", max
 
     device = torch.device(device)
     model, opt = _model_and_optimizer(attention, preset, device, overrides)
-    _train_step(model, opt, _batch(model.config, 1, device), device)  # AdamW state exists in every trial
+    _train_step(model, opt, compression_batch(model.config, 1, device), device)  # AdamW state exists in every trial
 
     def body(b: int):
         opt.zero_grad(set_to_none=True)  # an out-of-memory trial may have left gradients behind
-        batch = _batch(model.config, b, device)
+        batch = compression_batch(model.config, b, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -94,7 +89,7 @@ def _write_step_row(ctx: BenchContext, model, opt, b: int, preset: str, attentio
     at the next smaller batches, down to 90% of the largest, and says which batch it timed."""
     c = model.config
     for timed in range(b, max(1, int(0.9 * b)) - 1, -1):
-        batch = _batch(c, timed, ctx.device)
+        batch = compression_batch(c, timed, ctx.device)
         try:
             m = measure(lambda batch=batch: _train_step(model, opt, batch, ctx.device), device=ctx.device,
                         warmup=ctx.warmup, rep=ctx.rep)

@@ -9,9 +9,9 @@ end of that share. Everything is written as it arrives, so a stage cut short lea
 
     env         `wmfast env --json`, nvidia-smi, and the ceilings (copy GB/s, bf16 matmul TFLOP/s at 8192^3 and
                 at the models' shapes): `wmfast bench --suite ceilings`
-    tests       `pytest -m gpu` but test_csrc.py (the Triton kernels against their references, fwd and bwd),
+    tests       `pytest -m gpu` but the CUDA extension's tests (the Triton kernels against their references, fwd and bwd),
                 parallel with pytest-xdist when present, a per-test timeout, every report streamed to tests.jsonl
-    tests-cuda  `pytest -m gpu tests/test_csrc.py` once the extension is built (the CUDA kernels)
+    tests-cuda  `pytest -m gpu tests/**/test_cuda_*.py` once the extension is built (the CUDA kernels)
     ops         `wmfast bench --suite ops --profile lease` (AdaLN, temporal attention, decode step, Wan block
                 against eager, torch.compile and the external kernels present; the launch-configuration sweeps)
     e2e         `wmfast bench --suite train,generate,ensemble,attention-memory --profile lease`
@@ -31,11 +31,12 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from wmfast.bench.lease_summary import final_table, pack, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BUDGET_S = 530  # the run ends by itself inside a 9-minute device call, install included
@@ -205,14 +206,16 @@ class Lease:
         return budget - (time.monotonic() - self.stage_t0)
 
     def stage_tests(self, budget: float) -> int | None:
-        return self.pytest("tests", ["--ignore", "tests/test_csrc.py", "tests"], budget)
+        return self.pytest("tests", [a for path in cuda_tests() for a in ("--ignore", path)] + ["tests"], budget)
 
     def stage_tests_cuda(self, budget: float) -> int | None:
         if self.build is None and not self.dry_run:
             raise _Skip(f"no CUDA extension ({self.build_note})")
-        if not self.dry_run and not self.wait_build(0.6 * budget):  # the csrc tests themselves take ~20 s
+        if not self.dry_run and not self.wait_build(0.6 * budget):  # the CUDA tests themselves take ~20 s
             raise _Skip(f"the CUDA extension did not build ({self.build_note}; see build.log)")
-        return self.pytest("tests-cuda", ["tests/test_csrc.py"], self.share_left(budget))
+        if not cuda_tests():
+            raise _Skip("no tests/**/test_cuda_*.py in this checkout")
+        return self.pytest("tests-cuda", cuda_tests(), self.share_left(budget))
 
     def stage_ops(self, budget: float) -> int | None:
         if self.build is not None:  # nothing else may load the CPUs while kernels are timed
@@ -264,9 +267,14 @@ class _Skip(Exception):
     pass
 
 
+def cuda_tests() -> list[str]:
+    """The CUDA extension's test files (tests/**/test_cuda_*.py), relative to the checkout: they need it built."""
+    return sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("tests/**/test_cuda_*.py"))
+
+
 def _toolchain_report() -> str:
     """Which compilers build the extension and which C++ ABI torch has: the extension's binding segfaulted on
-    an H200 when one of its own input checks threw (tests/test_csrc.py::test_gpu_binding_rejects_bad_input),
+    an H200 when one of its own input checks threw (test_cuda_ext.py::test_gpu_binding_rejects_bad_input),
     which points at a toolchain or ABI mismatch; this header lets the next run say which."""
     import shutil
 
@@ -307,44 +315,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-# ------------------------------------------------------------------------------------------------ summary
-def summarize(out: Path) -> None:
-    """junit.xml, launch_configs.json and summary.md from what the stages wrote (re-runnable)."""
-    from wmfast import benchmarking as bm
-    from wmfast import tuning
-    from wmfast.bench import pytest_stream, report
-
-    suites = {name: pytest_stream.read_records(out / f"{name}.jsonl") for name in ("tests", "tests-cuda")
-              if (out / f"{name}.jsonl").exists()}
-    if suites:
-        (out / "junit.xml").write_text(pytest_stream.junit_xml(suites))
-    if (out / "results.csv").exists():
-        tuning.write_table(tuning.choose(bm.read_rows(out / "results.csv")), out / "launch_configs.json")
-        report.write_report(out)
-    else:  # no bench stage wrote a row: the lease's own section is the whole summary
-        (out / "summary.md").write_text("# wmfast lease\n\n" + "\n".join(report.lease_lines(out)))
-
-
-def final_table(out: Path) -> str:
-    from wmfast.bench import report
-
-    return "\n" + "\n".join(report.lease_lines(out)) + "\n"
-
-
-def pack(out: Path, dest: Path) -> None:
-    """dest/<gpu>-<run>.tar.gz of the run directory, and its summary.md and lease.log beside it."""
-    import shutil
-
-    dest.mkdir(parents=True, exist_ok=True)
-    name = f"{out.parent.name}-{out.name}"
-    with tarfile.open(dest / f"{name}.tar.gz", "w:gz") as tar:
-        tar.add(out, arcname=name)
-    for f in ("summary.md", "lease.log"):
-        if (out / f).exists():
-            shutil.copy(out / f, dest / f)
-    print(f"packed {out} -> {dest / (name + '.tar.gz')}")
-
-
 def gpu_facts() -> tuple[str, tuple[int, int]] | None:
     """(name, compute capability) of GPU 0, asked in a child process: the lease process itself never creates a
     CUDA context, which would hold GPU memory through every stage (and shrink the largest batch found)."""
@@ -362,11 +332,11 @@ def gpu_facts() -> tuple[str, tuple[int, int]] | None:
 
 
 def default_out(dry_run: bool, gpu: tuple | None) -> Path:
-    from wmfast import benchmarking as bm
+    from wmfast.bench.results import environment, git_commit, slug
 
-    name = gpu[0] if gpu and not dry_run else bm.environment("cpu")["gpu_name"]
-    return (REPO / "benchmarks" / "results" / bm.slug(name)
-            / f"{time.strftime('%Y-%m-%d', time.gmtime())}-{bm.git_commit(REPO)}")
+    name = gpu[0] if gpu and not dry_run else environment("cpu")["gpu_name"]
+    return (REPO / "benchmarks" / "results" / slug(name)
+            / f"{time.strftime('%Y-%m-%d', time.gmtime())}-{git_commit(REPO)}")
 
 
 def main(argv=None) -> int:

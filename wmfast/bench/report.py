@@ -10,7 +10,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from wmfast import benchmarking as bm
+from wmfast.bench.results import read_rows, slug
 
 QUICK_NOTE = ", --quick (CPU smoke test: tiny shapes, not performance numbers)"
 
@@ -22,7 +22,7 @@ def _f(row: dict, key: str) -> float | None:
 
 def is_wmfast(provider: str) -> bool:
     """wmfast's own providers are named "wmfast...", "triton..." or "cuda..." (convention in
-    wmfast/benchmarking.py); the rest (torch, torch.compile, sdpa, flash-attn, liger, ...) are baselines."""
+    wmfast/bench/context.py); the rest (torch, torch.compile, sdpa, flash-attn, liger, ...) are baselines."""
     return provider.startswith(("wmfast", "triton", "cuda"))
 
 
@@ -53,7 +53,7 @@ def headline_rows(rows: list[dict]) -> list[dict]:
 def headline_table(out_dir: str | Path) -> str:
     """The README's headline table (markdown) from a results directory, with the GPU and date it was measured on."""
     out_dir = Path(out_dir)
-    rows = bm.read_rows(out_dir / "results.csv")
+    rows = read_rows(out_dir / "results.csv")
     if not rows:
         raise ValueError(f"{out_dir / 'results.csv'} holds no rows")
     first = rows[0]
@@ -111,7 +111,7 @@ def _result_lines(rows: list[dict]) -> list[str]:
 
 def summary_markdown(out_dir: str | Path) -> str:
     out_dir = Path(out_dir)
-    rows = bm.read_rows(out_dir / "results.csv") if (out_dir / "results.csv").exists() else []
+    rows = read_rows(out_dir / "results.csv") if (out_dir / "results.csv").exists() else []
     status = json.loads((out_dir / "status.json").read_text()) if (out_dir / "status.json").exists() else {}
     env = status.get("environment") or (rows[0] if rows else {})
     when = rows[0]["timestamp"] if rows else "?"
@@ -142,7 +142,7 @@ def summary_markdown(out_dir: str | Path) -> str:
                   "other. fwd+bwd peaks also hold the q/k/v gradients (linear in T S D), which the formula "
                   "leaves out. Details: wmfast/bench/attention_memory.py."), "",
                   *ratio_table(ratio_rows), "", "![attention memory](attention_memory.png)", "",
-                  "The design card's table (wmfast.analysis):", "", _seed_table(), ""]
+                  "The design card's table (wmfast.bench.attention_memory):", "", _seed_table(), ""]
         fits = [f"{r['provider'].removeprefix('st-transformer-')} attention: {r['shape']}" for r in rows
                 if r["op"] == "largest-batch"]
         if fits:
@@ -157,13 +157,13 @@ def summary_markdown(out_dir: str | Path) -> str:
 
 
 def _seed_table() -> str:
-    from wmfast.analysis import attention_memory_table, format_memory_table
+    from wmfast.bench.attention_memory import attention_memory_table, format_memory_table
 
     return format_memory_table(attention_memory_table(5, 1024))
 
 
 def plot_name(op: str) -> str:
-    return f"plot_{bm.slug(op)}.png"
+    return f"plot_{slug(op)}.png"
 
 
 def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -211,7 +211,7 @@ def write_report(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if not (out_dir / "results.csv").exists():
         raise FileNotFoundError(f"{out_dir} has no results.csv: not a `wmfast bench` results directory")
-    plot_results(bm.read_rows(out_dir / "results.csv"), out_dir)
+    plot_results(read_rows(out_dir / "results.csv"), out_dir)
     am = out_dir / "attention_memory.csv"
     if am.exists() and not (out_dir / "attention_memory.png").exists():
         from wmfast.bench.attention_memory import plot_ratios, read_ratio_csv
@@ -251,7 +251,7 @@ def newest_run(results_root: str | Path) -> Path | None:
     """The results directory under results_root (benchmarks/results/) whose rows were measured last."""
     best = None
     for csv_path in Path(results_root).glob("*/*/results.csv"):
-        rows = bm.read_rows(csv_path)
+        rows = read_rows(csv_path)
         stamp = max((r["timestamp"] for r in rows if r.get("timestamp")), default="")
         if stamp and (best is None or stamp > best[0]):
             best = (stamp, csv_path.parent)

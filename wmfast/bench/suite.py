@@ -3,7 +3,7 @@
 Suites and where they come from:
 - ceilings: only the ceilings (always measured first) and bf16 matmuls at the models' own shapes.
 - attention-memory: this package (wmfast.bench.attention_memory).
-- ops, train, generate, ensemble: the scripts benchmarks/bench_<x>.py (convention in wmfast/benchmarking.py);
+- ops, train, generate, ensemble: the scripts benchmarks/bench_<x>.py (convention in wmfast/bench/context.py);
   a script joins the suite named by its `SUITE` attribute ("ops" when absent). The scripts the project
   plans for each suite are listed in EXPECTED_SCRIPTS: one that is absent is reported as "missing" (exit
   status 2), never skipped silently, and so is a suite that no script declares.
@@ -22,8 +22,14 @@ from pathlib import Path
 
 import torch
 
-from wmfast import benchmarking as bm
-from wmfast.tuning import dtype_name
+from wmfast.bench import SUITES
+from wmfast.bench.ceilings import Ceilings
+from wmfast.bench.context import BenchContext, BudgetExhausted, default_out_dir, make_context
+from wmfast.bench.discovery import find_bench_dir, load_bench_script
+from wmfast.bench.results import environment, slug
+from wmfast.bench.timing import default_device
+from wmfast.kernels.tuning import dtype_name
+from wmfast.telemetry import GpuSampler
 
 EXPECTED_SCRIPTS = {
     "ops": ("bench_adaln.py", "bench_st_attention.py", "bench_wan_block.py"),
@@ -71,11 +77,11 @@ class _Tee(io.TextIOBase):
 def resolve_suites(name: str) -> list[str]:
     """"all", one suite, or a comma-separated list ("train,generate")."""
     if name == "all":
-        return list(bm.SUITES)
+        return list(SUITES)
     names = [n.strip() for n in name.split(",") if n.strip()]
-    bad = [n for n in names if n not in bm.SUITES]
+    bad = [n for n in names if n not in SUITES]
     if bad or not names:
-        raise ValueError(f"--suite {name!r}: expected one of {', '.join(bm.SUITES)}, a comma-separated list "
+        raise ValueError(f"--suite {name!r}: expected one of {', '.join(SUITES)}, a comma-separated list "
                          "of them, or all")
     return list(dict.fromkeys(names))
 
@@ -87,11 +93,11 @@ def _script_suites(module) -> tuple[str, ...]:
 
 def discover(bench_dir: Path | None) -> tuple[dict[str, list[Path]], list[SuiteStatus]]:
     """{suite: [script paths]} from the scripts' SUITE attributes; statuses of scripts that fail to import."""
-    by_suite: dict[str, list[Path]] = {s: [] for s in bm.SUITES}
+    by_suite: dict[str, list[Path]] = {s: [] for s in SUITES}
     broken = []
     for path in sorted(bench_dir.glob("bench_*.py")) if bench_dir else []:
         try:
-            module = bm.load_bench_script(path)
+            module = load_bench_script(path)
         except Exception as e:  # noqa: BLE001 - one broken script must not hide the others' results
             broken.append(SuiteStatus("?", path.name, "failed", 0.0, f"import: {type(e).__name__}: {e}"))
             continue
@@ -106,7 +112,7 @@ def _guarded(suite: str, name: str, fn) -> SuiteStatus:
     t0 = time.perf_counter()
     try:
         message = fn() or ""
-    except bm.BudgetExhausted as e:
+    except BudgetExhausted as e:
         return SuiteStatus(suite, name, "budget", time.perf_counter() - t0, f"cut off by --budget ({e})")
     except Exception as e:  # noqa: BLE001 - record, print the traceback into the raw log, go on
         traceback.print_exc(file=sys.stdout)
@@ -114,17 +120,17 @@ def _guarded(suite: str, name: str, fn) -> SuiteStatus:
     return SuiteStatus(suite, name, "failed" if message else "ok", time.perf_counter() - t0, message)
 
 
-def run_script(ctx: bm.BenchContext, suite: str, path: Path) -> SuiteStatus:
-    return _guarded(suite, path.name, lambda: bm.load_bench_script(path).run(ctx))
+def run_script(ctx: BenchContext, suite: str, path: Path) -> SuiteStatus:
+    return _guarded(suite, path.name, lambda: load_bench_script(path).run(ctx))
 
 
-def _share(ctx: bm.BenchContext, end: float | None, parts_left: int) -> None:
+def _share(ctx: BenchContext, end: float | None, parts_left: int) -> None:
     """Give the next of `parts_left` parts an equal share of the time left until `end` (what a part leaves
     unused goes to the ones after it)."""
     ctx.deadline = None if end is None else time.monotonic() + max(0.0, end - time.monotonic()) / max(1, parts_left)
 
 
-def model_matmuls(ctx: bm.BenchContext) -> None:
+def model_matmuls(ctx: BenchContext) -> None:
     """bf16 matmul TFLOP/s at the models' shapes, beside the 8192^3 ceiling (rows op "matmul")."""
     dtype = torch.float32 if ctx.device.type == "cpu" else torch.bfloat16
     for (M, N, K), what in (QUICK_MATMULS if ctx.quick or ctx.device.type == "cpu" else MODEL_MATMULS):
@@ -134,7 +140,7 @@ def model_matmuls(ctx: bm.BenchContext) -> None:
                   lambda a=a, b=b: a @ b, flops=2 * M * N * K, dtype=dtype, memory=False)
 
 
-def run_suite(ctx: bm.BenchContext, suite: str, by_suite: dict, bench_dir: Path | None, dir_error: str,
+def run_suite(ctx: BenchContext, suite: str, by_suite: dict, bench_dir: Path | None, dir_error: str,
               end: float | None = None) -> list[SuiteStatus]:
     """Run one suite's scripts, each given an equal share of the time left until `end` (monotonic)."""
     if suite == "ceilings":
@@ -181,9 +187,9 @@ def _fresh_out_dir(out: Path) -> None:
 def default_run_dir(bdir: Path | None, device: torch.device) -> Path:
     """results/<gpu>/<date>-<commit>/ beside the scripts (the checkout's benchmarks/), else under
     ./benchmarks/results: one directory per run, so that a later run never overwrites a committed one."""
-    env = bm.environment(str(device))
+    env = environment(str(device))
     run = f"{time.strftime('%Y-%m-%d', time.gmtime())}-{env['commit']}"
-    base = bdir / "results" / bm.slug(env["gpu_name"]) if bdir else bm.default_out_dir(device)
+    base = bdir / "results" / slug(env["gpu_name"]) if bdir else default_out_dir(device)
     return base / run
 
 
@@ -199,7 +205,7 @@ def run_bench(suite: str = "all", *, quick: bool = False, out: str | Path | None
     """Run `wmfast bench`; returns the exit status: 0 all ran (or stopped at the budget), 1 something failed,
     2 something is missing.
 
-    profile: "quick" | "lease" | "full" (wmfast.benchmarking.PROFILES; default "quick" if quick else "full").
+    profile: "quick" | "lease" | "full" (wmfast.bench.context.PROFILES; default "quick" if quick else "full").
     budget: seconds for the whole call; each suite, and each script in it, gets an equal share of what is
     left, and a script that runs past its share stops at its next measurement (status "budget", its rows
     kept). append: add to the run already in `out` (its ceilings reused, its rows and statuses kept), as the
@@ -209,9 +215,9 @@ def run_bench(suite: str = "all", *, quick: bool = False, out: str | Path | None
     if budget is not None and budget <= 0:
         raise ValueError(f"--budget {budget}: must be a positive number of seconds")
     end = None if budget is None else time.monotonic() + budget
-    device = torch.device(device) if device else bm.default_device()
+    device = torch.device(device) if device else default_device()
     try:
-        bdir, dir_error = bm.find_bench_dir(bench_dir), ""
+        bdir, dir_error = find_bench_dir(bench_dir), ""
     except FileNotFoundError as e:
         bdir, dir_error = None, str(e)
     out = Path(out) if out is not None else default_run_dir(bdir, device)
@@ -237,22 +243,22 @@ def _run_all(suites, profile, out: Path, device, bdir, dir_error, end, append) -
 
     previous = load_status(out) if append else {}
     before = {p.name for p in out.iterdir() if p.is_file()}  # not this call's: never removed by the next run
-    env = bm.environment(str(device))
+    env = environment(str(device))
     print(f"wmfast bench: suites {', '.join(suites)} (profile {profile}) on {env['gpu_name']} (torch {env['torch']}, "
           f"triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}) -> {out}")
     if bdir is None and set(suites) - {"attention-memory", "ceilings"}:
         print(f"wmfast bench: {dir_error}")
-    earlier = bm.Ceilings(**previous["ceilings"]) if previous.get("ceilings") else None
-    ctx = bm.make_context(profile=profile, out_dir=out, device=device, csv_name="results.csv",
+    earlier = Ceilings(**previous["ceilings"]) if previous.get("ceilings") else None
+    ctx = make_context(profile=profile, out_dir=out, device=device, csv_name="results.csv",
                           ceilings_measured=earlier)
     by_suite, statuses = discover(bdir) if set(suites) - {"attention-memory", "ceilings"} else ({}, [])
-    with bm.GpuSampler() as sampler:
+    with GpuSampler() as sampler:
         for i, suite in enumerate(suites):
             print(f"== suite {suite}")
             weight = SUITE_WEIGHTS.get(suite, 1) / sum(SUITE_WEIGHTS.get(s, 1) for s in suites[i:])
             suite_end = None if end is None else time.monotonic() + max(0.0, end - time.monotonic()) * weight
             statuses += run_suite(ctx, suite, by_suite, bdir, dir_error, suite_end)
-    telemetry = "gpu_telemetry.csv" if not append else f"gpu_telemetry_{bm.slug('-'.join(suites))}.csv"
+    telemetry = "gpu_telemetry.csv" if not append else f"gpu_telemetry_{slug('-'.join(suites))}.csv"
     if sampler.samples:
         sampler.write_csv(out / telemetry)
     elif sampler.reason:

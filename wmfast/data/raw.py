@@ -8,7 +8,7 @@ Per shard `i` of a split directory:
 
 A sample is 77 consecutive frames inside one segment (17 context + up to the 77th, the scored one) and
 their 77 states. The reader decodes only the frames the sample needs (`frame_offsets`, e.g. the stride-3
-schedule of wmfast.models.wan_schedule needs 25 of the 77).
+schedule of wmfast.models.wan.schedule needs 25 of the 77).
 
 Decoder: PyAV. torchvision is not a dependency here (and its video API is deprecated in favour of
 TorchCodec); PyAV gives what the reader needs directly: seek to the keyframe before the first needed frame,

@@ -1,12 +1,9 @@
-"""Evaluation metrics of wmfast: cross-entropy (full vocabulary and Top-500, chunked) and PSNR."""
-from wmfast.metrics.ce import (
-    cross_entropy,
-    linear_cross_entropy,
-    token_cross_entropy,
-    token_topk_cross_entropy,
-    topk_cross_entropy,
-)
+"""Evaluation metrics of wmfast: cross-entropy (full vocabulary and Top-500, chunked; ce) and PSNR (psnr).
+
+`linear_cross_entropy` is the training loss op of wmfast.ops, re-exported here beside the metrics."""
+from wmfast.metrics.ce import cross_entropy, token_cross_entropy, token_topk_cross_entropy, topk_cross_entropy
 from wmfast.metrics.psnr import psnr, psnr_per_frame, to_uint8
+from wmfast.ops.linear_cross_entropy import linear_cross_entropy
 
 __all__ = [
     "cross_entropy",

@@ -1,4 +1,6 @@
-"""Models: the compression-track ST-Transformer."""
+"""Models: the ST-Transformer of the compression track (st_transformer/: config, model, checkpoint loading;
+exported here) and the Wan2.2 world model of the sampling track (wan/: import `wmfast.models.wan`, which needs
+diffusers). Models import no trainer and no task."""
 from wmfast.models.st_transformer import (
     PRESETS,
     STTransformer,

@@ -1,8 +1,8 @@
-"""Public AdaLN-Zero ops: validate, pick a backend (`wmfast.backend.select_backend`), run it.
+"""Public AdaLN-Zero ops: validate, pick a backend (`wmfast.ops.dispatch`), run it.
 
 Backends: "triton" (the fused kernels of `wmfast.kernels.adaln`, registered with torch.library), "cuda" (the
-CUDA C++ extension through `wmfast.csrc_ops`, same names and semantics; imported only when selected) and "torch"
-(the fp32 references, which torch.compile traces natively).
+CUDA C++ extension through `wmfast.ops.cuda_ext`, same names and semantics; layernorm_modulate and
+gated_residual_layernorm_modulate) and "torch" (the fp32 references, which torch.compile traces natively).
 
 Shapes: x, residual [B, L, D]; each of shift, scale, gate one of
     per-sample [B, D] or [B, 1, D];  per-frame [B, F, D] with frame_len (F * frame_len == L);  per-token [B, L, D].
@@ -14,23 +14,15 @@ before any kernel launch: one exception type for callers to catch.
 """
 from __future__ import annotations
 
-import functools
-import logging
 import operator
 
 import torch
 
-from wmfast.backend import forced_backend, select_backend
 from wmfast.kernels import adaln as _k
-
-logger = logging.getLogger("wmfast")
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SUPPORTED = ("cuda", "triton", "torch")  # preference order on CUDA tensors
-
-
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+from wmfast.ops import cuda_ext
+from wmfast.ops.common import DTYPES, dtype_name
+from wmfast.ops.common import shape as _shape
+from wmfast.ops.dispatch import OpInputs, select_backend, timing_runners, traceable_backend
 
 
 def _check_x(name: str, x, like=None) -> None:
@@ -38,7 +30,7 @@ def _check_x(name: str, x, like=None) -> None:
         raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")  # noqa: TRY004
     if x.dim() != 3:
         raise ValueError(f"{name} must be [B, L, D], got shape {_shape(x)}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {_shape(x)}")
@@ -96,30 +88,6 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
-@functools.cache
-def _log_once(message: str) -> None:
-    logger.info(message)
-
-
-def _triton_fits(op: str, x) -> bool:
-    """Whether the Triton kernels take this D. Too wide: an error when WMFAST_BACKEND=triton forced them, else
-    the torch reference with one log line (dispatch picks what fits and says why)."""
-    D = x.shape[2]
-    if D <= _k.MAX_D:
-        return True
-    why = f"D={D} (x shape {_shape(x)}) exceeds the Triton kernels' limit D <= {_k.MAX_D}"
-    if forced_backend() == "triton":
-        raise ValueError(f"WMFAST_BACKEND=triton: {why}")
-    _log_once(f"wmfast: {op}: {why}; using the torch reference")
-    return False
-
-
-def _triton_runner(x, kernel, reference):
-    """The first-use timing runner for "triton": what choosing it would run. Rows wider than MAX_D never reach
-    the Triton kernels (they spill there, kernels/adaln.py); the op then runs the torch reference."""
-    return kernel if x.shape[2] <= _k.MAX_D else reference
-
-
 def _shape_key(x, mods, grad: bool = False) -> str:
     """The shape class for the backend table / first-use timing, e.g. "B=1,L=1536,D=3072,bf16,per-frame";
     ",grad" is appended when the call needs a backward (the choice is then timed forward + backward)."""
@@ -130,66 +98,21 @@ def _shape_key(x, mods, grad: bool = False) -> str:
         kind = "per-sample" if n == 1 else "per-token" if n == L else "per-frame"
         if kind not in kinds:
             kinds.append(kind)
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[x.dtype]
-    return f"B={B},L={L},D={D},{dtype},{'+'.join(kinds)}" + (",grad" if grad else "")
-
-
-@torch.compiler.assume_constant_result
-def _backend_constant(op: str, device: torch.device, shape_key: str) -> str:
-    """select_backend while torch.compile traces: evaluated once, its result baked into the graph (dynamo cannot
-    trace the device queries and logging inside, and a graph break would defeat fullgraph=True). With the shape
-    key, a choice eager timing already cached for this shape class is reused (no timing happens here)."""
-    return select_backend(op, device, _SUPPORTED, shape_key=shape_key)
+    return f"B={B},L={L},D={D},{dtype_name(x.dtype)},{'+'.join(kinds)}" + (",grad" if grad else "")
 
 
 def _pick_backend(op: str, x, mods, runners, tensors) -> str:
     """The backend for this call. On CUDA tensors `runners` (a function of the op's inputs returning backend ->
-    zero-argument forward) lets select_backend time the usable backends once per shape class when no measured
-    table entry decides; `tensors` (the op's inputs, in the order `runners` takes them) say whether a backward
-    is needed, which is then timed too."""
+    zero-argument forward) lets dispatch time the usable backends once per shape class when no measured table
+    entry decides; `tensors` (the op's inputs, in the order `runners` takes them) say whether a backward is
+    needed, which the backend must support and which is then timed too."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    inputs, key = OpInputs.of(x, backward=grad), _shape_key(x, mods, grad)
     if torch.compiler.is_compiling():
-        return _backend_constant(op, x.device, _shape_key(x, mods, grad))
+        return traceable_backend(op, inputs, shape_key=key)
     if x.device.type != "cuda":
-        return select_backend(op, x.device, _SUPPORTED)
-    return select_backend(op, x.device, _SUPPORTED, shape_key=_shape_key(x, mods, grad),
-                          runners=_timing_runners(runners, tensors, grad))
-
-
-def _timing_runners(factory, tensors, grad: bool) -> dict:
-    """Runners as timed: forward only under no_grad, or forward + backward (torch.autograd.grad) when the call
-    needs a backward, as training then runs both. They run on detached copies of the inputs (leaves sharing the
-    storage, requiring grad like the originals), built at the first timed call: a backward from the real
-    inputs would run on into the caller's graph wherever one input is computed from another (x from residual
-    in a block) and free the saved tensors the caller's own backward needs (seen on an H200 in the Wan block)."""
-    state = {}
-
-    def built() -> dict:
-        if not state:
-            leaves = tuple(t.detach().requires_grad_(grad and t.requires_grad) for t in tensors)
-            state["needs"] = [t for t in leaves if t.requires_grad]
-            state["fns"] = factory(*leaves)
-        return state
-
-    def wrap(name):
-        def run():
-            s = built()
-            if not grad:
-                with torch.no_grad():
-                    return s["fns"][name]()
-            outs = s["fns"][name]()
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            return torch.autograd.grad(outs, s["needs"], [torch.ones_like(o) for o in outs])
-
-        return run
-
-    return {name: wrap(name) for name in ("triton", "cuda")}
-
-
-def _csrc():
-    from wmfast import csrc_ops  # the CUDA extension's wrappers: imported only when that backend is chosen
-
-    return csrc_ops
+        return select_backend(op, inputs)
+    return select_backend(op, inputs, shape_key=key, runners=timing_runners(runners, tensors, grad))
 
 
 def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
@@ -203,13 +126,12 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     _check_mod("shift", shift, x, frame_len)
     _check_mod("scale", scale, x, frame_len)
     backend = _pick_backend("layernorm_modulate", x, (shift, scale), lambda x, shift, scale: {
-        "triton": _triton_runner(x, lambda: _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0),
-                                 lambda: _k.layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)),
-        "cuda": lambda: _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)}, (x, shift, scale))
-    if backend == "triton" and _triton_fits("layernorm_modulate", x):
+        "triton": lambda: _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0),
+        "cuda": lambda: cuda_ext.layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)}, (x, shift, scale))
+    if backend == "triton":
         return _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0)
     if backend == "cuda":
-        return _csrc().layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)
+        return cuda_ext.layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)
     return _k.layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)
 
 
@@ -223,13 +145,9 @@ def gated_residual(residual, x, gate, *, frame_len=None):
     frame_len = _check_frame_len(frame_len, x)
     _check_mod("gate", gate, x, frame_len)
     backend = _pick_backend("gated_residual", x, (gate,), lambda residual, x, gate: {
-        "triton": _triton_runner(x, lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0),
-                                 lambda: _k.gated_residual_ref(residual, x, gate, frame_len=frame_len)),
-        "cuda": lambda: _csrc().gated_residual(residual, x, gate, frame_len=frame_len)}, (residual, x, gate))
-    if backend == "triton" and _triton_fits("gated_residual", x):
+        "triton": lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0)}, (residual, x, gate))
+    if backend == "triton":
         return _k.gated_residual_op(residual, x, gate, frame_len or 0)
-    if backend == "cuda":
-        return _csrc().gated_residual(residual, x, gate, frame_len=frame_len)
     return _k.gated_residual_ref(residual, x, gate, frame_len=frame_len)
 
 
@@ -247,17 +165,14 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
         _check_mod(name, mod, x, frame_len)
     backend = _pick_backend("gated_residual_layernorm_modulate", x, (gate, shift, scale),
                             lambda residual, x, gate, shift, scale: {
-        "triton": _triton_runner(
-            x, lambda: _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps),
-                                                                frame_len or 0),
-            lambda: _k.gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps,
-                                                             frame_len=frame_len)),
-        "cuda": lambda: _csrc().gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
-                                                                  frame_len=frame_len)},
+        "triton": lambda: _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps),
+                                                                  frame_len or 0),
+        "cuda": lambda: cuda_ext.gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
+                                                                   frame_len=frame_len)},
         (residual, x, gate, shift, scale))
-    if backend == "triton" and _triton_fits("gated_residual_layernorm_modulate", x):
+    if backend == "triton":
         return _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps), frame_len or 0)
     if backend == "cuda":
-        return _csrc().gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
-                                                         frame_len=frame_len)
+        return cuda_ext.gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
+                                                          frame_len=frame_len)
     return _k.gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps, frame_len=frame_len)

@@ -4,10 +4,10 @@
   PyTorch SDPA. Both read [B*T, S, H, Dh] views of the inputs (no copies beyond what the backend needs).
 - temporal_attention: over T at each (b, s, h); the Triton kernel of wmfast.kernels.temporal_attention
   ("triton") or the pure-torch reference ("torch").
-- temporal_decode_step: the cached decode step; "cuda" (wmfast.csrc_ops, when built), "triton" or "torch".
+- temporal_decode_step: the cached decode step; "cuda" (wmfast.ops.cuda_ext, when built), "triton" or "torch".
 
-Backends are chosen by wmfast.backend.select_backend; WMFAST_BACKEND=torch|triton|cuda forces one (for
-spatial attention, WMFAST_BACKEND=torch forces SDPA). See docs/attention.md.
+Backends are chosen by wmfast.ops.dispatch; `use_backend("torch"|"triton"|"cuda")` or WMFAST_BACKEND forces one
+(for spatial attention, "torch" forces SDPA). See docs/attention.md.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from wmfast.backend import forced_backend, select_backend, traceable_backend
 from wmfast.kernels.temporal_attention import (
     MAX_DECODE_T,
     MAX_T,
@@ -25,12 +24,10 @@ from wmfast.kernels.temporal_attention import (
     temporal_decode_op,
     temporal_decode_ref,
 )
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _shape(x) -> str:
-    return f"{tuple(x.shape)} (strides {tuple(x.stride())}, {x.dtype}, {x.device})"
+from wmfast.ops import cuda_ext
+from wmfast.ops.common import DTYPE_NAMES, DTYPES, dtype_name
+from wmfast.ops.common import describe as _shape
+from wmfast.ops.dispatch import OpInputs, forced_backend, select_backend, traceable_backend
 
 
 def _check_same(op: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], ndim: int, layout: str):
@@ -39,8 +36,8 @@ def _check_same(op: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ..
         if not isinstance(x, torch.Tensor) or x.dim() != ndim:
             got = _shape(x) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{op}: {name} must be a {ndim}-D tensor {layout}, got {got}")
-        if x.dtype not in _DTYPES:
-            raise ValueError(f"{op}: {name} dtype {x.dtype} not supported (float32, float16, bfloat16)")
+        if x.dtype not in DTYPES:
+            raise ValueError(f"{op}: {name} dtype {x.dtype} not supported ({DTYPE_NAMES})")
         if x.shape[-1] > 0 and x.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must have a contiguous head dim (stride(-1) == 1), got {_shape(x)}")
     first, x0 = names[0], tensors[0]
@@ -92,7 +89,7 @@ def temporal_attention(q, k, v, *, causal=True):
     Any strides with a contiguous head dim (e.g. views of a fused qkv [B, T, S, 3, H, Dh]); softmax scale
     Dh**-0.5; causal: frame t attends to frames <= t. Differentiable on every backend."""
     _check_qkv("temporal_attention", q, k, v, MAX_T)
-    backend = traceable_backend("temporal_attention", q.device, ("triton", "torch"))
+    backend = traceable_backend("temporal_attention", OpInputs.of(q))
     if backend == "triton":
         return temporal_attention_op(q, k, v, bool(causal))
     return temporal_attention_ref(q, k, v, causal=causal)
@@ -121,38 +118,21 @@ def _check_decode(q, k, v, k_cache, v_cache, t) -> None:
                          f"0..{T_max - 1}")
 
 
-_DECODE_BACKENDS = ("cuda", "triton", "torch")  # preference order on CUDA tensors when nothing is measured
-
-
 def _decode_shape_key(q, k_cache) -> str:
     """The decode step's shape class for the backend table / first-use timing, e.g.
     "B=1,S=1024,H=8,T_max=16,Dh=64,bf16"."""
     B, _, S, H, Dh = q.shape
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[q.dtype]
-    return f"B={B},S={S},H={H},T_max={k_cache.shape[3]},Dh={Dh},{dtype}"
-
-
-@torch.compiler.assume_constant_result
-def _decode_backend_constant(device: torch.device, shape_key: str) -> str:
-    """select_backend while torch.compile traces: evaluated once and baked into the graph; with the shape key
-    it reuses the choice eager first-use timing cached for this shape class (no timing while tracing)."""
-    return select_backend("temporal_decode_step", device, _DECODE_BACKENDS, shape_key=shape_key)
-
-
-def _cuda_decode_step(*args):
-    from wmfast.csrc_ops import temporal_decode_step as cuda_decode_step  # imported only when chosen
-
-    return cuda_decode_step(*args)
+    return f"B={B},S={S},H={H},T_max={k_cache.shape[3]},Dh={Dh},{dtype_name(q.dtype)}"
 
 
 def _decode_backend(q, k, v, k_cache, v_cache, t) -> str:
     """The backend for this decode step: on CUDA tensors with both kernels usable, the measured-table entry or
     the faster one by first-use timing (per shape class), as for the AdaLN ops."""
-    key = _decode_shape_key(q, k_cache)
+    key, inputs = _decode_shape_key(q, k_cache), OpInputs.of(q)
     if torch.compiler.is_compiling():
-        return _decode_backend_constant(q.device, key)
+        return traceable_backend("temporal_decode_step", inputs, shape_key=key)
     if q.device.type != "cuda":
-        return select_backend("temporal_decode_step", q.device, _DECODE_BACKENDS)
+        return select_backend("temporal_decode_step", inputs)
     args = (q, k, v, k_cache, v_cache, t)
 
     def timed(fn):
@@ -162,8 +142,8 @@ def _decode_backend(q, k, v, k_cache, v_cache, t) -> str:
 
         return run
 
-    runners = {"cuda": timed(_cuda_decode_step), "triton": timed(temporal_decode_op)}
-    return select_backend("temporal_decode_step", q.device, _DECODE_BACKENDS, shape_key=key, runners=runners)
+    runners = {"cuda": timed(cuda_ext.temporal_decode_step), "triton": timed(temporal_decode_op)}
+    return select_backend("temporal_decode_step", inputs, shape_key=key, runners=runners)
 
 
 def temporal_decode_step(q, k, v, k_cache, v_cache, t: int):
@@ -173,7 +153,7 @@ def temporal_decode_step(q, k, v, k_cache, v_cache, t: int):
     _check_decode(q, k, v, k_cache, v_cache, t)
     backend = _decode_backend(q, k, v, k_cache, v_cache, t)
     if backend == "cuda":
-        return _cuda_decode_step(q, k, v, k_cache, v_cache, t)
+        return cuda_ext.temporal_decode_step(q, k, v, k_cache, v_cache, t)
     if backend == "triton":
         return temporal_decode_op(q, k, v, k_cache, v_cache, t)
     return temporal_decode_ref(q, k, v, k_cache, v_cache, t)

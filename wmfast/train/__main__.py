@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from wmfast.commands import train as command
+from wmfast.cli import train as command
 
 
 def main(argv=None) -> int:

@@ -12,8 +12,8 @@ Layout of `RUN_DIR/checkpoints/`:
 
 Protocol: every rank writes into `.tmp/<tag>`; barrier; rank 0 fsyncs every file and the directory, then
 renames `.tmp/<tag>` -> `<tag>` (atomic on POSIX within one filesystem) and fsyncs the parent. A directory
-named `step_*` therefore always holds a complete checkpoint. Multi-node runs need a shared filesystem for
-the checkpoint directory (the usual DeepSpeed set-up).
+named `step_*` therefore always holds a complete checkpoint (naming and finding them: wmfast.data.checkpoints).
+Multi-node runs need a shared filesystem for the checkpoint directory (the usual DeepSpeed set-up).
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 from typing import Any
@@ -29,13 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wmfast.data.checkpoints import list_checkpoints, tag_of
+
 logger = logging.getLogger("wmfast")
-TAG_RE = re.compile(r"^step_(\d{8,})$")
 FAULT_ENV = "WMFAST_TRAIN_FAULT"  # test hook: "kill_in_checkpoint:STEP" or "kill_after_step:STEP"
-
-
-def tag_of(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def fault_hook(where: str, step: int) -> None:
@@ -87,24 +83,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def list_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    out = []
-    for name in os.listdir(ckpt_dir):
-        m = TAG_RE.match(name)
-        path = os.path.join(ckpt_dir, name)
-        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
-            out.append((int(m.group(1)), path))
-    return sorted(out)
-
-
-def latest_checkpoint(ckpt_dir: str) -> tuple[int, str] | None:
-    found = list_checkpoints(ckpt_dir)
-    return found[-1] if found else None
 
 
 def _has_frozen(engine) -> bool:

@@ -6,16 +6,28 @@ index) until a trial fails, then bisects between the last success and the first 
 A trial fails on an out-of-memory error (caught; once the exception is released the trial's objects are
 dropped, `gc.collect()` and `torch.cuda.empty_cache()` return the memory) or when its peak memory exceeds
 (1 - margin) x capacity: the margin leaves room for what the trial does not see (allocator fragmentation over a long run, the
-validation pass, checkpoint buffers). Monotonicity (bigger never fits when smaller does not) is assumed.
+validation pass, checkpoint buffers). Monotonicity (bigger never fits when smaller does not) is assumed. `find_micro_batch` runs the search for a
+training run (the trials are real engines and steps, every rank agreeing on each result).
 """
 from __future__ import annotations
 
-import gc
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
+
+from wmfast.tasks import Task
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import all_reduce, free_memory
+from .engine import build_engine, destroy_engine
+from .runlog import peak_memory_bytes
+from .step import train_step
 
 logger = logging.getLogger("wmfast")
 
@@ -38,13 +50,6 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def run_trial(micro_batch: int, body: Callable[[int], tuple[int | None, int | None]], margin: float) -> Trial:
@@ -109,3 +114,53 @@ def search(candidates: list[int], try_fit: Callable[[int], Trial]) -> tuple[int,
 
 def trials_to_json(trials: list[Trial]) -> list[dict]:
     return [asdict(t) for t in trials]
+
+
+def find_micro_batch(task: Task, cfg: TrainConfig, world: int, device, precision: str, run_dir: str,
+                     rank: int) -> int:
+    """Real fwd+bwd+step trials on fresh engines (the search leaves no state behind: the training model is
+    built afterwards from the seed, and the RNG states are restored)."""
+    per_rank = cfg.global_batch // world
+    candidates = divisors(per_rank, cfg.auto_max_micro_batch)
+    dataset = task.train_dataset()
+    rng = ckpt.rng_state()
+
+    def body(m: int):
+        trial_cfg = cfg.replace(global_batch=m * world, micro_batch=m)
+        free_memory()  # start from an empty cache, so the peak is this trial's alone
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        engine = optimizer = None
+        try:
+            engine, optimizer, _ = build_engine(task, trial_cfg, m, world, device, precision)
+            batch = task.collate([dataset[i % len(dataset)] for i in range(m)])
+            for _ in range(2):  # the second step has the optimizer states allocated
+                train_step(engine, optimizer, task, [batch], trial_cfg, 0, device, precision)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                return torch.cuda.max_memory_reserved(device), torch.cuda.mem_get_info(device)[1]
+            return peak_memory_bytes(device), None
+        finally:
+            if engine is not None:
+                destroy_engine(engine)
+            del engine, optimizer
+
+    def try_fit(m: int) -> Trial:
+        trial = run_trial(m, body, cfg.auto_margin)
+        # every rank must agree (the sizes of ZeRO partitions and collectives must match)
+        ok = all_reduce(torch.tensor([1.0 if trial.fits else 0.0], device=device), dist.ReduceOp.MIN)
+        trial.fits = bool(ok.item() > 0)
+        return trial
+
+    best, trials = search(candidates, try_fit)
+    ckpt.set_rng_state(rng)
+    if rank == 0:
+        record = {"micro_batch": best, "grad_accum": cfg.grad_accum(best, world), "world_size": world,
+                  "zero_stage": cfg.zero_stage, "activation_checkpointing": cfg.activation_checkpointing,
+                  "precision": precision, "margin": cfg.auto_margin, "device": str(device),
+                  "trials": trials_to_json(trials)}
+        with open(os.path.join(run_dir, "micro_batch.json"), "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wmfast train: micro-batch auto -> {best} (x{cfg.grad_accum(best, world)} accumulation x {world} "
+              f"rank(s) = global batch {cfg.global_batch}); trials in {run_dir}/micro_batch.json", flush=True)
+    return best

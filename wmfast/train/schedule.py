@@ -1,4 +1,5 @@
-"""The learning-rate schedule: linear warm-up to the peak, then linear decay to 0 at the last step.
+"""The learning-rate schedule: linear warm-up to the peak, then linear decay to 0 at the last step ("linear", the
+compression recipe) or the peak held to the end ("constant", the sampling recipe).
 
 A pure function of the step, set on the optimizer before every step: nothing to save or restore beyond the
 step counter, so a resumed run gets exactly the LRs of an uninterrupted one.

@@ -1,0 +1,132 @@
+"""Shared by `wmfast sample` and `wmfast eval-psnr`: model loading, samples, PNGs and the strip."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("wmfast")
+
+# Spread maps use a fixed scale (std 0.25 of the [0, 1] range = full colour), so strips of different samples and
+# ensemble sizes compare by eye; a per-image max would stretch noise into apparent certainty differences.
+SPREAD_FULL_SCALE = 0.25
+TARGET_FRAME = 76  # the scored frame of a 77-frame sample (2 s after the last context frame)
+
+
+def add_model_arguments(p):
+    p.add_argument("--model", required=True,
+                   help="a local Wan2.2-TI2V-5B diffusers directory, or 'tiny' (random tiny model, no download)")
+    p.add_argument("--lora", default=None, help="a LoRA adapter directory saved by `wmfast train` (optional)")
+    p.add_argument("--data", required=True, help="a 1X raw-format dataset (root or split directory)")
+    p.add_argument("--split", default="val", help="split under --data (default: val)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="members per forward pass (default: all N, halved automatically when out of memory)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="member i uses seed + i (the tiny model's base weights always use a fixed seed)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
+    p.add_argument("--no-graph", action="store_true", help="do not capture the denoising step in a CUDA graph")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def device_of(args) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def load_model(args):
+    """The world model in eval mode: `tiny` builds random tiny weights (CPU-friendly, 64x64 frames) from the fixed
+    TINY_BASE_SEED, the base `wmfast train` LoRA-trains (--seed only seeds the members: a LoRA trained at any seed
+    samples on its own base); a directory loads the TI2V-5B weights in bf16 on a GPU (fp32 on the CPU). Nothing
+    is downloaded."""
+    from wmfast.models.wan import TINY_BASE_SEED, build_world_model
+
+    device = device_of(args)
+    dtype = torch.bfloat16 if device.type == "cuda" and args.model != "tiny" else torch.float32
+    if args.model == "tiny":
+        model = build_world_model("tiny", device=device, dtype=dtype, base_seed=TINY_BASE_SEED)
+    else:
+        model = build_world_model("ti2v-5b", pretrained=args.model, device=device, dtype=dtype)
+    if args.lora:
+        from wmfast.models.wan.lora import load_lora
+
+        load_lora(model.transformer, args.lora)
+        model.transformer.to(device)  # the adapter loads on the CPU; dtypes stay as loaded (fp32 modules kept)
+    return model.eval()
+
+
+def ensemble_config(args, n: int, steps: int):
+    from wmfast.inference.ensemble import EnsembleConfig
+
+    return EnsembleConfig(n=n, steps=steps, seed=args.seed, max_batch=args.max_batch,
+                          graph=False if args.no_graph else None, progress=not args.no_progress)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Sample:
+    context: torch.Tensor  # [c, 3, H, W] uint8: the context frames the model encodes (model.schedule), oldest first
+    states: torch.Tensor   # [77, 25] float32
+    target: torch.Tensor   # [3, H, W] uint8: frame 76, the scored frame
+
+
+def context_offsets(model) -> list[int]:
+    """The context frames (30 Hz offsets in 0..16) the model's frame schedule encodes."""
+    return list(model.schedule.frame_indices[: model.schedule.context_count])
+
+
+def open_split(root: str, split: str, model):
+    """The split as a RawVideoDataset that decodes only the context frames the model needs and frame 76,
+    resized to the model's resolution while converting (the tiny preset runs at 64x64)."""
+    from wmfast.data.raw import RawVideoDataset
+
+    if os.path.isfile(os.path.join(root, "metadata.json")):  # --data names the split directory itself
+        split = None
+    size = (model.preset.height, model.preset.width)
+    return RawVideoDataset(root, split, frame_offsets=[*context_offsets(model), TARGET_FRAME], size=size)
+
+
+def load_sample(dataset, index: int) -> Sample:
+    item = dataset[index]
+    frames = item["frames"]  # [c + 1, 3, H, W] uint8: the context frames, then frame 76
+    return Sample(frames[:-1], item["states"].float(), frames[-1])
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """image: [3, H, W] uint8."""
+    from PIL import Image
+
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+def spread_image(std: torch.Tensor) -> torch.Tensor:
+    """Per-pixel spread [3, H, W] (std over members, [0, 1] units) -> a magma-coloured [3, H, W] uint8 map."""
+    from matplotlib import colormaps
+
+    level = (std.float().mean(0) / SPREAD_FULL_SCALE).clamp(0, 1).cpu().numpy()
+    rgb = colormaps["magma"](level)[..., :3]
+    return (torch.from_numpy(rgb).permute(2, 0, 1) * 255).round().to(torch.uint8)
+
+
+def make_strip(last_context: torch.Tensor, frames, target: torch.Tensor, max_members: int = 16) -> torch.Tensor:
+    """[3, H, W * k] uint8: last context frame | members (up to max_members) | pixel mean | latent mean |
+    spread | ground truth (panels that were not computed are left out)."""
+    from wmfast.metrics.psnr import to_uint8
+
+    panels = [last_context]
+    if frames.members is not None:
+        panels += [to_uint8(m) for m in frames.members[:max_members]]
+    for img in (frames.pixel_mean, frames.latent_mean):
+        if img is not None:
+            panels.append(to_uint8(img))
+    if frames.pixel_std is not None:
+        panels.append(spread_image(frames.pixel_std))
+    panels.append(target)
+    return torch.cat([p.cpu() for p in panels], dim=-1)

@@ -1,0 +1,98 @@
+"""Datasets in the real 1X formats: `wmfast data synth --out DIR` writes a synthetic tokenized set (v2.0),
+`wmfast data check DIR` validates one (every token id and state, shard by shard)."""
+from __future__ import annotations
+
+# sub-subcommand -> (add_arguments, run); other areas add theirs here (e.g. `synth --raw`, `encode`)
+SUBCOMMANDS: dict = {}
+
+
+def _add_synth(p):
+    p.add_argument("--out", required=True, help="output directory (gets train_v2.0/ and val_v2.0/)")
+    p.add_argument("--shards", type=int, default=2, help="train shards (val always has 1)")
+    p.add_argument("--frames", type=int, default=4096, help="frames per train shard (30 Hz)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid-size", type=int, default=32, help="token grid side (the real data: 32)")
+    p.add_argument("--vocab-size", type=int, default=64000, help="token ids drawn from [0, V) (real: 64000)")
+    p.add_argument("--raw", action="store_true",
+                   help="write the raw format instead (sampling track: video_{i}.mp4 + states + segments, "
+                        "train_v2.0_raw/ and val_v2.0_raw/; moving shapes driven by the states)")
+    p.add_argument("--size", type=int, default=512, help="--raw: frame side in pixels (real: 512; tiny Wan: 64)")
+
+
+def _run_synth(args) -> int:
+    if args.raw:
+        return _run_synth_raw(args)
+    from wmfast.data import TokenizedDataset, write_synthetic_dataset
+
+    paths = write_synthetic_dataset(args.out, args.shards, args.frames, args.seed, grid_size=args.grid_size,
+                                    vocab_size=args.vocab_size)
+    for split, path in paths.items():
+        n = len(TokenizedDataset(args.out, split, vocab_size=args.vocab_size))
+        print(f"{split}: {path} ({n} samples)")
+    return 0
+
+
+def _add_check(p):
+    p.add_argument("root", help="dataset root (with train_v2.0/ ...) or a split directory")
+    p.add_argument("--split", default=None, help="split name (default: ROOT is the split directory)")
+    p.add_argument("--vocab-size", type=int, default=64000)
+
+
+def _run_check(args) -> int:
+    from wmfast.data import TokenizedDataset
+
+    ds = TokenizedDataset(args.root, args.split, vocab_size=args.vocab_size)
+    ds.validate(progress=True)
+    print(f"{ds.dir}: {len(ds.shards)} shards, {sum(s.num_frames for s in ds.shards)} frames, {len(ds)} samples: ok")
+    return 0
+
+
+def _run_synth_raw(args) -> int:
+    from wmfast.data.raw import RawVideoDataset, write_synthetic_raw_dataset
+
+    paths = write_synthetic_raw_dataset(args.out, args.shards, args.frames, args.seed, size=args.size, progress=True)
+    for split, path in paths.items():
+        print(f"{split}: {path} ({len(RawVideoDataset(path))} disjoint 77-frame samples)")
+    return 0
+
+
+def _add_encode(p):
+    p.add_argument("--data", required=True, help="raw 1X dataset root (train_v2.0_raw/, val_v2.0_raw/)")
+    p.add_argument("--out", required=True, help="output directory (gets train/ and val/ with latents.npy)")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local Wan2.2-TI2V-5B diffusers directory (its VAE)")
+    p.add_argument("--hop", type=int, default=16, help="frames between training sample starts")
+    p.add_argument("--max-samples", type=int, default=None, help="encode at most this many samples per split")
+    p.add_argument("--batch", type=int, default=1, help="samples per VAE call")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_encode(args) -> int:
+    from wmfast.tasks.sampling import encode_dataset
+
+    for split, path in encode_dataset(args.data, args.out, args.model, hop=args.hop, max_samples=args.max_samples,
+                                      batch=args.batch, device=args.device).items():
+        print(f"{split}: {path}")
+    return 0
+
+
+SUBCOMMANDS["synth"] = (_add_synth, _run_synth, "write a synthetic tokenized dataset (1X v2.0 format)")
+SUBCOMMANDS["check"] = (_add_check, _run_check, "validate a tokenized dataset (token ids, states, sizes)")
+SUBCOMMANDS["encode"] = (_add_encode, _run_encode, "precompute the Wan VAE latents of a raw dataset (sampling track)")
+
+
+def add_arguments(p):
+    sub = p.add_subparsers(dest="data_command", required=True)
+    for name, (add, run_, help_) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add(sp)
+        sp.set_defaults(_data_run=run_)
+
+
+def run(args) -> int:
+    return int(args._data_run(args) or 0)

@@ -1,0 +1,59 @@
+"""Wan2.2 presets: the TI2V-5B transformer and VAE configurations, the tiny test configs, and the seeds of
+randomly initialised weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TI2V_5B_TRANSFORMER = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 24, "attention_head_dim": 128, "in_channels": 48,
+    "out_channels": 48, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 14336, "num_layers": 30,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6}
+# Latent statistics come from the checkpoint's config when loading; the built-from-config VAE is for counting.
+TI2V_5B_VAE = {
+    "base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+    "temperal_downsample": [False, True, True], "is_residual": True, "in_channels": 12, "out_channels": 12,
+    "patch_size": 2, "scale_factor_temporal": 4, "scale_factor_spatial": 16,
+    "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48}
+# The context doc's tiny configs: same classes, milliseconds on a CPU.
+TINY_TRANSFORMER = {**TI2V_5B_TRANSFORMER, "num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32,
+                    "num_layers": 2, "text_dim": 32, "rope_max_seq_len": 32}
+TINY_VAE = {
+    "base_dim": 3, "z_dim": 48, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+    "temperal_downsample": [False, True, True], "is_residual": True, "in_channels": 12, "out_channels": 12,
+    "patch_size": 2, "scale_factor_temporal": 4, "scale_factor_spatial": 16,
+    "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48}
+
+
+VAE_SEED = 1234  # seed of the random VAE weights when no pretrained VAE is given
+# Seed of the random base transformer of a from-scratch model built with base_seed=TINY_BASE_SEED (training's
+# SamplingTask and `wmfast sample --model tiny`), so a LoRA trained on it samples on the same base whatever
+# --seed either command used.
+TINY_BASE_SEED = 0
+
+
+@dataclass(frozen=True)
+class WanPreset:
+    name: str
+    transformer: dict
+    vae: dict
+    height: int = 512
+    width: int = 512
+    frame_stride: int = 3
+    # State embedding width. The per-block projection is Linear(state_embed_dim, 6 * D); with D = 3072 a
+    # width of D would add 30 * 56.6M = 1.7B trainable parameters, 256 adds 142M.
+    state_embed_dim: int = 256
+    text_len: int = 512    # UMT5 sequence length Wan pads the prompt to
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "ti2v-5b": WanPreset("ti2v-5b", TI2V_5B_TRANSFORMER, TI2V_5B_VAE),
+    "tiny": WanPreset("tiny", TINY_TRANSFORMER, TINY_VAE, height=64, width=64, state_embed_dim=16, text_len=8),
+}
+
+
+def get_preset(name: str) -> WanPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown Wan preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
