@@ -1,0 +1,47 @@
+"""The entry point imports only the module of the command being run."""
+import subprocess
+import sys
+
+import pytest
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "; import sys; print(' '.join(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_help_imports_no_command():
+    mods = _modules_after("import contextlib, io\nfrom wmfast.cli import main\n"
+                          "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): "
+                          "main(['--help'])")
+    from wmfast.cli import COMMANDS
+
+    assert not {f"wmfast.cli.{m}" for m, _ in COMMANDS.values()} & mods
+
+
+def test_a_command_imports_only_its_module():
+    mods = _modules_after("from wmfast.cli import build_parser; build_parser('env').parse_args(['env'])")
+    commands = {m for m in mods if m.startswith("wmfast.cli.")}
+    assert commands == {"wmfast.cli.env"}, commands
+    assert "wmfast.train" not in mods and "deepspeed" not in mods
+
+
+def test_unknown_command_is_one_line_exit_2(capsys):
+    from wmfast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["trian"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'trian'" in err and "Traceback" not in err
+
+
+def test_every_command_parses_its_help(capsys):
+    from wmfast.cli import COMMANDS, main
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        assert f"usage: wmfast {name}" in capsys.readouterr().out
