@@ -232,7 +232,7 @@ def _reduce_partials_kernel(P, OUT, sob, sor, R, NP, D, BLOCK_P: tl.constexpr, B
 # ---------------------------------------------------------------------------------------------------------------
 
 # One row must fit in a tile (registers on GPU); wider rows would need a looped two-pass kernel. Compiled for
-# sm_90a (tests/adaln_compile_check.py's method) the fused backward spills nothing at D=8192 (127 registers,
+# sm_90a (tests/ops/adaln_compile_check.py's method) the fused backward spills nothing at D=8192 (127 registers,
 # 16 warps) but 792 bytes at D=16384, so wider rows go to the reference (Wan2.2-5B: 3072, Wan 14B: 5120).
 MAX_D = 8192
 

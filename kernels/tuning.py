@@ -13,7 +13,8 @@ and warps and fall back to their hand-set constants when the table has no entry;
      "backend": {"layernorm_modulate": {"B=8,L=1536,D=3072,bf16,per-frame,grad": "cuda", "*": "cuda"}},
      "kept_defaults": {kernel: {key: {... "reason": why the hand-set default stays}}}}
 
-Keys are built here (`temporal_key`, `adaln_key`, `decode_key`) and used by the launchers, the ops and the
+Keys are built here (`temporal_key`, `adaln_key`, `decode_key` for launches; `adaln_shape_key`,
+`decode_shape_key` for backends) and used by the launchers, the ops and the
 adoption rule alike, so a sweep row and a launch meet on the same string.
 """
 from __future__ import annotations
@@ -44,6 +45,17 @@ def decode_key(T_max: int, Dh: int, dtype) -> str:
 def adaln_key(D: int, dtype) -> str:
     """Key of the AdaLN kernels: the row width sets BLOCK_D, the rest of the tile follows from `tile`."""
     return f"D={int(D)},{dtype_name(dtype)}"
+
+
+def adaln_shape_key(B: int, L: int, D: int, dtype, kinds, grad: bool) -> str:
+    """Key of the AdaLN backend choice: "B=1,L=1536,D=3072,bf16,per-frame[,grad]" (kinds: the modulation
+    layouts of the call, joined with "+"; grad: the call needs a backward)."""
+    return f"B={int(B)},L={int(L)},D={int(D)},{dtype_name(dtype)},{'+'.join(kinds)}" + (",grad" if grad else "")
+
+
+def decode_shape_key(B: int, S: int, H: int, T_max: int, Dh: int, dtype) -> str:
+    """Key of the decode step's backend choice: "B=1,S=1024,H=8,T_max=16,Dh=64,bf16"."""
+    return f"B={int(B)},S={int(S)},H={int(H)},T_max={int(T_max)},Dh={int(Dh)},{dtype_name(dtype)}"
 
 
 def config_dir() -> Path:
@@ -83,7 +95,8 @@ def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def _device_gpu(device) -> str | None:
+def device_gpu(device) -> str | None:
+    """The GPU name of a CUDA `device` (cached per index), None for any other device."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
@@ -92,7 +105,7 @@ def _device_gpu(device) -> str | None:
 
 def launch_config(kernel: str, key: str, device) -> dict:
     """{parameter: value} measured for `kernel` at `key` on `device`'s GPU; {} when not measured (or CPU)."""
-    gpu = _device_gpu(device)
+    gpu = device_gpu(device)
     if gpu is None:
         return {}
     entry = load_table(gpu).get("launch", {}).get(kernel, {}).get(key)

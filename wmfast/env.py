@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import os
 import platform
 import shutil
@@ -13,6 +12,8 @@ import subprocess
 import sys
 
 import torch
+
+from wmfast.telemetry import list_gpus
 
 _PACKAGES = ("triton", "diffusers", "peft", "deepspeed", "transformers", "flash-attn", "nvidia-ml-py")
 _ENV_VARS = ("WMFAST_BACKEND", "WMFAST_AUTOTUNE", "WMFAST_CUDA_JIT", "WMFAST_CUDA_ARCHS", "TRITON_INTERPRET",
@@ -41,13 +42,6 @@ def nvcc_version() -> str | None:
     return release[-1].split("tools, ")[-1].strip() if release else out.strip() or None
 
 
-def gpus_nvml() -> tuple[list[dict], str]:
-    """GPUs as NVML sees them (name, memory in GiB, driver), and a note: why NVML gave nothing, if so."""
-    from wmfast.telemetry import list_gpus
-
-    return list_gpus()
-
-
 def gpus_torch() -> list[dict]:
     """GPUs as torch sees them (the ones this process can use: CUDA_VISIBLE_DEVICES applies)."""
     if not torch.cuda.is_available():
@@ -64,11 +58,7 @@ def backends() -> dict[str, dict]:
     """Every backend of wmfast.ops.dispatch: usable or not, and why."""
     from wmfast.ops import dispatch as _backend  # the report reads the ops layer: imported when asked
 
-    ok_t, why_t = _backend.triton_available()
-    ok_c, why_c = _backend.cuda_ext_available()
-    return {"triton": {"usable": ok_t, "reason": why_t},
-            "cuda": {"usable": ok_c, "reason": why_c},
-            "torch": {"usable": True, "reason": "pure-torch references run on any device"}}
+    return {name: dict(zip(("usable", "reason"), b.available())) for name, b in _backend.REGISTRY.items()}
 
 
 def selected_backends() -> dict[str, str]:
@@ -77,17 +67,11 @@ def selected_backends() -> dict[str, str]:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out = {}
-    quiet = logging.getLogger("wmfast")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # the report says why; no fallback line in the middle of it
-    try:
-        for dev in devices:
-            try:
-                out[dev] = _backend.select_backend("layernorm_modulate", torch.device(dev))
-            except ValueError as e:  # a forced backend that cannot run here
-                out[dev] = f"error: {e}"
-    finally:
-        quiet.setLevel(level)
+    for dev in devices:
+        try:  # quiet: the report says why itself, so no fallback line in the middle of it
+            out[dev] = _backend.select_backend("layernorm_modulate", torch.device(dev), quiet=True)
+        except ValueError as e:  # a forced backend that cannot run here
+            out[dev] = f"error: {e}"
     return out
 
 
@@ -101,7 +85,7 @@ def collect_env() -> dict:
         "nvcc": nvcc_version(),
         "packages": {name: _version(name) for name in _PACKAGES},
         "env_vars": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
-        **dict(zip(("gpus_nvml", "nvml_note"), gpus_nvml())),
+        **dict(zip(("gpus_nvml", "nvml_note"), list_gpus())),
         "gpus_torch": gpus_torch(),
         "backends": backends(),
         "selected": selected_backends(),

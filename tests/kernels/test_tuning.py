@@ -94,7 +94,7 @@ def test_backend_choice_needs_both_kernels_beyond_noise_and_majority_is_default(
 def fake_table(monkeypatch, tmp_path):
     """A GPU named "Test GPU" whose table is written to a temporary kernels/configs/ directory."""
     monkeypatch.setattr(tuning, "config_dir", lambda: tmp_path)
-    monkeypatch.setattr(tuning, "_device_gpu", lambda device: "Test GPU" if torch.device(device).type == "cuda"
+    monkeypatch.setattr(tuning, "device_gpu", lambda device: "Test GPU" if torch.device(device).type == "cuda"
                         else None)
     tuning.load_table.cache_clear()
     yield lambda table: (adopt.write_table(table, tuning.table_path("Test GPU")), tuning.load_table.cache_clear())

@@ -1,4 +1,4 @@
-"""Run by tests/ops/test_adaln.py in a subprocess WITHOUT TRITON_INTERPRET (the GPU registration path), on a machine
+"""Run by tests/ops/test_adaln_registration.py in a subprocess WITHOUT TRITON_INTERPRET (the GPU registration path), on a machine
 with or without a GPU:
 
 1. the ops are triton_ops launching through wrap_triton; their fake-tensor pass (what torch.compile runs) runs

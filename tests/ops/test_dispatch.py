@@ -110,7 +110,7 @@ def test_cpu_under_interpreter_selects_triton(monkeypatch):
 def test_cuda_branch_calls_cuda_ext_with_the_views(monkeypatch, op):
     """The cuda branch hands the same tensors (strided views, no copies) and keywords to wmfast.ops.cuda_ext."""
     seen = {}
-    monkeypatch.setattr(adaln_ops, "_pick_backend", lambda *a: "cuda")
+    monkeypatch.setattr(adaln_ops, "traceable_backend", lambda *a, **k: "cuda")
     monkeypatch.setattr(cuda_ext, op, lambda *a, **k: seen.update(args=a, kwargs=k) or "sentinel")
     x, (shift, scale, gate, *_) = _inputs()
     if op == "layernorm_modulate":
@@ -189,7 +189,7 @@ def test_decode_step_hands_shape_key_and_runners_to_select_backend(monkeypatch):
     traces it asks with the same key, so the cached timed choice is reused."""
     from wmfast.ops import attention as attn
 
-    calls = _record_select(monkeypatch, attn, dispatch)
+    calls = _record_select(monkeypatch, dispatch)
     ran = []
     monkeypatch.setattr(attn, "temporal_decode_op", lambda *a: ran.append(torch.is_grad_enabled()))
     q, k_, v = (torch.randn(2, 1, 3, 4, 32) for _ in range(3))
@@ -203,7 +203,7 @@ def test_decode_step_hands_shape_key_and_runners_to_select_backend(monkeypatch):
     kwargs["runners"]["triton"]()
     assert ran == [False]  # timed under no_grad
     monkeypatch.undo()
-    calls = _record_select(monkeypatch, attn, dispatch)
+    calls = _record_select(monkeypatch, dispatch)
     torch._dynamo.reset()
     torch.compile(attn.temporal_decode_step, fullgraph=True, backend="aot_eager")(q, k_, v, kc, vc, 2)
     assert calls and calls[0][1]["shape_key"] == "B=2,S=3,H=4,T_max=5,Dh=32,fp32"
@@ -214,12 +214,29 @@ def test_decode_step_hands_shape_key_and_runners_to_select_backend(monkeypatch):
 def test_adaln_compiled_choice_uses_the_shape_key_with_grad(monkeypatch, grad):
     """torch.compile asks dispatch with the shape key eager timing caches under (",grad" when a backward is
     needed), so compiled code takes eager's timed choice for the same shape class."""
-    calls = _record_select(monkeypatch, adaln_ops, dispatch)
+    calls = _record_select(monkeypatch, dispatch)
     x, shift, scale = (torch.randn(2, 3, 8, requires_grad=grad) for _ in range(3))
     torch._dynamo.reset()
     torch.compile(adaln_ops.layernorm_modulate, fullgraph=True, backend="aot_eager")(x, shift, scale)
     key = "B=2,L=3,D=8,fp32,per-token" + (",grad" if grad else "")
     assert calls and calls[0][1]["shape_key"] == key
+
+
+def test_compiled_ops_follow_a_changing_batch_and_length():
+    """fullgraph compile keeps working when dynamo makes the batch or sequence length dynamic (the backend choice
+    baked into the graph depends only on the row width and dtype)."""
+    torch._dynamo.reset()
+    lm = torch.compile(ops.layernorm_modulate, fullgraph=True, backend="eager")
+    grlm = torch.compile(ops.gated_residual_layernorm_modulate, fullgraph=True, backend="eager")
+    attn = torch.compile(lambda q: ops.temporal_attention(q, q, q, causal=True), fullgraph=True, backend="eager")
+    for B, L in ((4, 8), (3, 8), (2, 6)):
+        x, r = torch.randn(B, L, 16), torch.randn(B, L, 16)
+        g, shift, scale = (torch.randn(B, 16) for _ in range(3))
+        torch.testing.assert_close(lm(x, shift, scale), ops.layernorm_modulate(x, shift, scale))
+        for got, want in zip(grlm(r, x, g, shift, scale), ops.gated_residual_layernorm_modulate(r, x, g, shift, scale)):
+            torch.testing.assert_close(got, want)
+        q = torch.randn(B, 3, L, 2, 8)
+        torch.testing.assert_close(attn(q), ops.temporal_attention(q, q, q, causal=True))
 
 
 def test_adaln_timing_runners_time_the_backward_when_grad_is_needed():
@@ -261,7 +278,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.delenv("WMFAST_BACKEND", raising=False)
     monkeypatch.setattr(dispatch, "cuda_ext_available", lambda: (True, "test"))
     monkeypatch.setattr(dispatch, "triton_available", lambda: (True, "test"))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    monkeypatch.setattr(tuning, "device_gpu", lambda device: "Test GPU")
     monkeypatch.setattr(dispatch, "_timing_allowed", lambda: True)
     monkeypatch.setattr(tuning, "load_table", lambda gpu: {})
     monkeypatch.setattr(dispatch, "_TIMED", {})
@@ -299,8 +316,8 @@ def test_measured_table_decides_per_gpu_and_shape(fake_gpu, monkeypatch):
     sel = select_backend
     assert sel("layernorm_modulate", fake_gpu, order=("cuda", "triton", "torch"), shape_key="D=3072") == "triton"
     assert sel("layernorm_modulate", fake_gpu, order=("triton", "cuda", "torch"), shape_key="D=512") == "cuda"
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Other GPU")
-    assert sel("layernorm_modulate", fake_gpu, order=("triton", "cuda", "torch"), shape_key="D=3072") == "triton"
+    monkeypatch.setattr(tuning, "device_gpu", lambda device: "Other GPU")  # no table: the preference order
+    assert sel("layernorm_modulate", fake_gpu, order=("cuda", "triton", "torch"), shape_key="D=3072") == "cuda"
 
 
 def test_first_use_timing_picks_fastest_once(fake_gpu, monkeypatch):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wmfast.kernels.tuning import adaln_key, decode_key, temporal_key
+from wmfast.kernels.tuning import adaln_key, adaln_shape_key, decode_key, decode_shape_key, temporal_key
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32",
                 "fp32": "fp32"}
@@ -76,25 +76,25 @@ SWEEPS = (
           r"wmfast-triton-tile(?P<tile>\d+)-w(?P<num_warps>\d+)", _adaln_sweep_key),
 )
 
-# Ops with both a CUDA and a Triton kernel: the bench providers compared, and the op's shape key from a row.
+# The bench providers of the two kernel backends.
 BACKEND_PROVIDERS = {"wmfast-cuda": "cuda", "wmfast-triton": "triton", "cuda-fused": "cuda", "triton-fused": "triton"}
 
 
 def _adaln_shape_key(shape: str, mode: str) -> str | None:
-    """The key wmfast.ops.adaln builds for the same call ("B=1,L=1536,D=3072,bf16,per-frame[,grad]")."""
+    """The key wmfast.ops.adaln builds for the same call (one modulation layout per bench row)."""
     f = _fields(shape)
     layout = f.get("mod", "").split("-")[0]
     kind = {"sample": "per-sample", "frame": "per-frame", "token": "per-token"}.get(layout)
     if not kind or not all(k in f for k in ("B", "L", "D", "dtype")):
         return None
-    return f"B={f['B']},L={f['L']},D={f['D']},{f['dtype']},{kind}" + (",grad" if mode != "fwd" else "")
+    return adaln_shape_key(f["B"], f["L"], f["D"], f["dtype"], [kind], mode != "fwd")
 
 
 def _decode_shape_key(shape: str, mode: str) -> str | None:
     f = _fields(shape)
     if not all(k in f for k in ("B", "S", "H", "T_max", "Dh", "dtype")):
         return None
-    return f"B={f['B']},S={f['S']},H={f['H']},T_max={f['T_max']},Dh={f['Dh']},{f['dtype']}"
+    return decode_shape_key(f["B"], f["S"], f["H"], f["T_max"], f["Dh"], f["dtype"])
 
 
 BACKEND_OPS = {  # op -> (modes compared, shape key from a row)

@@ -19,10 +19,11 @@ import operator
 import torch
 
 from wmfast.kernels import adaln as _k
+from wmfast.kernels.tuning import adaln_shape_key
 from wmfast.ops import cuda_ext
-from wmfast.ops.common import DTYPES, dtype_name
+from wmfast.ops.common import DTYPES
 from wmfast.ops.common import shape as _shape
-from wmfast.ops.dispatch import OpInputs, select_backend, timing_runners, traceable_backend
+from wmfast.ops.dispatch import OpInputs, timing_runners, traceable_backend
 
 
 def _check_x(name: str, x, like=None) -> None:
@@ -98,21 +99,19 @@ def _shape_key(x, mods, grad: bool = False) -> str:
         kind = "per-sample" if n == 1 else "per-token" if n == L else "per-frame"
         if kind not in kinds:
             kinds.append(kind)
-    return f"B={B},L={L},D={D},{dtype_name(x.dtype)},{'+'.join(kinds)}" + (",grad" if grad else "")
+    return adaln_shape_key(B, L, D, x.dtype, kinds, grad)
 
 
-def _pick_backend(op: str, x, mods, runners, tensors) -> str:
-    """The backend for this call. On CUDA tensors `runners` (a function of the op's inputs returning backend ->
-    zero-argument forward) lets dispatch time the usable backends once per shape class when no measured table
-    entry decides; `tensors` (the op's inputs, in the order `runners` takes them) say whether a backward is
-    needed, which the backend must support and which is then timed too."""
+def _run(op: str, x, mods, impls, tensors):
+    """Run `op` on the backend dispatch picks. `impls(*tensors)` -> backend -> zero-argument call of the op on
+    those tensors: the same table runs the call and, on CUDA tensors with no measured table entry, the one-time
+    timing of the usable kernels (on detached copies). `tensors` (the op's inputs, in the order `impls` takes
+    them) say whether a backward is needed, which the backend must support and which is then timed too."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     inputs, key = OpInputs.of(x, backward=grad), _shape_key(x, mods, grad)
-    if torch.compiler.is_compiling():
-        return traceable_backend(op, inputs, shape_key=key)
-    if x.device.type != "cuda":
-        return select_backend(op, inputs)
-    return select_backend(op, inputs, shape_key=key, runners=timing_runners(runners, tensors, grad))
+    runners = None if torch.compiler.is_compiling() else timing_runners(impls, tensors, grad)
+    backend = traceable_backend(op, inputs, shape_key=key, runners=runners)
+    return impls(*tensors)[backend]()
 
 
 def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
@@ -125,14 +124,10 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     frame_len = _check_frame_len(frame_len, x)
     _check_mod("shift", shift, x, frame_len)
     _check_mod("scale", scale, x, frame_len)
-    backend = _pick_backend("layernorm_modulate", x, (shift, scale), lambda x, shift, scale: {
+    return _run("layernorm_modulate", x, (shift, scale), lambda x, shift, scale: {
         "triton": lambda: _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0),
-        "cuda": lambda: cuda_ext.layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)}, (x, shift, scale))
-    if backend == "triton":
-        return _k.layernorm_modulate_op(x, shift, scale, float(eps), frame_len or 0)
-    if backend == "cuda":
-        return cuda_ext.layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len)
-    return _k.layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)
+        "cuda": lambda: cuda_ext.layernorm_modulate(x, shift, scale, eps=eps, frame_len=frame_len),
+        "torch": lambda: _k.layernorm_modulate_ref(x, shift, scale, eps=eps, frame_len=frame_len)}, (x, shift, scale))
 
 
 def gated_residual(residual, x, gate, *, frame_len=None):
@@ -144,11 +139,9 @@ def gated_residual(residual, x, gate, *, frame_len=None):
     _check_x("residual", residual, like=x)
     frame_len = _check_frame_len(frame_len, x)
     _check_mod("gate", gate, x, frame_len)
-    backend = _pick_backend("gated_residual", x, (gate,), lambda residual, x, gate: {
-        "triton": lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0)}, (residual, x, gate))
-    if backend == "triton":
-        return _k.gated_residual_op(residual, x, gate, frame_len or 0)
-    return _k.gated_residual_ref(residual, x, gate, frame_len=frame_len)
+    return _run("gated_residual", x, (gate,), lambda residual, x, gate: {
+        "triton": lambda: _k.gated_residual_op(residual, x, gate, frame_len or 0),
+        "torch": lambda: _k.gated_residual_ref(residual, x, gate, frame_len=frame_len)}, (residual, x, gate))
 
 
 def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e-6, frame_len=None):
@@ -163,16 +156,12 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
     frame_len = _check_frame_len(frame_len, x)
     for name, mod in (("gate", gate), ("shift", shift), ("scale", scale)):
         _check_mod(name, mod, x, frame_len)
-    backend = _pick_backend("gated_residual_layernorm_modulate", x, (gate, shift, scale),
-                            lambda residual, x, gate, shift, scale: {
+    op = "gated_residual_layernorm_modulate"
+    return _run(op, x, (gate, shift, scale), lambda residual, x, gate, shift, scale: {
         "triton": lambda: _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps),
                                                                   frame_len or 0),
         "cuda": lambda: cuda_ext.gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
-                                                                   frame_len=frame_len)},
+                                                                   frame_len=frame_len),
+        "torch": lambda: _k.gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps,
+                                                                  frame_len=frame_len)},
         (residual, x, gate, shift, scale))
-    if backend == "triton":
-        return _k.gated_residual_layernorm_modulate_op(residual, x, gate, shift, scale, float(eps), frame_len or 0)
-    if backend == "cuda":
-        return cuda_ext.gated_residual_layernorm_modulate(residual, x, gate, shift, scale, eps=eps,
-                                                          frame_len=frame_len)
-    return _k.gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, eps=eps, frame_len=frame_len)

@@ -24,10 +24,11 @@ from wmfast.kernels.temporal_attention import (
     temporal_decode_op,
     temporal_decode_ref,
 )
+from wmfast.kernels.tuning import decode_shape_key
 from wmfast.ops import cuda_ext
-from wmfast.ops.common import DTYPE_NAMES, DTYPES, dtype_name
+from wmfast.ops.common import DTYPE_NAMES, DTYPES
 from wmfast.ops.common import describe as _shape
-from wmfast.ops.dispatch import OpInputs, forced_backend, select_backend, traceable_backend
+from wmfast.ops.dispatch import OpInputs, forced_backend, traceable_backend
 
 
 def _check_same(op: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], ndim: int, layout: str):
@@ -122,28 +123,26 @@ def _decode_shape_key(q, k_cache) -> str:
     """The decode step's shape class for the backend table / first-use timing, e.g.
     "B=1,S=1024,H=8,T_max=16,Dh=64,bf16"."""
     B, _, S, H, Dh = q.shape
-    return f"B={B},S={S},H={H},T_max={k_cache.shape[3]},Dh={Dh},{dtype_name(q.dtype)}"
+    return decode_shape_key(B, S, H, k_cache.shape[3], Dh, q.dtype)
 
 
 def _decode_backend(q, k, v, k_cache, v_cache, t) -> str:
     """The backend for this decode step: on CUDA tensors with both kernels usable, the measured-table entry or
     the faster one by first-use timing (per shape class), as for the AdaLN ops."""
-    key, inputs = _decode_shape_key(q, k_cache), OpInputs.of(q)
-    if torch.compiler.is_compiling():
-        return traceable_backend("temporal_decode_step", inputs, shape_key=key)
-    if q.device.type != "cuda":
-        return select_backend("temporal_decode_step", inputs)
-    args = (q, k, v, k_cache, v_cache, t)
+    runners = None
+    if not torch.compiler.is_compiling():  # no timing while tracing
+        args = (q, k, v, k_cache, v_cache, t)
 
-    def timed(fn):
-        def run():
-            with torch.no_grad():  # rewrites slot t of the caches with the same k, v: harmless
-                return fn(*args)
+        def timed(fn):
+            def run():
+                with torch.no_grad():  # rewrites slot t of the caches with the same k, v: harmless
+                    return fn(*args)
 
-        return run
+            return run
 
-    runners = {"cuda": timed(cuda_ext.temporal_decode_step), "triton": timed(temporal_decode_op)}
-    return select_backend("temporal_decode_step", inputs, shape_key=key, runners=runners)
+        runners = {"cuda": timed(cuda_ext.temporal_decode_step), "triton": timed(temporal_decode_op)}
+    return traceable_backend("temporal_decode_step", OpInputs.of(q), shape_key=_decode_shape_key(q, k_cache),
+                             runners=runners)
 
 
 def temporal_decode_step(q, k, v, k_cache, v_cache, t: int):
@@ -151,9 +150,5 @@ def temporal_decode_step(q, k, v, k_cache, v_cache, t: int):
     ([B, S, H, T_max, Dh], updated in place) and attend the new frame's q over positions <= t.
     Returns [B, 1, S, H, Dh]. t is a Python int (no host sync). Inference only (no autograd)."""
     _check_decode(q, k, v, k_cache, v_cache, t)
-    backend = _decode_backend(q, k, v, k_cache, v_cache, t)
-    if backend == "cuda":
-        return cuda_ext.temporal_decode_step(q, k, v, k_cache, v_cache, t)
-    if backend == "triton":
-        return temporal_decode_op(q, k, v, k_cache, v_cache, t)
-    return temporal_decode_ref(q, k, v, k_cache, v_cache, t)
+    run = {"cuda": cuda_ext.temporal_decode_step, "triton": temporal_decode_op, "torch": temporal_decode_ref}
+    return run[_decode_backend(q, k, v, k_cache, v_cache, t)](q, k, v, k_cache, v_cache, t)

@@ -111,7 +111,7 @@ def limits(ns: str | None = None) -> Limits:
 
 
 def _adaln_vec(dtype: torch.dtype) -> int:
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    return 16 // dtype.itemsize
 
 
 def adaln_reasons(D: int, dtype: torch.dtype, backward: bool, lim: Limits) -> list[str]:

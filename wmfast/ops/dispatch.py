@@ -146,7 +146,7 @@ class TritonBackend(Backend):
 
 class CudaBackend(Backend):
     name = "cuda"
-    OPS = frozenset({"layernorm_modulate", "gated_residual_layernorm_modulate", "temporal_decode_step"})
+    OPS = frozenset(op for op, order in OPS.items() if "cuda" in order)
 
     def available(self) -> tuple[bool, str]:
         return cuda_ext_available()
@@ -261,7 +261,7 @@ def time_backends(runners: Mapping[str, Callable[[], object]], reps: int = 10) -
 def _fastest(op: str, device: torch.device, usable: list[str], shape_key: str | None,
              runners: Mapping[str, Callable[[], object]] | None) -> str:
     """The measured-table or first-use-timing choice among `usable` (>= 2 backends), else usable[0]."""
-    gpu = torch.cuda.get_device_name(device)
+    gpu = tuning.device_gpu(device)
     measured = tuning.measured_backend(gpu, op, shape_key)
     if measured in usable:
         return measured
@@ -312,14 +312,16 @@ def timing_runners(factory: Callable[..., dict], tensors: tuple, grad: bool,
 
 # ------------------------------------------------------------------------------------------------------ choice
 def select_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[str, ...] | None = None,
-                   shape_key: str | None = None, runners: Mapping[str, Callable[[], object]] | None = None) -> str:
+                   shape_key: str | None = None, runners: Mapping[str, Callable[[], object]] | None = None,
+                   quiet: bool = False) -> str:
     """The backend that runs `op` on `inputs` (an OpInputs, or a bare device: only the device is checked).
 
     `order`: the backends to consider, in preference order (default: the op's entry in OPS). Optional, for a
     shape-dependent choice on CUDA tensors: `shape_key` (a string naming the shape class, looked up in the
     measured table) and `runners` (backend -> zero-argument callable running the op on the actual inputs,
     timed once). ValueError, listing every backend's reasons, when the forced backend or every backend
-    cannot run the inputs."""
+    cannot run the inputs. `quiet`: a query (`wmfast env`), so no fallback line is logged."""
+    note = (lambda message: None) if quiet else log_once
     if isinstance(inputs, torch.device):
         inputs = OpInputs(inputs)
     order = tuple(order or OPS.get(op, _DEFAULT_ORDER))
@@ -330,7 +332,7 @@ def select_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[str
         raise ValueError(f"{how} for {op}: {forced} cannot run these inputs ({reasons_text(op, inputs, (forced,))}); "
                          f"every backend: {reasons_text(op, inputs, order)}")
     if forced is not None:
-        log_once(f"wmfast: {how} but {op} has no {forced} implementation; choosing among {', '.join(order)}")
+        note(f"wmfast: {how} but {op} has no {forced} implementation; choosing among {', '.join(order)}")
     usable = [name for name in order if not REGISTRY[name].unsupported_reasons(op, inputs)]
     if not usable:
         raise ValueError(f"no backend can run {op} on these inputs: {reasons_text(op, inputs, order)}")
@@ -341,15 +343,17 @@ def select_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[str
         return kernels[0]
     skipped = [name for name in order if name != "torch"]
     if skipped:
-        log_once(f"wmfast: {op} on {inputs.device} tensors: {reasons_text(op, inputs, skipped)}; "
+        note(f"wmfast: {op} on {inputs.device} tensors: {reasons_text(op, inputs, skipped)}; "
                  "using the torch reference")
     return "torch"
 
 
 @torch.compiler.assume_constant_result
-def _constant_choice(op: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], backward: bool,
+def _constant_choice(op: str, device: torch.device, dtype: torch.dtype, width: int, backward: bool,
                      order: tuple[str, ...], shape_key: str) -> str:
-    return select_backend(op, OpInputs(device, dtype, shape, backward), order=order or None,
+    # only the last dimension (D, Dh) reaches here: the backends' limits read nothing else, and a batch or
+    # sequence dimension that dynamo has made dynamic cannot become a constant argument
+    return select_backend(op, OpInputs(device, dtype, (width,) if width else (), backward), order=order or None,
                           shape_key=shape_key or None)
 
 
@@ -363,6 +367,6 @@ def traceable_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[
     if isinstance(inputs, torch.device):
         inputs = OpInputs(inputs)
     if torch.compiler.is_compiling():
-        return _constant_choice(op, inputs.device, inputs.dtype, tuple(int(s) for s in inputs.shape),
+        return _constant_choice(op, inputs.device, inputs.dtype, int(inputs.shape[-1]) if inputs.shape else 0,
                                 bool(inputs.backward), tuple(order or ()), shape_key or "")
     return select_backend(op, inputs, order=order, shape_key=shape_key, runners=runners)
