@@ -1,8 +1,8 @@
 """The one NVML reader: GPU utilisation, clocks, power and temperature through nvidia-ml-py.
 
-`list_gpus()` lists the GPUs NVML sees (`wmfast env`). `Nvml.open(index)` returns a reader, or None with the reason in `Nvml.last_error` (no GPU, nvidia-ml-py absent,
-NVML not permitted): telemetry is always optional. `GpuSampler` samples it in a background thread while a block
-runs (the benchmark harness); the training loop reads it once per logged step.
+`list_gpus()` lists the GPUs NVML sees (`wmfast env`). `Nvml.open(index)` returns a reader, or None and the reason
+(no GPU, nvidia-ml-py absent, NVML not permitted): telemetry is always optional. `GpuSampler` samples it in a
+background thread while a block runs (the benchmark harness); the training loop reads it once per logged step.
 """
 from __future__ import annotations
 
@@ -13,33 +13,41 @@ import threading
 import time
 
 
-class Nvml:
-    """One GPU's NVML handle. read() -> {gpu_util, sm_clock_mhz, mem_clock_mhz, power_w, temp_c}."""
+def _text(value) -> str:
+    """NVML strings come back as bytes from older nvidia-ml-py releases."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    last_error = ""
+
+# field -> query on (pynvml, handle); a reader asks only for the fields its caller records
+QUERIES = {
+    "gpu_util": lambda nv, h: float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
+    "sm_clock_mhz": lambda nv, h: float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
+    "mem_clock_mhz": lambda nv, h: float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
+    "power_w": lambda nv, h: nv.nvmlDeviceGetPowerUsage(h) / 1e3,
+    "temp_c": lambda nv, h: float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+}
+
+
+class Nvml:
+    """One GPU's NVML handle; read(fields) -> {field: value} for fields of QUERIES."""
 
     def __init__(self, nvml, handle):
         self._nv, self._handle = nvml, handle
 
     @classmethod
-    def open(cls, index: int = 0) -> Nvml | None:
+    def open(cls, index: int = 0) -> tuple[Nvml | None, str]:
+        """(reader, "") or (None, why not)."""
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            return cls(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+            return cls(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)), ""
         except Exception as e:  # noqa: BLE001 - NVML absent or not permitted: the caller goes on without it
-            cls.last_error = f"nvidia-ml-py unusable: {e}"
-            return None
+            return None, f"nvidia-ml-py unusable: {e}"
 
-    def read(self) -> dict[str, float]:
+    def read(self, fields) -> dict[str, float]:
         """Raises pynvml's error when a query fails (the GPU fell off the bus, permissions changed)."""
-        nv, h = self._nv, self._handle
-        return {"gpu_util": float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
-                "sm_clock_mhz": float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
-                "mem_clock_mhz": float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
-                "power_w": nv.nvmlDeviceGetPowerUsage(h) / 1e3,
-                "temp_c": float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))}
+        return {f: QUERIES[f](self._nv, self._handle) for f in fields}
 
 
 def driver_version() -> str:
@@ -48,8 +56,7 @@ def driver_version() -> str:
         import pynvml
 
         pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        return driver.decode() if isinstance(driver, bytes) else str(driver)
+        return _text(pynvml.nvmlSystemGetDriverVersion())
     except Exception:  # noqa: BLE001 - NVML absent or not permitted
         return ""
 
@@ -65,14 +72,12 @@ def list_gpus() -> tuple[list[dict], str]:
     except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound / DriverNotLoaded / ...: no usable driver
         return [], f"NVML unavailable: {e}"
     try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        driver = driver.decode() if isinstance(driver, bytes) else driver
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
         out = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+            out.append({"index": i, "name": _text(pynvml.nvmlDeviceGetName(h)),
                         "memory_total_gib": round(mem.total / 2**30, 2), "memory_used_gib": round(mem.used / 2**30, 2),
                         "driver": driver})
         return out, "NVML"
@@ -103,9 +108,8 @@ class GpuSampler:
         if not torch.cuda.is_available():
             self.reason = "no CUDA device"
             return self
-        self._reader = Nvml.open(self.index)
+        self._reader, self.reason = Nvml.open(self.index)
         if self._reader is None:
-            self.reason = Nvml.last_error
             return self
         self.available = True
         self._t0 = time.perf_counter()
@@ -116,7 +120,7 @@ class GpuSampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                r = self._reader.read()
+                r = self._reader.read(self.FIELDS[1:])
             except Exception as e:  # noqa: BLE001 - stop sampling on the first NVML error, keep the reason
                 self.reason = f"NVML sampling stopped: {e}"
                 return

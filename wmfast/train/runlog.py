@@ -69,15 +69,15 @@ class GpuTelemetry:
         self.reader = None
         if device.type != "cuda":
             return
-        self.reader = Nvml.open(device.index if device.index is not None else torch.cuda.current_device())
+        self.reader, why = Nvml.open(device.index if device.index is not None else torch.cuda.current_device())
         if self.reader is None:
-            logger.info("wmfast: GPU telemetry off (%s)", Nvml.last_error)
+            logger.info("wmfast: GPU telemetry off (%s)", why)
 
     def read(self) -> dict[str, float]:
         if self.reader is None:
             return {}
         try:
-            r = self.reader.read()
+            r = self.reader.read(("gpu_util", "power_w", "temp_c"))
         except Exception:  # noqa: BLE001 - a failed query skips this step's telemetry
             return {}
         return {"gpu_util": r["gpu_util"], "gpu_power_w": r["power_w"], "gpu_temp_c": r["temp_c"]}
