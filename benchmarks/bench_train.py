@@ -28,6 +28,7 @@ import time
 import torch
 
 from wmfast.bench.context import script_main
+from wmfast.bench.workloads import compression_batch
 from wmfast.ops import use_backend
 
 SUITE = "train"
@@ -41,15 +42,15 @@ def _synthetic_task(preset: str):
 
     class _Random(torch.utils.data.Dataset):
         def __init__(self, c, n=256):
-            g = torch.Generator().manual_seed(0)
-            self.tokens = torch.randint(0, c.vocab_size, (n, c.num_frames + 1, c.grid_size, c.grid_size), generator=g)
-            self.states = torch.randn(n, 34, c.state_dim, generator=g)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.batch = compression_batch(c, n, "cpu")
 
         def __len__(self):
-            return len(self.tokens)
+            return len(self.batch["tokens"])
 
         def __getitem__(self, i):
-            return {"tokens": self.tokens[i], "states": self.states[i]}
+            return {k: v[i] for k, v in self.batch.items()}
 
     task = CompressionTask.__new__(CompressionTask)
     task.preset, task.config, task.top_k = preset, STTransformerConfig.from_name(preset), 500

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 BLOCKED = ("diffusers", "deepspeed", "av", "hypothesis")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,3 +38,12 @@ def test_collects_without_optional_packages(tmp_path):
     assert m and int(m.group(1)) > 0 and int(m.group(2)) > 100, out[-5000:]
     for name in ("test_wan.py", "test_wan_lora.py", "test_adaln_hypothesis.py"):  # whole modules skip, with reasons
         assert re.search(rf"SKIPPED \[1\] tests/(\w+/)?{name}:\d+: .*cannot be imported here", out), out[-5000:]
+
+
+def test_reports_need_no_pytest():
+    # a benchmark report (its lease section included) is written where no test runs: pytest is a test extra
+    committed = sorted(p for p in (Path(REPO) / "benchmarks" / "results").glob("*/*") if (p / "lease.json").exists())
+    assert committed, "no committed lease run to read"
+    code = ("import sys; sys.modules['pytest'] = None\nfrom wmfast.bench import lease_summary, report\n"
+            "lines = report.lease_lines(sys.argv[1]); assert lines and lines[0].startswith('## Lease'), lines")
+    subprocess.run([sys.executable, "-c", code, str(committed[-1])], check=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wmfast.bench import lease, pytest_stream, report
+from wmfast.bench import lease, pytest_stream, report, stream_records
 from wmfast.bench.context import make_context
 from wmfast.bench.results import COLUMNS, ResultWriter, git_commit, read_rows
 from wmfast.bench.timing import Measurement
@@ -73,7 +73,7 @@ def test_dry_run_stages_and_rows(dry_run):
 
 def test_dry_run_tests_reports_and_junit(dry_run):
     out = dry_run[0]
-    t = pytest_stream.tally(pytest_stream.read_records(out / "tests.jsonl"))
+    t = stream_records.tally(stream_records.read_records(out / "tests.jsonl"))
     assert t["finished"] and t["collected"] > 20 and t["skipped"] == t["collected"]  # -m gpu without a GPU
     root = ET.parse(out / "junit.xml").getroot()
     assert [s.get("name") for s in root] == ["tests", "tests-cuda"]
@@ -125,15 +125,15 @@ def test_stream_report_survives_a_kill(tmp_path):
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # until the three fast tests are reported, then kill (a lease's end)
-        if len([r for r in pytest_stream.read_records(stream) if r.get("event") == "report"]) >= 3:
+        if len([r for r in stream_records.read_records(stream) if r.get("event") == "report"]) >= 3:
             break
         time.sleep(0.2)
     proc.kill()
     proc.wait()
-    t = pytest_stream.tally(pytest_stream.read_records(stream))
+    t = stream_records.tally(stream_records.read_records(stream))
     assert (t["collected"], t["passed"], t["failed"], t["skipped"], t["not run"]) == (4, 1, 1, 1, 1)
     assert not t["finished"] and "boom" in t["failures"][0][1]
-    suite = ET.fromstring(pytest_stream.junit_xml({"inner": pytest_stream.read_records(stream)}).split("?>", 1)[1])[0]
+    suite = ET.fromstring(stream_records.junit_xml({"inner": stream_records.read_records(stream)}).split("?>", 1)[1])[0]
     assert suite.get("failures") == "1" and suite.get("skipped") == "2"
     assert suite.find("properties/property").get("name") == "cut_off"
 
@@ -221,7 +221,7 @@ def test_stream_report_counts_xdist_collections_once(tmp_path):
     for _ in range(2):  # two workers, the same list
         stream.pytest_xdist_node_collection_finished(node=None, ids=["t.py::a", "t.py::b"])
     stream.f.close()
-    t = pytest_stream.tally(pytest_stream.read_records(tmp_path / "r.jsonl"))
+    t = stream_records.tally(stream_records.read_records(tmp_path / "r.jsonl"))
     assert (t["collected"], t["not run"]) == (2, 2)
 
 
@@ -230,7 +230,7 @@ def test_commit_override_for_copied_working_trees(monkeypatch):
     assert git_commit() == "0123456789ab"
 
 
-def test_largest_batch_row_retries_smaller_when_timing_runs_out_of_memory(monkeypatch, tmp_path):
+def test_largest_batch_row_retries_smaller_when_timing_runs_out_of_memory(tmp_path):
     from wmfast.bench import largest_batch
     from wmfast.models import STTransformer, STTransformerConfig
 
@@ -245,8 +245,18 @@ def test_largest_batch_row_retries_smaller_when_timing_runs_out_of_memory(monkey
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return Measurement(1.0, 0.9, 1.1)
 
-    monkeypatch.setattr(largest_batch, "measure", fake_measure)
     ctx = make_context(profile="quick", out_dir=tmp_path, device="cpu")
+    ctx.measure = fake_measure
     largest_batch._write_step_row(ctx, model, opt, 20, "tiny", "full")
     rows = [r for r in ctx.writer.rows if r["op"] == largest_batch.ROW_OP]
     assert len(timed) == 2 and len(rows) == 1 and "B=20 (timed at B=19)" in rows[0]["shape"]
+
+
+def test_largest_batch_search_stops_at_the_budget(tmp_path):
+    from wmfast.bench import largest_batch
+    from wmfast.bench.context import BudgetExhausted, make_context
+
+    ctx = make_context(profile="quick", out_dir=tmp_path, device="cpu")
+    ctx.deadline = 0.0  # long past: the first trial must not start
+    with pytest.raises(BudgetExhausted):
+        largest_batch.run(ctx, preset="tiny", max_batch=2)

@@ -19,8 +19,9 @@ The suites and their outputs:
     lease              one GPU lease, one command (`python -m wmfast.bench.lease`, benchmarks/lease/run.sh)
     lease_summary      what a lease leaves: junit.xml, launch_configs.json, summary.md, the packed copy
     pytest_stream      a pytest plugin streaming every test report to a JSON-lines file as it arrives
+    stream_records     those JSON lines read back without pytest: counts, failures, junit.xml
 
-This module imports nothing, so that `python -m wmfast.bench.lease` and the pytest plugin start without torch.
+This module imports nothing, so that importing the pytest plugin or a suite name does not import torch.
 """
 
 SUITES = ("ceilings", "ops", "attention-memory", "train", "generate", "ensemble")

@@ -104,7 +104,6 @@ class BenchContext:
     default time budgets (ms) for measure(). deadline: time.monotonic() after which measure() raises
     BudgetExhausted (None: no budget)."""
 
-    quick: bool
     device: torch.device
     ceilings: Ceilings
     writer: ResultWriter
@@ -114,6 +113,10 @@ class BenchContext:
     rep: float = 100
     profile: str = "full"
     deadline: float | None = None
+
+    @property
+    def quick(self) -> bool:
+        return self.profile == "quick"
 
     @property
     def lease(self) -> bool:
@@ -149,14 +152,22 @@ class BenchContext:
         return m
 
 
+def resolve_profile(quick: bool, profile: str | None) -> str:
+    """The profile of a call: `profile`, else "quick" with quick, else "full"; ValueError naming --quick or
+    --profile when they contradict or the profile is unknown."""
+    if profile is not None and profile not in PROFILES:
+        raise ValueError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    if quick and profile not in (None, "quick"):
+        raise ValueError(f"--quick contradicts --profile {profile}")
+    return profile or ("quick" if quick else "full")
+
+
 def make_context(*, quick: bool = False, out_dir: str | os.PathLike, device: str | torch.device | None = None,
                  csv_name: str = "results.csv", log: Callable[[str], None] = print, profile: str | None = None,
                  ceilings_measured: Ceilings | None = None) -> BenchContext:
     """Measure the ceilings (unless `ceilings_measured` were measured earlier in the same run) and open the CSV:
     the context that `wmfast bench` and script_main hand to run(). profile None: "quick" if quick else "full"."""
-    profile = profile or ("quick" if quick else "full")
-    if profile not in PROFILES:
-        raise ValueError(f"profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    profile = resolve_profile(quick, profile)
     quick = profile == "quick"
     device = torch.device(device) if device is not None else default_device()
     out_dir = Path(out_dir)
@@ -166,7 +177,7 @@ def make_context(*, quick: bool = False, out_dir: str | os.PathLike, device: str
     earlier = " (measured earlier in this run)" if ceilings_measured else ""
     log(f"ceilings on {environment(str(device))['gpu_name']}{earlier}: copy {ceil.copy_gbps:.1f} GB/s, matmul "
         + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in ceil.matmul_tflops.items()))
-    return BenchContext(quick=quick, device=device, ceilings=ceil, writer=writer, out_dir=out_dir, log=log,
+    return BenchContext(device=device, ceilings=ceil, writer=writer, out_dir=out_dir, log=log,
                         profile=profile, **_BUDGETS[profile])
 
 
@@ -183,12 +194,13 @@ def script_main(run: Callable[[BenchContext], None], argv: Sequence[str] | None 
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<gpu>/)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     args = p.parse_args(argv)
-    if args.quick and args.profile not in (None, "quick"):
-        p.error(f"--quick contradicts --profile {args.profile}")
+    try:
+        profile = resolve_profile(args.quick, args.profile)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out) if args.out else default_out_dir(args.device)
-    ctx = make_context(quick=args.quick, out_dir=out, device=args.device, csv_name=f"bench_{name}.csv",
-                       profile=args.profile)
+    ctx = make_context(out_dir=out, device=args.device, csv_name=f"bench_{name}.csv", profile=profile)
     with GpuSampler() as sampler:
         run(ctx)
     if sampler.samples:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from wmfast.bench.context import BenchContext
+from wmfast.bench.context import BenchContext, BudgetExhausted
 from wmfast.bench.memory import LiveBytesTracker
-from wmfast.bench.timing import measure
 from wmfast.bench.workloads import compression_batch
 
 ROW_OP = "largest-batch"
@@ -39,9 +38,9 @@ def _train_step(model, opt, batch: dict, device: torch.device) -> None:
 
 
 def largest_batch(attention: str, *, device, preset: str = "1x-compression", max_batch: int = 1024,
-                  capacity_bytes: int | None = None, log=print, **overrides):
+                  capacity_bytes: int | None = None, log=print, before_trial=lambda: None, **overrides):
     """(largest fitting batch, trials, model, optimizer) for STTransformer(preset, attention=attention,
-    **overrides)."""
+    **overrides). `before_trial()` runs before each trial (a benchmark's budget check raises there)."""
     from wmfast.train import microbatch
 
     device = torch.device(device)
@@ -49,6 +48,7 @@ def largest_batch(attention: str, *, device, preset: str = "1x-compression", max
     _train_step(model, opt, compression_batch(model.config, 1, device), device)  # AdamW state exists in every trial
 
     def body(b: int):
+        before_trial()
         opt.zero_grad(set_to_none=True)  # an out-of-memory trial may have left gradients behind
         batch = compression_batch(model.config, b, device)
         if device.type == "cuda":
@@ -70,10 +70,14 @@ def largest_batch(attention: str, *, device, preset: str = "1x-compression", max
 
 def run(ctx: BenchContext, *, preset: str = "1x-compression", max_batch: int = 1024) -> dict[str, int]:
     """Both attentions: a row each (op "largest-batch", the step's time and peak memory at that batch)."""
+    def check_budget():
+        if ctx.time_left() <= 0:
+            raise BudgetExhausted("the budget ran out during the largest-batch search")
+
     found = {}
     for attention in ("full", "factorized"):
         best, _, model, opt = largest_batch(attention, device=ctx.device, preset=preset, max_batch=max_batch,
-                                            log=ctx.log)
+                                            log=ctx.log, before_trial=check_budget)
         _write_step_row(ctx, model, opt, best, preset, attention)
         found[attention] = best
         del model, opt
@@ -91,8 +95,7 @@ def _write_step_row(ctx: BenchContext, model, opt, b: int, preset: str, attentio
     for timed in range(b, max(1, int(0.9 * b)) - 1, -1):
         batch = compression_batch(c, timed, ctx.device)
         try:
-            m = measure(lambda batch=batch: _train_step(model, opt, batch, ctx.device), device=ctx.device,
-                        warmup=ctx.warmup, rep=ctx.rep)
+            m = ctx.measure(lambda batch=batch: _train_step(model, opt, batch, ctx.device))
         except torch.OutOfMemoryError:
             del batch
             opt.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
 """What a lease leaves behind, re-runnable from its run directory: junit.xml, launch_configs.json and summary.md
-(`summarize`), the table printed last (`final_table`), and the packed copy (`pack`)."""
+(`summarize`, `write_summary`), the table printed last (`final_table`), and the packed copy (`pack`)."""
 from __future__ import annotations
 
 import tarfile
@@ -7,17 +7,27 @@ from pathlib import Path
 
 
 def summarize(out: Path) -> None:
-    """junit.xml, launch_configs.json and summary.md from what the stages wrote (re-runnable)."""
-    from wmfast.bench import adopt, pytest_stream, report
+    """junit.xml, launch_configs.json, the plots and summary.md from what the stages wrote (re-runnable)."""
+    from wmfast.bench import adopt, report, stream_records
     from wmfast.bench.results import read_rows
 
-    suites = {name: pytest_stream.read_records(out / f"{name}.jsonl") for name in ("tests", "tests-cuda")
+    suites = {name: stream_records.read_records(out / f"{name}.jsonl") for name in ("tests", "tests-cuda")
               if (out / f"{name}.jsonl").exists()}
     if suites:
-        (out / "junit.xml").write_text(pytest_stream.junit_xml(suites))
+        (out / "junit.xml").write_text(stream_records.junit_xml(suites))
     if (out / "results.csv").exists():
         adopt.write_table(adopt.choose(read_rows(out / "results.csv")), out / "launch_configs.json")
         report.write_report(out)
+    else:
+        write_summary(out)
+
+
+def write_summary(out: Path) -> None:
+    """summary.md alone (the text, no plots): after the last stage, whose own row summarize() could not see."""
+    from wmfast.bench import report
+
+    if (out / "results.csv").exists():
+        (out / "summary.md").write_text(report.summary_markdown(out))
     else:  # no bench stage wrote a row: the lease's own section is the whole summary
         (out / "summary.md").write_text("# wmfast lease\n\n" + "\n".join(report.lease_lines(out)))
 

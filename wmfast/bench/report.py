@@ -272,7 +272,7 @@ def _last_line(text: str) -> str:
 def lease_lines(out_dir: str | Path) -> list[str]:
     """The lease's own section (markdown): stages, tests (failures with their last error line), chosen launch
     configurations. Empty without lease.json (a plain `wmfast bench` run)."""
-    from wmfast.bench import pytest_stream
+    from wmfast.bench import stream_records
 
     out_dir = Path(out_dir)
     if not (out_dir / "lease.json").exists():
@@ -284,10 +284,10 @@ def lease_lines(out_dir: str | Path) -> list[str]:
     lines += [f"| {s['name']} | {s['budget_s']:.0f} | {s['seconds']:.0f} | {s['outcome']} | {s['note']} |"
               for s in state["stages"]]
     for name in ("tests", "tests-cuda"):
-        records = pytest_stream.read_records(out_dir / f"{name}.jsonl")
+        records = stream_records.read_records(out_dir / f"{name}.jsonl")
         if not records:
             continue
-        t = pytest_stream.tally(records)
+        t = stream_records.tally(records)
         collected = (f"{t['collected']} collected" if t["collected"] else "collection not recorded")
         not_run = f", {t['not run']} not run" if t["collected"] else ""
         lines += ["", f"**{name}** (`pytest -m gpu`): {collected}, {t['passed']} passed, {t['failed']} failed, "

@@ -24,7 +24,7 @@ import torch
 
 from wmfast.bench import SUITES
 from wmfast.bench.ceilings import Ceilings
-from wmfast.bench.context import BenchContext, BudgetExhausted, default_out_dir, make_context
+from wmfast.bench.context import BenchContext, BudgetExhausted, default_out_dir, make_context, resolve_profile
 from wmfast.bench.discovery import find_bench_dir, load_bench_script
 from wmfast.bench.results import environment, slug
 from wmfast.bench.timing import default_device
@@ -84,6 +84,13 @@ def resolve_suites(name: str) -> list[str]:
         raise ValueError(f"--suite {name!r}: expected one of {', '.join(SUITES)}, a comma-separated list "
                          "of them, or all")
     return list(dict.fromkeys(names))
+
+
+def check_arguments(suite: str, quick: bool, profile: str | None, budget: float | None) -> tuple[list[str], str]:
+    """(suites, profile) of a `wmfast bench` call; ValueError naming the argument that is wrong."""
+    if budget is not None and budget <= 0:
+        raise ValueError(f"--budget {budget:g}: must be a positive number of seconds")
+    return resolve_suites(suite), resolve_profile(quick, profile)
 
 
 def _script_suites(module) -> tuple[str, ...]:
@@ -210,10 +217,7 @@ def run_bench(suite: str = "all", *, quick: bool = False, out: str | Path | None
     left, and a script that runs past its share stops at its next measurement (status "budget", its rows
     kept). append: add to the run already in `out` (its ceilings reused, its rows and statuses kept), as the
     stages of benchmarks/lease/run.sh do; otherwise `out` is cleared of a previous run's files first."""
-    suites = resolve_suites(suite)
-    profile = profile or ("quick" if quick else "full")
-    if budget is not None and budget <= 0:
-        raise ValueError(f"--budget {budget}: must be a positive number of seconds")
+    suites, profile = check_arguments(suite, quick, profile, budget)
     end = None if budget is None else time.monotonic() + budget
     device = torch.device(device) if device else default_device()
     try:

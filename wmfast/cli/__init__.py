@@ -35,7 +35,8 @@ def _command_of(argv) -> str | None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; `command`'s subparser gets its full arguments (importing that one module), the others only
     their name and help, enough for `wmfast --help` and to name an unknown command."""
-    parser = argparse.ArgumentParser(prog="wmfast", description=__doc__.splitlines()[0].strip('"'))
+    parser = argparse.ArgumentParser(prog="wmfast", description="Fast kernels, training and inference for video world "
+                                     "models (1X World Model Challenge): `wmfast COMMAND --help` for each command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_) in COMMANDS.items():

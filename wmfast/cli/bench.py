@@ -18,13 +18,12 @@ from pathlib import Path
 from wmfast.bench import PROFILES, SUITES
 
 SUITE_CHOICES = (*SUITES, "all")
-PROFILE_CHOICES = PROFILES
 
 
 def add_arguments(p):
     p.add_argument("--suite", default="all", help=f"which suites to run: one of {', '.join(SUITE_CHOICES)}, or a "
                    "comma-separated list (default all)")
-    p.add_argument("--profile", default=None, choices=PROFILE_CHOICES, help="quick: tiny shapes, CPU smoke test; "
+    p.add_argument("--profile", default=None, choices=PROFILES, help="quick: tiny shapes, CPU smoke test; "
                    "lease: the real shapes with fewer variants and sweeps (a short GPU lease); full: everything "
                    "(default full, or quick with --quick)")
     p.add_argument("--quick", action="store_true", help="the same as --profile quick")
@@ -59,17 +58,13 @@ def run(args) -> int:
         return _error("--readme needs --summarize RESULTS_DIR")
     if args.summarize or args.adopt:
         return _report(args)
-    if args.budget is not None and args.budget <= 0:
-        return _error(f"--budget {args.budget:g}: must be a positive number of seconds")
-    if args.quick and args.profile not in (None, "quick"):
-        return _error(f"--quick contradicts --profile {args.profile}")
     from wmfast.bench.context import interpret_triton_without_gpu
 
     interpret_triton_without_gpu()  # before the bench scripts import the kernels
-    from wmfast.bench.suite import resolve_suites, run_bench
+    from wmfast.bench.suite import check_arguments, run_bench
 
     try:
-        resolve_suites(args.suite)
+        check_arguments(args.suite, args.quick, args.profile, args.budget)
     except ValueError as e:
         return _error(str(e))
     return run_bench(args.suite, quick=args.quick, out=args.out, device=args.device, bench_dir=args.bench_dir,
