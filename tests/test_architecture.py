@@ -54,11 +54,10 @@ def _walk_run_time(node):
         yield from _walk_run_time(child)
 
 
-def _imports(module: str, path: Path) -> set[str]:
+def _imports(module: str, source: str, is_package: bool = False) -> set[str]:
     """wmfast modules `module` imports anywhere in its source (`from a.b import c` -> a.b.c when that is a
     module, else a.b; a parent package's implicit import is not an edge)."""
-    tree = ast.parse(path.read_text(), str(path))
-    is_package = path.name == "__init__.py"
+    tree = ast.parse(source)
     found = set()
     for node in _walk_run_time(tree):
         if isinstance(node, ast.Import):
@@ -76,7 +75,7 @@ def _imports(module: str, path: Path) -> set[str]:
     return found
 
 
-GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
+GRAPH = {m: _imports(m, p.read_text(), p.name == "__init__.py") for m, p in MODULES.items()}
 
 
 def _layer(module: str) -> int:
@@ -89,13 +88,14 @@ def _layer(module: str) -> int:
     return layer
 
 
-def test_no_import_cycle():
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle a depth-first walk meets, as [a, b, ..., a]."""
     state, stack, cycles = {}, [], []
 
     def visit(m):
         state[m] = "open"
         stack.append(m)
-        for n in sorted(GRAPH[m]):
+        for n in sorted(graph.get(m, ())):
             if state.get(n) == "open":
                 cycles.append(stack[stack.index(n):] + [n])
             elif n not in state:
@@ -103,9 +103,14 @@ def test_no_import_cycle():
         stack.pop()
         state[m] = "done"
 
-    for m in sorted(GRAPH):
+    for m in sorted(graph):
         if m not in state:
             visit(m)
+    return cycles
+
+
+def test_no_import_cycle():
+    cycles = _cycles(GRAPH)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
@@ -116,12 +121,15 @@ def test_no_import_from_a_layer_above():
 
 
 def test_the_checker_sees_cycles_and_layers():
-    # the walk itself: a lazy import inside a function is an edge, a relative import resolves
-    assert "wmfast.ops" in {n.rpartition(".")[0] or n for n in GRAPH["wmfast.modules.adaln"]} | {
-        n for n in GRAPH["wmfast.modules.adaln"]}, GRAPH["wmfast.modules.adaln"]
-    assert _resolve("wmfast.ops.adaln", False, 1, "dispatch") == "wmfast.ops.dispatch"
+    # a lazy import inside a function is an edge, an `if TYPE_CHECKING:` import is not, relative imports resolve
+    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from wmfast.cli import main\n"
+              "def f():\n    from .dispatch import select_backend\n    import wmfast.kernels.adaln\n")
+    assert _imports("wmfast.ops.adaln", source) == {"wmfast.ops.dispatch", "wmfast.kernels.adaln"}
     assert _resolve("wmfast.ops", True, 1, "adaln") == "wmfast.ops.adaln"
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
     assert _layer("wmfast.kernels.adaln") < _layer("wmfast.ops.adaln") < _layer("wmfast.cli")
+    assert _layer("wmfast.train.__main__") == _layer("wmfast.cli") > _layer("wmfast.train.loop")
 
 
 @pytest.mark.parametrize("root", ["wmfast", "kernels", "benchmarks", "tests"])

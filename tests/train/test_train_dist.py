@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from wmfast.train.checkpoint import FAULT_ENV, list_checkpoints
+from wmfast.data.checkpoints import list_checkpoints
+from wmfast.train.checkpoint import FAULT_ENV
 from wmfast.train.runlog import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires("deepspeed")]

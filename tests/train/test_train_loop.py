@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
+from wmfast.data.checkpoints import list_checkpoints
 from wmfast.tasks.toy import ToyTask
 from wmfast.train import TrainConfig, train
-from wmfast.train.checkpoint import FAULT_ENV, list_checkpoints
+from wmfast.train.checkpoint import FAULT_ENV
 from wmfast.train.runlog import read_jsonl
 
 os.environ.setdefault("WMFAST_PROGRESS", "0")

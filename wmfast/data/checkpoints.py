@@ -7,6 +7,7 @@ import os
 import re
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
+TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a checkpoint complete
 
 
 def tag_of(step: int) -> str:
@@ -21,7 +22,7 @@ def list_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
     for name in os.listdir(ckpt_dir):
         m = TAG_RE.match(name)
         path = os.path.join(ckpt_dir, name)
-        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+        if m and os.path.isfile(os.path.join(path, TRAINER_STATE)):
             out.append((int(m.group(1)), path))
     return sorted(out)
 

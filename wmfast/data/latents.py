@@ -40,20 +40,21 @@ class LatentDataset(Dataset):
 def write_latents(ds, split_dir: str, encode: Callable[[torch.Tensor], torch.Tensor], meta: dict, *,
                   max_samples: int | None = None, batch: int = 1, device: str = "cpu", desc: str = "encode",
                   progress: bool = True) -> str:
-    """Encode the frames of `ds` (items {"frames": uint8 [F, 3, H, W], "states": [77, 25]}) batch by batch with
+    """Encode the frames of `ds` (items {"frames": uint8 [F, 3, H, W], "states": [F_states, 25]}) batch by batch with
     `encode` ([B, F, 3, H, W] -> latents [B, C, F', H', W']) into `split_dir`; `meta` goes into latents.json
     (with the count and the latent shape added). Returns split_dir."""
     from tqdm import tqdm
 
     n = min(len(ds), max_samples) if max_samples else len(ds)
     os.makedirs(split_dir, exist_ok=True)
-    lat, states = None, np.zeros((n, 77, 25), np.float32)
+    lat = states = None
     for a in tqdm(range(0, n, batch), desc=desc, disable=not progress):
         items = [ds[i] for i in range(a, min(a + batch, n))]
         z = encode(torch.stack([it["frames"] for it in items]).to(device)).float().cpu().numpy()
         if lat is None:
             lat = np.lib.format.open_memmap(os.path.join(split_dir, "latents.npy"), mode="w+",
                                             dtype=np.float32, shape=(n, *z.shape[1:]))
+            states = np.zeros((n, *items[0]["states"].shape), np.float32)
         lat[a:a + len(items)] = z
         states[a:a + len(items)] = np.stack([it["states"].numpy() for it in items])
     lat.flush()

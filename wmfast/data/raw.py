@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-STATE_DIM = 25
+from wmfast.data.format import STATE_DIM
+
 HZ = 30
 SAMPLE_FRAMES = 77
 

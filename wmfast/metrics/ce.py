@@ -22,7 +22,7 @@ import math
 
 import torch
 
-DEFAULT_CHUNK = 4096  # rows: a [4096, 64000] fp32 chunk is 1 GiB
+from wmfast.ops.linear_cross_entropy import DEFAULT_CHUNK
 
 
 def _flatten(logits: torch.Tensor, targets: torch.Tensor, name: str):

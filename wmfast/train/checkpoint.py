@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from wmfast.data.checkpoints import list_checkpoints, tag_of
+from wmfast.data.checkpoints import TRAINER_STATE, list_checkpoints, tag_of
 
 logger = logging.getLogger("wmfast")
 FAULT_ENV = "WMFAST_TRAIN_FAULT"  # test hook: "kill_in_checkpoint:STEP" or "kill_after_step:STEP"
@@ -104,7 +104,7 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict[str, Any], keep: 
     engine.save_checkpoint(tmp_root, tag=tag, save_latest=False, exclude_frozen_parameters=_has_frozen(engine))
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(trainer_state, f, indent=1)
     _barrier()
     fault_hook("kill_in_checkpoint", step)
@@ -128,7 +128,7 @@ def load(engine, path: str) -> dict[str, Any]:
                                           load_lr_scheduler_states=False, load_module_strict=not _has_frozen(engine))
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    with open(os.path.join(path, "trainer_state.json")) as f:
+    with open(os.path.join(path, TRAINER_STATE)) as f:
         state = json.load(f)
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_file):

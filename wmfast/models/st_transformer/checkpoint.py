@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from wmfast.data.checkpoints import latest_checkpoint
+from wmfast.data.checkpoints import TRAINER_STATE, latest_checkpoint
 from wmfast.models.st_transformer.config import STTransformerConfig
 from wmfast.models.st_transformer.model import STTransformer
 
@@ -39,7 +39,7 @@ def _load_deepspeed_dir(path: str, map_location) -> tuple[dict | None, dict]:
     stage3_gather_16bit_weights_on_model_save=False, which avoids gathering the model on one rank at every
     save): the weights are rebuilt from every rank's fp32 master partition by DeepSpeed's zero_to_fp32."""
     trainer_state = {}
-    state_json = os.path.join(path, "trainer_state.json")
+    state_json = os.path.join(path, TRAINER_STATE)
     if os.path.isfile(state_json):
         with open(state_json) as f:
             trainer_state = json.load(f)

@@ -22,6 +22,8 @@ from torch import nn
 from wmfast import ops
 from wmfast.data.format import GRID_OF_FRAME, SAMPLE_FRAMES, SAMPLE_GRIDS
 from wmfast.models.st_transformer.config import STTransformerConfig
+from wmfast.models.st_transformer.eager_attention import eager_full_attention
+from wmfast.models.st_transformer.generate import generate
 from wmfast.ops.linear_cross_entropy import linear_cross_entropy
 
 
@@ -49,8 +51,6 @@ class Attention(nn.Module):
         elif self.kind == "temporal":
             o = self._temporal(q, k, v, kv_cache, pos)
         elif self.eager_full:
-            from wmfast.models.st_transformer.eager_attention import eager_full_attention
-
             o = eager_full_attention(q, k, v)
         else:
             o = block_causal_attention(q, k, v)
@@ -209,8 +209,6 @@ class STTransformer(nn.Module):
     @torch.no_grad()
     def generate(self, context_tokens, states, num_frames: int | None = None, use_cache: bool = True, **kw):
         """Greedy generation: see `wmfast.models.st_transformer.generate` (also `wmfast.inference.generate`)."""
-        from .generate import generate
-
         return generate(self, context_tokens, states, num_frames=num_frames, use_cache=use_cache, **kw)
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wmfast.models.wan.schedule import STATE_DIM, FrameSchedule
+from wmfast.data.format import STATE_DIM
+from wmfast.models.wan.schedule import FrameSchedule
 
 
 class StateEmbedder(nn.Module):

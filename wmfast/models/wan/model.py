@@ -11,7 +11,7 @@ from wmfast.models.wan.blocks import text_kv
 from wmfast.models.wan.conditioning import WanConditioning
 from wmfast.models.wan.presets import WanPreset, get_preset
 from wmfast.models.wan.schedule import FrameSchedule
-from wmfast.models.wan.text_encoder import _has_umt5, default_text_cache, empty_prompt_embedding
+from wmfast.models.wan.text_encoder import default_text_cache, empty_prompt_embedding, has_umt5
 from wmfast.models.wan.transformer import WmWanTransformer, build_transformer
 from wmfast.models.wan.vae import build_vae, vae_decode, vae_encode
 
@@ -162,7 +162,7 @@ def build_world_model(preset: str | WanPreset = "tiny", pretrained: str | None =
     if device == "meta":
         text = torch.zeros(1, preset.text_len, preset.transformer["text_dim"], device="meta")
     else:
-        if text_encoder is None and _has_umt5(pretrained):
+        if text_encoder is None and has_umt5(pretrained):
             text_encoder = pretrained
         if text_cache is None and pretrained is not None:
             text_cache = default_text_cache(pretrained, preset.text_len)

@@ -1,8 +1,10 @@
 """Wan2.2 presets: the TI2V-5B transformer and VAE configurations, the tiny test configs, and the seeds of
-randomly initialised weights."""
+randomly initialised weights, and the dtype cast both the transformer and VAE builders use."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 TI2V_5B_TRANSFORMER = {
     "patch_size": (1, 2, 2), "num_attention_heads": 24, "attention_head_dim": 128, "in_channels": 48,
@@ -57,3 +59,14 @@ def get_preset(name: str) -> WanPreset:
         raise ValueError(f"unknown Wan preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
 
+
+def cast_keeping_fp32(model, dtype):
+    """model.to(dtype), keeping diffusers' `_keep_in_fp32_modules` in fp32 as from_pretrained(torch_dtype=)
+    does (the timestep embedder, the norms and the modulation tables)."""
+    if dtype == torch.float32:
+        return model
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, param in model.named_parameters():
+        if not any(k in name.split(".") for k in keep):
+            param.data = param.data.to(dtype)
+    return model

@@ -33,7 +33,6 @@ import torch
 NUM_FRAMES = 77        # frames per 1X sampling sample (0..76)
 NUM_CONTEXT = 17       # context frames (0..16)
 TARGET_FRAME = 76      # the scored frame
-STATE_DIM = 25         # robot state size
 
 
 def num_latent_frames(num_frames: int) -> int:

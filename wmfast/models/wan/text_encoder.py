@@ -94,5 +94,6 @@ def _umt5_empty_prompt(path: str, text_len: int) -> torch.Tensor:
     return out
 
 
-def _has_umt5(path) -> bool:
+def has_umt5(path) -> bool:
+    """Whether a pretrained directory holds the UMT5 text encoder (a text_encoder/ subfolder)."""
     return bool(path) and os.path.isdir(os.path.join(path, "text_encoder"))

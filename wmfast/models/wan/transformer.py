@@ -11,9 +11,8 @@ from torch.utils.checkpoint import checkpoint
 from wmfast import ops
 from wmfast.models.wan.blocks import patch_blocks
 from wmfast.models.wan.conditioning import attach_state_modules
-from wmfast.models.wan.presets import WanPreset
+from wmfast.models.wan.presets import WanPreset, cast_keeping_fp32
 from wmfast.models.wan.schedule import FrameSchedule
-from wmfast.models.wan.vae import _cast
 from wmfast.ops.dispatch import forced_backend
 
 
@@ -102,7 +101,7 @@ def build_transformer(preset: WanPreset, pretrained: str | None = None, device="
         transformer.to(device)
     else:
         with torch.device(device):
-            transformer = _cast(WanTransformer3DModel(**preset.transformer), dtype)
+            transformer = cast_keeping_fp32(WanTransformer3DModel(**preset.transformer), dtype)
     # from_pretrained and the config constructor build diffusers' class; switching the class in place adds the
     # world-model forward without copying the weights or renaming a parameter
     transformer.__class__ = WmWanTransformer

@@ -7,19 +7,7 @@ import os
 import torch
 from diffusers import AutoencoderKLWan
 
-from wmfast.models.wan.presets import VAE_SEED, WanPreset
-
-
-def _cast(model, dtype):
-    """model.to(dtype), keeping diffusers' `_keep_in_fp32_modules` in fp32 as from_pretrained(torch_dtype=)
-    does (the timestep embedder, the norms and the modulation tables)."""
-    if dtype == torch.float32:
-        return model
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    for name, param in model.named_parameters():
-        if not any(k in name.split(".") for k in keep):
-            param.data = param.data.to(dtype)
-    return model
+from wmfast.models.wan.presets import VAE_SEED, WanPreset, cast_keeping_fp32
 
 
 def build_vae(preset: WanPreset, pretrained: str | None = None, device="cpu", dtype=torch.float32):
@@ -33,7 +21,7 @@ def build_vae(preset: WanPreset, pretrained: str | None = None, device="cpu", dt
         # and sampling then all use the same VAE, so tiny latents stay meaningful across processes.
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(VAE_SEED)
-            vae = _cast(AutoencoderKLWan(**preset.vae), dtype)
+            vae = cast_keeping_fp32(AutoencoderKLWan(**preset.vae), dtype)
     vae.requires_grad_(False).eval()
     return vae
 
