@@ -1,13 +1,14 @@
 """The public functional API of wmfast: every op validates its inputs, picks a backend (`wmfast.ops.dispatch`,
 forced with `use_backend`) and runs it. Shapes are documented on each op.
 
-Modules: adaln, attention, ensemble_sampler (the ops); dispatch (backend capabilities and choice); common
+Modules: adaln, attention, ensemble_sampler, layernorm, linear_cross_entropy (the ops); dispatch (backend capabilities and choice); common
 (dtype table, shape descriptions, log-once); cuda_ext (the CUDA extension: loading, limits, raw functions);
 cuda_build (the extension's build logic, shared with setup.py)."""
 from wmfast.ops.adaln import gated_residual, gated_residual_layernorm_modulate, layernorm_modulate
 from wmfast.ops.attention import spatial_attention, temporal_attention, temporal_decode_step
 from wmfast.ops.dispatch import use_backend
 from wmfast.ops.ensemble_sampler import ensemble_euler_step, ensemble_mean_var
+from wmfast.ops.layernorm import layer_norm, qk_layer_norm, residual_layer_norm
 from wmfast.ops.linear_cross_entropy import linear_cross_entropy
 
 __all__ = [
@@ -15,8 +16,11 @@ __all__ = [
     "ensemble_mean_var",
     "gated_residual",
     "gated_residual_layernorm_modulate",
+    "layer_norm",
     "layernorm_modulate",
     "linear_cross_entropy",
+    "qk_layer_norm",
+    "residual_layer_norm",
     "spatial_attention",
     "temporal_attention",
     "temporal_decode_step",

@@ -56,9 +56,12 @@ OPS: dict[str, tuple[str, ...]] = {
     "temporal_decode_step": ("cuda", "triton", "torch"),
     "ensemble_euler_step": ("triton", "torch"),
     "ensemble_mean_var": ("triton", "torch"),
+    "layer_norm": ("triton", "torch"),
+    "residual_layer_norm": ("triton", "torch"),
 }
 _DEFAULT_ORDER = ("triton", "torch")  # an op not listed in OPS
 _ADALN_OPS = frozenset({"layernorm_modulate", "gated_residual_layernorm_modulate", "gated_residual"})
+_LAYER_NORM_OPS = frozenset({"layer_norm", "residual_layer_norm"})
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,12 @@ class TritonBackend(Backend):
             D = inputs.shape[-1]
             if D > adaln.MAX_D:  # wider rows would spill (kernels/adaln.py)
                 return [f"D={D} (x shape {inputs.shape}) exceeds the Triton kernels' limit D <= {adaln.MAX_D}"]
+        if op in _LAYER_NORM_OPS and inputs.shape:
+            from wmfast.kernels import layernorm
+
+            D = inputs.shape[-1]
+            if D > layernorm.MAX_D:
+                return [f"D={D} (x shape {inputs.shape}) exceeds the Triton kernel's limit D <= {layernorm.MAX_D}"]
         return []
 
 
