@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.ops.conftest import DEVICE
-
 from wmfast.kernels import layernorm as K
+
+from tests.ops.conftest import DEVICE
 from wmfast.ops import layer_norm, qk_layer_norm, residual_layer_norm, use_backend
 from wmfast.testing import assert_2x_rule
 

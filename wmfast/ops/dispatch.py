@@ -244,9 +244,15 @@ _TIMED: dict[tuple[str, str, str], str] = {}  # (gpu, op, shape key) -> fastest 
 
 
 def _timing_allowed() -> bool:
+    """No first-use timing while torch.compile traces, a CUDA graph captures, or a dispatch mode is active (the
+    caching mode of torch.utils.checkpoint's selective recomputation records every op of the forward and replays
+    it in the backward: timing calls made in the forward only would make the two differ)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
     if os.environ.get("WMFAST_AUTOTUNE", "1") == "0":
         return False
-    return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+    return (not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+            and _get_current_dispatch_mode() is None)
 
 
 def time_backends(runners: Mapping[str, Callable[[], object]], reps: int = 10) -> dict[str, float]:

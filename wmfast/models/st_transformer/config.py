@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from wmfast.data.format import CONTEXT_GRIDS, SAMPLE_FRAMES, SAMPLE_GRIDS, STATE_DIM, VOCAB_SIZE
 
 ATTENTION_KINDS = ("factorized", "full")
+BLOCK_KINDS = ("fused", "reference")
+RECOMPUTE_KINDS = ("elementwise", "none")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,14 @@ class STTransformerConfig:
     full_attention_impl: str = "sdpa"
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    # "fused": wmfast's fused residual-add + LayerNorm and QK-norm kernels, residual stream in the compute dtype
+    # (bf16 under autocast); "reference": nn.LayerNorm and plain adds (an fp32 residual stream under autocast).
+    # Same parameters and names, same mathematics: a checkpoint of either loads into the other.
+    block: str = "fused"
+    # "elementwise": norms, activations and dropout are recomputed in the backward pass, matmul and attention
+    # outputs are saved (selective activation checkpointing, no extra matmul FLOPs); "none": autograd saves
+    # what every op asks for. Whole-block recomputation is the trainer's activation_checkpointing.
+    recompute: str = "elementwise"
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -36,6 +46,10 @@ class STTransformerConfig:
             raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
         if self.full_attention_impl not in ("sdpa", "eager"):
             raise ValueError(f"full_attention_impl={self.full_attention_impl!r}: expected 'sdpa' or 'eager'")
+        if self.block not in BLOCK_KINDS:
+            raise ValueError(f"block={self.block!r}: expected one of {BLOCK_KINDS}")
+        if self.recompute not in RECOMPUTE_KINDS:
+            raise ValueError(f"recompute={self.recompute!r}: expected one of {RECOMPUTE_KINDS}")
         if not 1 <= self.context_frames <= self.num_frames:
             raise ValueError(f"context_frames={self.context_frames} must be in [1, num_frames={self.num_frames}]")
 
@@ -75,8 +89,15 @@ class STTransformerConfig:
 PRESETS = {
     # the winning team's compression model (arXiv 2510.07092): ~135M parameters
     "1x-compression": STTransformerConfig(),
+    # the same model as wmfast built it before the fused block: nn.LayerNorm, fp32 residual stream under
+    # autocast, every activation saved (the baseline of the training benchmark; checkpoints interchange)
+    "1x-compression-reference": STTransformerConfig(block="reference", recompute="none"),
+    # throughput runs: dropout off (the team trained with dropout 0.1, the default above)
+    "1x-compression-nodrop": STTransformerConfig(dropout=0.0),
     # CPU tests and demos: 8x8 grids, 512 ids (write data with grid_size=8, vocab_size=512)
     "tiny": STTransformerConfig(num_layers=2, num_heads=2, d_model=64, grid_size=8, vocab_size=512, dropout=0.0),
+    "tiny-reference": STTransformerConfig(num_layers=2, num_heads=2, d_model=64, grid_size=8, vocab_size=512,
+                                          dropout=0.0, block="reference", recompute="none"),
 }
 
 

@@ -24,6 +24,7 @@ from wmfast.data.format import GRID_OF_FRAME, SAMPLE_FRAMES, SAMPLE_GRIDS
 from wmfast.models.st_transformer.config import STTransformerConfig
 from wmfast.models.st_transformer.eager_attention import eager_full_attention
 from wmfast.models.st_transformer.generate import generate
+from wmfast.models.st_transformer.recompute import recompute_elementwise
 from wmfast.ops.linear_cross_entropy import linear_cross_entropy
 
 
@@ -34,6 +35,7 @@ class Attention(nn.Module):
         super().__init__()
         self.kind, self.h, self.dh = kind, c.num_heads, c.head_dim
         self.eager_full = c.full_attention_impl == "eager"
+        self.fused = c.block == "fused"
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
         self.proj = nn.Linear(c.d_model, c.d_model)
         # QK-norm: LayerNorm over the head dim, shared by the heads (keeps logits bounded at lr 8e-4)
@@ -44,8 +46,13 @@ class Attention(nn.Module):
 
     def forward(self, x, kv_cache=None, pos: int = 0):  # x: [B, T, S, D]
         B, T, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, S, 3, self.h, self.dh).unbind(3)  # [B, T, S, H, Dh] strided views
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # autocast runs LayerNorm in fp32
+        qkv = self.qkv(x)  # [B, T, S, 3D]: (q, k, v) x H x Dh
+        q, k, v = qkv.view(B, T, S, 3, self.h, self.dh).unbind(3)  # [B, T, S, H, Dh] strided views
+        if self.fused and isinstance(self.q_norm, nn.LayerNorm):  # both norms in one launch, in qkv's dtype
+            qn, kn = self.q_norm, self.k_norm
+            q, k = ops.qk_layer_norm(qkv, qn.weight, qn.bias, kn.weight, kn.bias, num_heads=self.h, eps=qn.eps)
+        else:
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # autocast runs LayerNorm in fp32
         if self.kind == "spatial":
             o = ops.spatial_attention(q, k, v)
         elif self.kind == "temporal":
@@ -84,10 +91,19 @@ def block_causal_attention(q, k, v):
 
 class Block(nn.Module):
     """Pre-LN: x += spatial(LN x); x += temporal(LN x); x += MLP(LN x). attention="full" has one block-causal
-    attention in place of the two."""
+    attention in place of the two.
+
+    block="fused": the residual stream is kept in the compute dtype (bf16 under autocast; the fp32 master weights
+    stay fp32), each residual add is fused with the LayerNorm after it (`wmfast.ops.residual_layer_norm`) and
+    QK-norm runs on the qkv projection in place (`wmfast.ops.qk_layer_norm`). block="reference": nn.LayerNorm
+    and plain adds (under autocast the stream is fp32). recompute="elementwise": in training the block runs under
+    selective activation checkpointing (`recompute.recompute_elementwise`): matmul and attention outputs are
+    saved, norms, activations and dropout are recomputed in the backward."""
 
     def __init__(self, c: STTransformerConfig):
         super().__init__()
+        self.fused = c.block == "fused"
+        self.recompute = c.recompute == "elementwise"
         self.factorized = c.attention == "factorized"
         self.ln1 = nn.LayerNorm(c.d_model, eps=c.norm_eps)
         self.attn1 = Attention(c, "spatial" if self.factorized else "full")
@@ -99,10 +115,26 @@ class Block(nn.Module):
                                  nn.Linear(c.mlp_ratio * c.d_model, c.d_model), nn.Dropout(c.dropout))
 
     def forward(self, x, kv_cache=None, pos: int = 0):  # [B, T, S, D]
+        run = self._fused if self.fused else self._reference
+        if self.recompute and kv_cache is None and torch.is_grad_enabled():
+            return recompute_elementwise(run, x)
+        return run(x, kv_cache, pos)
+
+    def _reference(self, x, kv_cache=None, pos: int = 0):
         x = x + self.attn1(self.ln1(x))
         if self.factorized:
             x = x + self.attn2(self.ln2(x), kv_cache, pos)
         return x + self.mlp(self.ln3(x))
+
+    def _fused(self, x, kv_cache=None, pos: int = 0):
+        if torch.is_autocast_enabled(x.device.type):  # the stream in the compute dtype (a no-op after block 0)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        a = self.attn1(ops.layer_norm(x, self.ln1.weight, self.ln1.bias, eps=self.ln1.eps))
+        if self.factorized:
+            y, x = ops.residual_layer_norm(x, a.to(x.dtype), self.ln2.weight, self.ln2.bias, eps=self.ln2.eps)
+            a = self.attn2(y, kv_cache, pos)
+        y, x = ops.residual_layer_norm(x, a.to(x.dtype), self.ln3.weight, self.ln3.bias, eps=self.ln3.eps)
+        return x + self.mlp(y).to(x.dtype)
 
 
 class StateEncoder(nn.Module):
@@ -184,6 +216,8 @@ class STTransformer(nn.Module):
         x = self.embed(tokens, state_grids, start)
         for i, block in enumerate(self.blocks):
             x = block(x, None if kv_cache is None else kv_cache[i], start)
+        if self.config.block == "fused":
+            return ops.layer_norm(x, self.ln_f.weight, self.ln_f.bias, eps=self.ln_f.eps)
         return self.ln_f(x)
 
     def logits(self, h):  # [..., D] -> [..., V]
