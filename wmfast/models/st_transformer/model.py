@@ -257,7 +257,8 @@ def compression_loss(model, batch: dict, *, chunk_size: int = 4096, future_reduc
     batch: {"tokens": [B, 6, G, G] int, "states": [B, 34, 25]} as `wmfast.data.TokenizedDataset` yields. The
     model sees grids 0..4 and is scored on the predictions of grids 3..5 (positions 2..4) only. `model` may be
     an STTransformer or a wrapper that forwards to it (DeepSpeed engine, DDP): it is called, not inspected
-    beyond `.config`. metrics: loss, accuracy (top-1), ce_future_{0,1,2}; no host sync happens here.
+    beyond `.config`. metrics: loss, accuracy (top-1), ce_future_{0,1,2}; the one host sync is the
+    target-range check of `linear_cross_entropy` (a bad token id is one clear ValueError, not a NaN loss).
     """
     # wrappers (DeepSpeed engine, DDP) hold the model in .module; a DeepSpeed engine's own .config is its
     # DeepSpeed config dict, so unwrap first (torch.compile's wrapper forwards .config to the model)
