@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from wmfast.kernels._launch import launcher, register
+from wmfast.kernels._launch import launcher, register, triton_interpret
 
 MAX_D = 8192  # one row in registers (BLOCK_D = next power of two)
 
@@ -125,10 +125,13 @@ def _layer_norm_bwd_kernel(DY, DOUT, X, W, DX, DW, DB, M, D, IPG, ROWS_PER_PROG,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tile(D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): ~4K elements a tile (16 fp32 values a thread at 8 warps: no spills at
-    D = 8192, one row a program; at D = 512 eight rows, at the head dim 64 of QK-norm sixty-four)."""
+def _tile(M: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): on a GPU ~4K elements a tile (16 fp32 values a thread at 8 warps: no spills
+    at D = 8192, one row a program; at D = 512 eight rows, at the head dim 64 of QK-norm sixty-four). Under the
+    interpreter, whose cost is per program rather than per element, up to 64K elements a tile."""
     block_d = triton.next_power_of_2(D)
+    if triton_interpret():
+        return max(1, min(triton.next_power_of_2(M), 65536 // block_d)), block_d, 4
     block_m = max(1, min(64, 4096 // block_d))
     return block_m, block_d, 4 if block_m * block_d <= 2048 else 8
 
@@ -140,7 +143,7 @@ def _bwd_programs(M: int, inner: int, block_m: int, device: torch.device) -> int
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        target = 4  # the interpreter: few, long programs
+        target = 1  # the interpreter: one long program per inner row
     return max(1, min(blocks, triton.cdiv(target, inner)))
 
 
@@ -148,7 +151,7 @@ def _layer_norm_fwd(x, residual, weight, bias, eps: float):
     M, inner, D = x.shape
     y = torch.empty((M, inner, D), dtype=x.dtype, device=x.device)
     out = torch.empty_like(y) if residual is not None else None
-    block_m, block_d, warps = _tile(D)
+    block_m, block_d, warps = _tile(M, D)
     r = residual if residual is not None else x
     grid = (triton.cdiv(M, block_m), inner)
     launcher(_layer_norm_fwd_kernel)[grid](
@@ -167,7 +170,7 @@ def _layer_norm_bwd(dy, dout, xin, weight, eps: float):
     dy = _last_contiguous(dy)
     dout = _last_contiguous(dout) if dout is not None else None
     dx = torch.empty((M, inner, D), dtype=xin.dtype, device=xin.device)
-    block_m, block_d, warps = _tile(D)
+    block_m, block_d, warps = _tile(M, D)
     programs = _bwd_programs(M, inner, block_m, xin.device)
     rows_per_prog = triton.cdiv(triton.cdiv(M, block_m), programs) * block_m
     programs = triton.cdiv(M, rows_per_prog)
