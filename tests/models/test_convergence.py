@@ -16,7 +16,7 @@ from wmfast.bench.workloads import compression_batch
 from wmfast.models.st_transformer.config import STTransformerConfig
 from wmfast.models.st_transformer.model import STTransformer, compression_loss
 
-SMALL = dict(num_layers=1, num_heads=2, d_model=32, grid_size=4, vocab_size=128)
+SMALL = {"num_layers": 1, "num_heads": 2, "d_model": 32, "grid_size": 4, "vocab_size": 128}
 STEPS = 50
 TOL = 2e-3
 
@@ -59,7 +59,7 @@ def test_fused_block_converges_like_reference():
 @pytest.mark.parametrize("block", ["fused", "reference"])
 def test_selective_recompute_matches_saving_everything(block):
     torch.manual_seed(0)
-    cfg = dict(**SMALL, block=block, dropout=0.1)
+    cfg = {**SMALL, "block": block, "dropout": 0.1}
     models = [STTransformer(STTransformerConfig.from_name("tiny", **cfg, recompute=r)).train()
               for r in ("none", "elementwise")]
     models[1].load_state_dict(models[0].state_dict())
