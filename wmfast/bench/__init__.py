@@ -16,6 +16,8 @@ The suites and their outputs:
     report             summary.md, plots and the README results block, regenerated from a results directory
     attention_memory   the attention-memory suite: the memory-complexity table and its measurement
     largest_batch      the largest batch that fits a training step, full vs factorized attention
+    model_cost         the model-cost suite's measurements: activation bytes, a step's peak and kernels, the
+                       memory model of the largest micro-batch (model_cost_report: the suite and its tables)
     lease              one GPU lease, one command (`python -m wmfast.bench.lease`, benchmarks/lease/run.sh)
     lease_summary      what a lease leaves: junit.xml, launch_configs.json, summary.md, the packed copy
     pytest_stream      a pytest plugin streaming every test report to a JSON-lines file as it arrives
@@ -24,5 +26,5 @@ The suites and their outputs:
 This module imports nothing, so that importing the pytest plugin or a suite name does not import torch.
 """
 
-SUITES = ("ceilings", "ops", "attention-memory", "train", "generate", "ensemble")
+SUITES = ("ceilings", "ops", "attention-memory", "train", "generate", "ensemble", "model-cost")
 PROFILES = ("quick", "lease", "full")

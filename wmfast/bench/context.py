@@ -8,7 +8,7 @@ Convention for per-op bench scripts (`benchmarks/bench_<x>.py`; `benchmarks/` is
 Each script defines
 
     SUITE = "ops"              # optional: which `wmfast bench --suite` runs it ("ops" when absent);
-                               # one of "ops", "train", "generate", "ensemble"
+                               # one of "ops", "train", "generate", "ensemble", "model-cost"
     def run(ctx: BenchContext) -> None:
         ...                    # measure with ctx.bench(...) (or ctx.measure() + ctx.writer.add(...))
     def main(argv=None) -> int:

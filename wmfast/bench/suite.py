@@ -3,10 +3,10 @@
 Suites and where they come from:
 - ceilings: only the ceilings (always measured first) and bf16 matmuls at the models' own shapes.
 - attention-memory: this package (wmfast.bench.attention_memory).
-- ops, train, generate, ensemble: the scripts benchmarks/bench_<x>.py (convention in wmfast/bench/context.py);
-  a script joins the suite named by its `SUITE` attribute ("ops" when absent). The scripts the project
-  plans for each suite are listed in EXPECTED_SCRIPTS: one that is absent is reported as "missing" (exit
-  status 2), never skipped silently, and so is a suite that no script declares.
+- ops, train, generate, ensemble, model-cost: the scripts benchmarks/bench_<x>.py (convention in
+  wmfast/bench/context.py); a script joins the suite named by its `SUITE` attribute ("ops" when absent). The
+  scripts the project plans for each suite are listed in EXPECTED_SCRIPTS: one that is absent is reported as
+  "missing" (exit status 2), never skipped silently, and so is a suite that no script declares.
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ from wmfast.kernels.tuning import dtype_name
 from wmfast.telemetry import GpuSampler
 
 EXPECTED_SCRIPTS = {
-    "ops": ("bench_adaln.py", "bench_st_attention.py", "bench_wan_block.py"),
+    "ops": ("bench_adaln.py", "bench_cross_entropy.py", "bench_st_attention.py", "bench_wan_block.py"),
     "train": ("bench_train.py",),
     "generate": (),
     "ensemble": ("bench_ensemble.py",),
+    "model-cost": ("bench_model_cost.py",),
 }
 OUTPUTS = ("results.csv", "summary.md", "bench.log", "status.json", "gpu_telemetry.csv", "attention_memory.csv")
 
@@ -49,7 +50,8 @@ QUICK_MATMULS = (((64, 96, 32), "tiny"),)
 # Shares of a --budget among the suites of one call (what a suite leaves unused goes to the next). In the
 # first H200 lease an equal share (24 s) did not reach bench_train's first timed step (DeepSpeed start-up and
 # the 136M model take ~20 s); generate needed 8 s, ensemble 11 s.
-SUITE_WEIGHTS = {"ceilings": 1, "ops": 3, "train": 3, "generate": 1, "ensemble": 1.5, "attention-memory": 2}
+SUITE_WEIGHTS = {"ceilings": 1, "ops": 3, "train": 3, "generate": 1, "ensemble": 1.5, "attention-memory": 2,
+                 "model-cost": 1}
 
 
 @dataclass
