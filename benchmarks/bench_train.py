@@ -1,23 +1,26 @@
-"""Training throughput of the ST-Transformer: samples/s, tokens/s and MFU at the automatically found micro-batch,
-for ZeRO-1/2/3, with and without activation checkpointing, wmfast kernels vs plain torch modules (eager and
-torch.compile).
+"""Training throughput of the ST-Transformer: samples/s, tokens/s, MFU and peak memory, the new fused block
+("1x-compression": fused residual + LayerNorm and QK-norm kernels, bf16 residual stream, selective recomputation)
+beside the old one ("1x-compression-reference"), for ZeRO-0/1/2/3, with and without activation checkpointing,
+wmfast kernels vs plain torch (eager and torch.compile).
 
 One row per configuration: op "train_step", mode "step" (one micro-batch forward + backward + optimizer step,
 gradient accumulation 1), `tflops` = achieved model TFLOP/s (task FLOP formula, wmfast/models/st_transformer/config.py)
 and `fraction_of_ceiling` = that over the bf16 matmul ceiling measured in the same run. bench_train_summary.csv
 beside the CSV has samples/s, tokens/s, `mfu` (against the datasheet dense bf16 peak: wmfast.train.runlog.mfu,
-the one MFU of every wmfast log and bench) and `fraction_of_matmul_ceiling` (the measured ceiling, a separate
-column, never called MFU).
+the one MFU of every wmfast log and bench), `fraction_of_matmul_ceiling` (the measured ceiling, a separate
+column, never called MFU) and the step's peak memory.
 Providers: "wmfast" (the default dispatch: Triton/CUDA kernels on GPU), "torch" (use_backend("torch"): the
-pure-torch reference modules), "torch.compile" (the torch modules under torch.compile), "wmfast+compile".
---profile lease: ZeRO-1 without checkpointing at a fixed micro-batch of 8 (no search), wmfast / torch, eager and
-compiled (a compiled provider only while 90 s of the budget are left), with the step's peak memory.
-The micro-batch search (wmfast.train.microbatch.find_micro_batch, as `--micro-batch auto`) runs eager trials for every
-provider; the torch.compile providers are then timed at the eager-found size (it fits, as compiled steps
-rarely need more memory than eager ones, but a compiled search might find a larger one).
+pure-torch references of every op, eager), "torch.compile" (those under regional torch.compile of the blocks,
+as `wmfast train --compile`), "wmfast+compile" (the kernels inside the compiled blocks).
+--profile lease (under 2 minutes): ZeRO-0 without checkpointing at micro-batch 20 (the winning team's per-GPU
+micro-batch; its peak memory says whether it fits an 80 GB H100): the new block with wmfast kernels, torch eager,
+wmfast+compile and torch.compile, and the old block with wmfast kernels; then ZeRO-1 for the new block. A compiled
+provider runs only while 90 s of the budget are left.
+The full profile searches the micro-batch (wmfast.train.microbatch.find_micro_batch, as `--micro-batch auto`) with
+eager trials for every configuration; the torch.compile providers are then timed at the eager-found size.
 Anchor (the issue): the winning team trained at ~50 samples/s per B200, ~11% of its bf16 peak.
 
-    python benchmarks/bench_train.py [--quick] [--out DIR]       # --quick: the tiny preset on CPU, seconds
+    python benchmarks/bench_train.py [--quick] [--out DIR]       # --quick: the tiny presets on CPU, seconds
 """
 from __future__ import annotations
 
@@ -63,19 +66,24 @@ def _backend(provider: str):
     return use_backend("torch" if provider.startswith("torch") else None)
 
 
-LEASE_MICRO_BATCH = 8  # the lease times a fixed micro-batch (no search): ~36 GB of activations at 4.5 GiB/sample
+LEASE_MICRO_BATCH = 20  # the lease times a fixed micro-batch (no search): the team's 20 samples per GPU
 
 
-def _configs(profile: str):
-    if profile == "quick":  # CI smoke test: both ZeRO code paths, checkpointing on and off, both module kinds
-        return [(2, False, "wmfast"), (3, True, "torch")]
-    if profile == "lease":  # one GPU: ZeRO-1, no checkpointing; kernels on/off, eager and compiled
-        return [(1, False, provider) for provider in ("wmfast", "torch", "wmfast+compile", "torch.compile")]
-    return [(zero, ckpt, provider) for zero in (1, 2, 3) for ckpt in (False, True)
+def _configs(profile: str, quick_presets=("tiny", "tiny-reference"),
+             presets=("1x-compression", "1x-compression-reference")):
+    """(zero stage, activation checkpointing, model preset, provider) of each configuration, in run order."""
+    new, old = quick_presets if profile == "quick" else presets
+    if profile == "quick":  # CI smoke test: ZeRO-0 and ZeRO-3 code paths, checkpointing on and off, both blocks
+        return [(0, False, new, "wmfast"), (3, True, old, "torch")]
+    if profile == "lease":  # one GPU, no checkpointing: new vs old block, kernels vs torch, eager vs compiled
+        return [(0, False, new, "wmfast"), (0, False, old, "wmfast"), (0, False, new, "torch"),
+                (0, False, new, "wmfast+compile"), (0, False, new, "torch.compile"), (1, False, new, "wmfast")]
+    return [(zero, ckpt, preset, provider) for preset in (new, old) for zero in (0, 1, 2, 3) for ckpt in (False, True)
             for provider in ("wmfast", "torch", "torch.compile", "wmfast+compile")]
 
 
 def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
+    """Time one configuration's training step and append its summary row."""
     from wmfast.train import TrainConfig
     from wmfast.train.config import resolve_precision
     from wmfast.train.engine import build_engine, destroy_engine
@@ -88,8 +96,8 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
     # the search candidates are the divisors of the per-rank batch: 240 = 2^4 * 3 * 5 keeps them dense
     cfg = TrainConfig(name="bench", model=preset, global_batch=1 if ctx.quick else 240, micro_batch="auto",
                       steps=10**6, warmup_steps=10, zero_stage=zero, activation_checkpointing=ckpt,
-                      precision=precision)
-    run_dir = str(ctx.out_dir / "bench_train_runs" / f"z{zero}-{'ckpt' if ckpt else 'nockpt'}-{provider}")
+                      precision=precision, compile=provider.endswith("compile"))
+    run_dir = str(ctx.out_dir / "bench_train_runs" / f"{preset}-z{zero}-{'ckpt' if ckpt else 'nockpt'}-{provider}")
     os.makedirs(run_dir, exist_ok=True)
     if provider.endswith("compile") and not ctx.can_afford(90, f"train_step {provider}"):
         return
@@ -98,9 +106,7 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
         mb = (LEASE_MICRO_BATCH if ctx.lease else find_micro_batch(task, cfg, 1, device, precision, run_dir, rank=0))
         search_s = time.perf_counter() - t0
         cfg = cfg.replace(global_batch=mb, micro_batch=mb)
-        engine, optimizer, _ = build_engine(task, cfg, mb, 1, device, precision)
-        if provider.endswith("compile"):
-            engine.compile()
+        engine, optimizer, _ = build_engine(task, cfg, mb, 1, device, precision)  # compiles the blocks if asked
         batch = task.collate([task.train_dataset()[i % len(task.train_dataset())] for i in range(mb)])
         step = [0]
 
@@ -108,8 +114,12 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
             train_step(engine, optimizer, task, [batch], cfg, step[0], device, precision)
             step[0] += 1
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             m = ctx.measure(fn, memory=ctx.lease)  # peak memory: one more step (the lease reports it)
+            # the absolute peak over every step measured: parameters, gradients and AdamW state included
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         finally:
             destroy_engine(engine)
     flops = task.flops_per_sample() * mb
@@ -124,28 +134,28 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
                     "samples_per_s": round(sps, 3), "tokens_per_s": round(sps * task.tokens_per_sample(), 1),
                     "mfu": "" if mfu is None else round(mfu, 4),
                     "fraction_of_matmul_ceiling": "" if of_ceiling is None else round(of_ceiling, 4),
-                    "device": str(device)})
-    ctx.log(f"train_step {shape:<48} {provider:<15} {sps:9.2f} samples/s "
-            + ("" if mfu is None else f"MFU {100 * mfu:5.1f}%"))
+                    "peak_gib": "" if peak is None else round(peak / 2**30, 2), "device": str(device)})
+    ctx.log(f"train_step {shape:<64} {provider:<15} {sps:9.2f} samples/s "
+            + ("" if mfu is None else f"MFU {100 * mfu:5.1f}% ") + ("" if peak is None else f"peak {peak / 2**30:.1f} GiB"))
 
 
 def run(ctx) -> None:
     from wmfast.train.distributed import setup_distributed
 
-    preset = "tiny" if ctx.quick else "1x-compression"
     if ctx.device.type == "cpu" and not ctx.quick:
-        ctx.log("bench_train: the 136M preset needs a GPU; on CPU run --quick (the tiny preset)")
+        ctx.log("bench_train: the 136M preset needs a GPU; on CPU run --quick (the tiny presets)")
         return
     setup_distributed()  # a 1-rank group (gloo on CPU, nccl on GPU) for DeepSpeed
-    task = _synthetic_task(preset)
+    tasks: dict = {}
     summary: list[dict] = []
-    for zero, ckpt, provider in _configs(ctx.profile):
+    for zero, ckpt, preset, provider in _configs(ctx.profile):
+        task = tasks.get(preset) or tasks.setdefault(preset, _synthetic_task(preset))
         try:
             _bench_one(ctx, task, preset, zero, ckpt, provider, summary)
         except Exception as e:  # one failing configuration (e.g. compile) must not hide the others
             if ctx.quick:
                 raise
-            ctx.log(f"bench_train: zero={zero} ckpt={ckpt} {provider}: skipped ({type(e).__name__}: {e})")
+            ctx.log(f"bench_train: {preset} zero={zero} ckpt={ckpt} {provider}: skipped ({type(e).__name__}: {e})")
     path = ctx.out_dir / "bench_train_summary.csv"
     new = not path.exists()
     with open(path, "a", newline="") as f:

@@ -1,4 +1,4 @@
-"""benchmarks/bench_train.py --quick runs (tiny preset on CPU) and writes its rows and summary."""
+"""benchmarks/bench_train.py --quick runs (the tiny presets on CPU) and writes its rows and summary."""
 import csv
 import importlib.util
 import os
@@ -24,7 +24,8 @@ def test_bench_train_quick(tmp_path, monkeypatch):
     assert {r["provider"] for r in rows} == {"wmfast", "torch"} and all(float(r["median_ms"]) > 0 for r in rows)
     with open(tmp_path / "bench_train_summary.csv") as f:
         summary = list(csv.DictReader(f))
-    assert {(s["zero"], s["activation_checkpointing"]) for s in summary} == {("2", "False"), ("3", "True")}
+    assert {(s["preset"], s["zero"], s["activation_checkpointing"]) for s in summary} == {
+        ("tiny", "0", "False"), ("tiny-reference", "3", "True")}  # the new block beside the old one
     assert all(float(s["samples_per_s"]) > 0 and int(s["micro_batch"]) == 1 for s in summary)
     # MFU is against the datasheet peak (here 1 GFLOP/s); the measured matmul ceiling is a separate column
     from wmfast.models import STTransformerConfig, flops_per_sample
@@ -33,4 +34,4 @@ def test_bench_train_quick(tmp_path, monkeypatch):
     for s in summary:
         assert float(s["mfu"]) == pytest.approx(float(s["samples_per_s"]) * per_sample / 1e9, rel=2e-3)
         assert float(s["fraction_of_matmul_ceiling"]) > 0
-    assert (tmp_path / "bench_train_runs" / "z2-nockpt-wmfast" / "micro_batch.json").is_file()
+    assert (tmp_path / "bench_train_runs" / "tiny-z0-nockpt-wmfast" / "micro_batch.json").is_file()
