@@ -14,7 +14,7 @@ end of that share. Everything is written as it arrives, so a stage cut short lea
     tests-cuda  `pytest -m gpu tests/**/test_cuda_*.py` once the extension is built (the CUDA kernels)
     ops         `wmfast bench --suite ops --profile lease` (AdaLN, temporal attention, decode step, Wan block
                 against eager, torch.compile and the external kernels present; the launch-configuration sweeps)
-    e2e         `wmfast bench --suite train,generate,ensemble,attention-memory --profile lease`
+    e2e         `wmfast bench --suite train,model-cost,generate,ensemble,attention-memory --profile lease`
     summary     launch_configs.json chosen from the sweeps, junit.xml, summary.md, and the table printed last
 
 The run directory (default benchmarks/results/<gpu>/<date>-<commit>/) ends up with lease.log (everything
@@ -223,7 +223,7 @@ class Lease:
         return self.bench("ops", self.share_left(budget))
 
     def stage_e2e(self, budget: float) -> int | None:
-        return self.bench("train,generate,ensemble,attention-memory", budget)
+        return self.bench("train,model-cost,generate,ensemble,attention-memory", budget)
 
     def stage_summary(self, budget: float) -> int:
         summarize(self.out)
