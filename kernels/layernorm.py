@@ -136,12 +136,16 @@ def _tile(M: int, D: int) -> tuple[int, int, int]:
     return block_m, block_d, 4 if block_m * block_d <= 2048 else 8
 
 
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _bwd_programs(M: int, inner: int, block_m: int, device: torch.device) -> int:
     """Programs along M for the backward: about four waves of the GPU over (programs x I); each program then
     loops over its rows, so the partial-gradient buffer stays [programs, I, D] however large M is."""
     blocks = triton.cdiv(M, block_m)
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = 1  # the interpreter: one long program per inner row
     return max(1, min(blocks, triton.cdiv(target, inner)))
