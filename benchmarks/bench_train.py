@@ -8,7 +8,8 @@ gradient accumulation 1), `tflops` = achieved model TFLOP/s (task FLOP formula, 
 and `fraction_of_ceiling` = that over the bf16 matmul ceiling measured in the same run. bench_train_summary.csv
 beside the CSV has samples/s, tokens/s, `mfu` (against the datasheet dense bf16 peak: wmfast.train.runlog.mfu,
 the one MFU of every wmfast log and bench), `fraction_of_matmul_ceiling` (the measured ceiling, a separate
-column, never called MFU) and the step's peak memory.
+column, never called MFU) and the step's peak memory. bench_train_kernels.csv: one profiled step of each ZeRO-0
+wmfast configuration, its kernels by total time (wmfast.bench.kernel_profile): the breakdown of any shortfall.
 Providers: "wmfast" (the default dispatch: Triton/CUDA kernels on GPU), "torch" (use_backend("torch"): the
 pure-torch references of every op, eager), "torch.compile" (those under regional torch.compile of the blocks,
 as `wmfast train --compile`), "wmfast+compile" (the kernels inside the compiled blocks).
@@ -31,6 +32,7 @@ import time
 import torch
 
 from wmfast.bench.context import script_main
+from wmfast.bench.kernel_profile import kernel_breakdown, write_breakdown
 from wmfast.bench.workloads import compression_batch
 from wmfast.ops import use_backend
 
@@ -120,6 +122,9 @@ def _bench_one(ctx, task, preset, zero, ckpt, provider, summary):
             m = ctx.measure(fn, memory=ctx.lease)  # peak memory: one more step (the lease reports it)
             # the absolute peak over every step measured: parameters, gradients and AdamW state included
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            if provider in ("wmfast", "wmfast+compile") and zero == 0 and not ckpt:  # where the step's time goes
+                write_breakdown(ctx.out_dir / "bench_train_kernels.csv", kernel_breakdown(fn, device),
+                                f"{preset} zero={zero} mb={mb} {provider}")
         finally:
             destroy_engine(engine)
     flops = task.flops_per_sample() * mb

@@ -35,3 +35,8 @@ def test_bench_train_quick(tmp_path, monkeypatch):
         assert float(s["mfu"]) == pytest.approx(float(s["samples_per_s"]) * per_sample / 1e9, rel=2e-3)
         assert float(s["fraction_of_matmul_ceiling"]) > 0
     assert (tmp_path / "bench_train_runs" / "tiny-z0-nockpt-wmfast" / "micro_batch.json").is_file()
+    with open(tmp_path / "bench_train_kernels.csv") as f:  # the profiled step's breakdown by kernel
+        kernels = list(csv.DictReader(f))
+    assert kernels and {k["config"] for k in kernels} == {"tiny zero=0 mb=1 wmfast"}
+    assert any("addmm" in k["kernel"] or "mm" in k["kernel"] for k in kernels)
+    assert sum(float(k["share"]) for k in kernels) == pytest.approx(1.0, abs=0.01)
