@@ -8,6 +8,9 @@ Sections (rows in bench_st_attention.csv, shared harness wmfast.bench):
    (transpose to [B*S, H, T, Dh] copies, SDPA, transpose back; copies included in the time), the same
    compiled, and flash-attn on [B*S, T, H, Dh] copies when importable. Ideal bytes: q, k, v read + o written
    (fwd); q, k, v, do read + dq, dk, dv written (bwd). Block-size sweep of the kernel on GPU.
+1b. spatial_attention fwd / bwd / fwd+bwd on each kernel it chooses among (SDPA's cuDNN, flash and
+   memory-efficient kernels pinned with sdpa_kernel, flash-attn when importable, and SDPA's own pick) at the
+   model's shape [B*T = 40, H = 8, S = 1024, Dh = 64] bf16: the ranking the lease's table records.
 2. the decode step (one new frame at cache position t): fused Triton (write + attend, one launch) vs
    `flash_attn_with_kvcache` (cache [B*S, T_max, H, Dh]) vs cache write + SDPA vs the torch reference.
 3. with wmfast.models: forward+backward of the 1x-compression preset (136M) with wmfast attention vs plain
@@ -149,6 +152,41 @@ def _sweep_block_rows(ctx, q, k, v, do, shape, nbytes, dtype):
                           bytes=7 * nbytes, dtype=dtype, memory=False)
             except Exception as e:  # noqa: BLE001 - a config out of registers/shared memory: record and go on
                 ctx.log(f"triton-br{br}-w{warps}: failed ({type(e).__name__}: {str(e)[:120]})")
+
+
+# ------------------------------------------------------------------------------------ 1b. spatial attention
+def bench_spatial(ctx):
+    """Spatial attention fwd / bwd / full on each of its kernels (wmfast.ops.attention.SPATIAL_BACKENDS) at the
+    model's shape: B*T = 8*5 frames of S = 1024 tokens, 8 heads of 64, bf16, q, k, v views of one fused qkv.
+    The rows (op "spatial_attention", provider = backend) rank the kernels; wmfast.bench.adopt writes the
+    fastest into the lease's launch_configs.json, which spatial_attention then uses instead of timing at first
+    use. FLOPs: forward 4 * B*T * H * S^2 * Dh (QK^T and PV), backward 2.5x (5 matmuls, as flash attention)."""
+    from wmfast.ops.attention import SPATIAL_BACKENDS, spatial_attention
+
+    B, T, S, H, Dh, dtype = (1, 2, 16, 2, 16, torch.float32) if ctx.quick else (8, 5, 1024, 8, 64, torch.bfloat16)
+    qkv = torch.randn(B, T, S, 3, H, Dh, device=ctx.device, dtype=dtype, requires_grad=True)
+    nbytes = B * T * S * H * Dh * qkv.element_size()
+    flops = 4 * B * T * H * S * S * Dh
+    shape = f"B={B} T={T} S={S} H={H} Dh={Dh} {str(dtype).removeprefix('torch.')}"
+    do = torch.randn(B, T, S, H, Dh, device=ctx.device, dtype=dtype)
+    for name in SPATIAL_BACKENDS:
+        def fwd(name=name):
+            return spatial_attention(*qkv.unbind(3), backend=name)
+
+        try:
+            with torch.no_grad():
+                fwd()  # a kernel that cannot run this shape raises here, before any row is written
+        except (RuntimeError, ValueError) as e:
+            ctx.log(f"spatial_attention {name}: skipped ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})")
+            continue
+        with torch.no_grad():
+            ctx.bench("spatial_attention", shape, name, "fwd", fwd, bytes=4 * nbytes, flops=flops, dtype=dtype)
+        out = fwd()
+        ctx.bench("spatial_attention", shape, name, "bwd", lambda out=out: out.backward(do, retain_graph=True),
+                  bytes=7 * nbytes, flops=2.5 * flops, dtype=dtype, grad_to_none=[qkv])
+        ctx.bench("spatial_attention", shape, name, "full", lambda fwd=fwd: fwd().backward(do), bytes=11 * nbytes,
+                  flops=3.5 * flops, dtype=dtype, grad_to_none=[qkv])
+        del out
 
 
 # ------------------------------------------------------------------------------------------ 2. decode step
@@ -302,6 +340,7 @@ def bench_train(ctx, model, c, dtype, compression_loss, flops_per_sample):
 
 def run(ctx):
     bench_temporal(ctx)
+    bench_spatial(ctx)
     bench_decode(ctx)
     if ctx.lease:  # the lease times the 136M training step once, in bench_train (suite "train")
         ctx.log("model section: skipped under the lease profile (bench_train.py times the training step)")

@@ -14,7 +14,7 @@ and warps and fall back to their hand-set constants when the table has no entry;
      "kept_defaults": {kernel: {key: {... "reason": why the hand-set default stays}}}}
 
 Keys are built here (`temporal_key`, `adaln_key`, `decode_key` for launches; `adaln_shape_key`,
-`decode_shape_key` for backends) and used by the launchers, the ops and the
+`decode_shape_key`, `spatial_shape_key` for backends) and used by the launchers, the ops and the
 adoption rule alike, so a sweep row and a launch meet on the same string.
 """
 from __future__ import annotations
@@ -56,6 +56,12 @@ def adaln_shape_key(B: int, L: int, D: int, dtype, kinds, grad: bool) -> str:
 def decode_shape_key(B: int, S: int, H: int, T_max: int, Dh: int, dtype) -> str:
     """Key of the decode step's backend choice: "B=1,S=1024,H=8,T_max=16,Dh=64,bf16"."""
     return f"B={int(B)},S={int(S)},H={int(H)},T_max={int(T_max)},Dh={int(Dh)},{dtype_name(dtype)}"
+
+
+def spatial_shape_key(BT: int, H: int, S: int, Dh: int, dtype, grad: bool) -> str:
+    """Key of spatial attention's SDPA-backend choice: "BT=40,H=8,S=1024,Dh=64,bf16[,grad]" (BT: the B*T frames
+    attended independently; grad: the call needs a backward)."""
+    return f"BT={int(BT)},H={int(H)},S={int(S)},Dh={int(Dh)},{dtype_name(dtype)}" + (",grad" if grad else "")
 
 
 def config_dir() -> Path:
@@ -114,10 +120,11 @@ def launch_config(kernel: str, key: str, device) -> dict:
     return {k: v for k, v in entry.items() if k in ("block_r", "num_warps", "tile")}
 
 
-def measured_backend(gpu_name: str, op: str, shape_key: str | None) -> str | None:
-    """The backend measured fastest for `op` at `shape_key` (else the op's "*" entry) on this GPU, or None."""
+def measured_backend(gpu_name: str, op: str, shape_key: str | None, exact: bool = False) -> str | None:
+    """The backend measured fastest for `op` at `shape_key` (else, unless `exact`, the op's "*" entry) on this
+    GPU, or None."""
     choices = load_table(gpu_name).get("backend", {}).get(op, {})
-    for key in (shape_key, "*"):
+    for key in (shape_key,) if exact else (shape_key, "*"):
         if key is not None and key in choices:
             return choices[key]
     return None

@@ -45,3 +45,25 @@ def test_every_command_parses_its_help(capsys):
             main([name, "--help"])
         assert e.value.code == 0, name
         assert f"usage: wmfast {name}" in capsys.readouterr().out
+
+
+def test_train_flags_reach_the_config():
+    import argparse
+    import json
+
+    from wmfast.cli.train import add_arguments, config_from_args
+    from wmfast.train import TrainConfig
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+
+    def cfg(*args):
+        return config_from_args(p.parse_args(["--config", "tiny", *args]))
+
+    assert cfg().compile is False and cfg("--compile").compile is True and cfg("--no-compile").compile is False
+    assert cfg("--zero", "0").zero_stage == 0 and cfg().zero_stage == 2  # the preset's stage is unchanged
+    compiled = cfg("--compile", "--zero", "0")
+    saved = json.loads(json.dumps(compiled.to_dict()))  # as config.json and trainer_state.json store it
+    assert saved["compile"] is True and TrainConfig.from_dict(saved) == compiled
+    del saved["compile"]  # a run saved before the field existed
+    assert TrainConfig.from_dict(saved).compile is False

@@ -1,6 +1,7 @@
-"""Temporal attention (Triton kernel under the interpreter, and the torch path) and spatial attention against the
-pure-torch references: forward and every gradient by the 2x rule, odd shapes, strided views, validation,
-opcheck and torch.compile tracing. The decode step is tested in tests/ops/test_decode.py."""
+"""Temporal attention (Triton kernel under the interpreter, and the torch path) against the pure-torch reference:
+forward and every gradient by the 2x rule, odd shapes, strided views, validation, opcheck and torch.compile
+tracing. Spatial attention is tested in tests/ops/test_spatial_attention.py, the decode step in
+tests/ops/test_decode.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from wmfast.kernels.temporal_attention import (
     temporal_attention_ref,
 )
 
-from wmfast.ops import spatial_attention, temporal_attention
+from wmfast.ops import temporal_attention
 from wmfast.testing import assert_2x_rule
 
 
@@ -131,34 +132,6 @@ def test_temporal_bad_inputs_raise_before_launch(make, match):
         temporal_attention(*make(q))
 
 
-def test_spatial_bad_inputs():
-    q = torch.randn(1, 3, 4, 2, 8)
-    with pytest.raises(ValueError, match="k"):
-        spatial_attention(q, q[:, :, :3], q)
-
-
-def spatial_ref(q, k, v, upcast=True):
-    dt = torch.float32 if upcast else q.dtype
-    s = torch.einsum("btshd,btuhd->bthsu", q.to(dt), k.to(dt)) * q.shape[-1] ** -0.5  # [B, T, H, S, S]
-    return torch.einsum("bthsu,btuhd->btshd", s.softmax(-1), v.to(dt)).to(q.dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_spatial_matches_reference(dtype):
-    (q, k, v), _ = make_qkv(2, 3, 33, 2, 16, dtype, "packed")
-    o = spatial_attention(q, k, v)
-    do = torch.randn_like(o)
-    g = torch.autograd.grad(o, (q, k, v), do)
-    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    o32 = spatial_ref(q32, k32, v32)
-    g32 = torch.autograd.grad(o32, (q32, k32, v32), do.float())
-    olp = spatial_ref(q, k, v, upcast=False)
-    glp = torch.autograd.grad(olp, (q, k, v), do)
-    assert_2x_rule(o, o32, olp, "o", dtype)
-    for name, a, r, lp in zip(("dq", "dk", "dv"), g, g32, glp):
-        assert_2x_rule(a, r, lp, name, dtype)
-
-
 def test_opcheck_temporal():
     (q, k, v), _ = make_qkv(1, 3, 5, 2, 8, torch.float32, "packed")
     for causal in (True, False):
@@ -219,13 +192,6 @@ def test_compile_inductor_triton_gpu(force_backend):
     out.float().sum().backward()
     ref = F.gelu(temporal_attention_op(*(x.detach() for x in (q, k, v)), True))
     torch.testing.assert_close(out, ref)
-
-
-@pytest.mark.gpu
-def test_spatial_gpu_bf16():
-    (q, k, v), _ = make_qkv(2, 3, 100, 4, 64, torch.bfloat16, "packed", device="cuda")
-    o = spatial_attention(q, k, v)
-    assert_2x_rule(o, spatial_ref(q, k, v), spatial_ref(q, k, v, upcast=False), "o", torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -279,7 +279,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(dispatch, "cuda_ext_available", lambda: (True, "test"))
     monkeypatch.setattr(dispatch, "triton_available", lambda: (True, "test"))
     monkeypatch.setattr(tuning, "device_gpu", lambda device: "Test GPU")
-    monkeypatch.setattr(dispatch, "_timing_allowed", lambda: True)
+    monkeypatch.setattr(dispatch, "timing_allowed", lambda: True)
     monkeypatch.setattr(tuning, "load_table", lambda gpu: {})
     monkeypatch.setattr(dispatch, "_TIMED", {})
     return torch.device("cuda")
@@ -337,7 +337,7 @@ def test_first_use_timing_picks_fastest_once(fake_gpu, monkeypatch):
 
 def test_autotune_off_by_env(monkeypatch):
     monkeypatch.setenv("WMFAST_AUTOTUNE", "0")
-    assert not dispatch._timing_allowed()
+    assert not dispatch.timing_allowed()
 
 
 def test_cpu_tensors_unchanged_without_gpu(monkeypatch):

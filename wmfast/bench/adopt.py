@@ -6,8 +6,10 @@ as launch_configs.json).
 summed median over the shapes timed), adopted only where it beats the kernel's hand-set default beyond the
 noise (its 80th percentile under the default's 20th, on every shape); for each op the CUDA kernels implement,
 the faster of the two wmfast providers per shape key under the same rule, with "*" the backend that won the
-most shapes. Configurations that did not beat the default are kept under "kept_defaults" for the record, and
-the kernels run their defaults there. The hand-set defaults come from the kernels themselves
+most shapes; for spatial attention the fastest of its kernels (SDPA's cuDNN, flash and memory-efficient,
+flash-attn), adopted where it beats the runner-up beyond the noise (the op reads only exact shape keys).
+Configurations that did not beat the default are kept under "kept_defaults" for the record, and the kernels
+run their defaults there. The hand-set defaults come from the kernels themselves
 (`default_launch`), which is why this lives above them and not in wmfast.kernels.tuning.
 """
 from __future__ import annotations
@@ -19,7 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wmfast.kernels.tuning import adaln_key, adaln_shape_key, decode_key, decode_shape_key, temporal_key
+from wmfast.kernels.tuning import (
+    adaln_key,
+    adaln_shape_key,
+    decode_key,
+    decode_shape_key,
+    spatial_shape_key,
+    temporal_key,
+)
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32",
                 "fp32": "fp32"}
@@ -76,8 +85,10 @@ SWEEPS = (
           r"wmfast-triton-tile(?P<tile>\d+)-w(?P<num_warps>\d+)", _adaln_sweep_key),
 )
 
-# The bench providers of the two kernel backends.
-BACKEND_PROVIDERS = {"wmfast-cuda": "cuda", "wmfast-triton": "triton", "cuda-fused": "cuda", "triton-fused": "triton"}
+# The bench providers of the kernel backends: wmfast's two, and spatial attention's (bench_st_attention rows are
+# named by wmfast.ops.attention.SPATIAL_BACKENDS; "sdpa", PyTorch's own pick, is timed for reference only).
+BACKEND_PROVIDERS = {"wmfast-cuda": "cuda", "wmfast-triton": "triton", "cuda-fused": "cuda", "triton-fused": "triton",
+                     **{name: name for name in ("flash-attn", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient")}}
 
 
 def _adaln_shape_key(shape: str, mode: str) -> str | None:
@@ -97,10 +108,19 @@ def _decode_shape_key(shape: str, mode: str) -> str | None:
     return decode_shape_key(f["B"], f["S"], f["H"], f["T_max"], f["Dh"], f["dtype"])
 
 
+def _spatial_shape_key(shape: str, mode: str) -> str | None:
+    """"B=8 T=5 S=1024 H=8 Dh=64 bfloat16", fwd or full (fwd+bwd) -> the key wmfast.ops.attention builds."""
+    f = _fields(shape)
+    if not all(k in f for k in ("B", "T", "S", "H", "Dh", "dtype")):
+        return None
+    return spatial_shape_key(int(f["B"]) * int(f["T"]), f["H"], f["S"], f["Dh"], f["dtype"], mode != "fwd")
+
+
 BACKEND_OPS = {  # op -> (modes compared, shape key from a row)
     "layernorm_modulate": (("fwd", "fwd+bwd"), _adaln_shape_key),
     "gated_residual_layernorm_modulate": (("fwd", "fwd+bwd"), _adaln_shape_key),
     "temporal_decode_step": (("fwd",), _decode_shape_key),
+    "spatial_attention": (("fwd", "full"), _spatial_shape_key),
 }
 
 
@@ -192,9 +212,9 @@ def choose(rows: list[dict]) -> dict:
                 fastest[key][backend] = r
         chosen = {}
         for key, by_backend in sorted(fastest.items()):
-            if len(by_backend) < 2:  # a choice needs both kernels timed on the same shape
+            if len(by_backend) < 2:  # a choice needs two kernels timed on the same shape
                 continue
-            win, lose = sorted(by_backend, key=lambda b: _ms(by_backend[b]))
+            win, lose = sorted(by_backend, key=lambda b: _ms(by_backend[b]))[:2]  # the fastest and the runner-up
             if _beats(by_backend[win], by_backend[lose]):
                 chosen[key] = win
         if chosen:

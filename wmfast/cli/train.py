@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "autocast-bf16", "bf16", "fp32"))
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block in the backward pass")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block on its own (regional compilation; the first step compiles)")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (and always at the end)")
     p.add_argument("--keep", type=int, help="checkpoints to keep")
     p.add_argument("--val-every", type=int, help="validate every N steps (0: never)")
@@ -54,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _FIELDS = {"task": "task", "model": "model", "zero": "zero_stage", "micro_batch": "micro_batch",
            "global_batch": "global_batch", "steps": "steps", "lr": "lr", "warmup": "warmup_steps",
            "precision": "precision", "activation_checkpointing": "activation_checkpointing",
-           "ckpt_every": "ckpt_every", "keep": "keep_checkpoints", "val_every": "val_every",
-           "log_every": "log_every", "nan": "nan_policy", "loss_reduction": "loss_reduction", "seed": "seed", "num_workers": "num_workers"}
+           "compile": "compile", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints", "val_every": "val_every",
+           "log_every": "log_every", "nan": "nan_policy", "loss_reduction": "loss_reduction", "seed": "seed",
+           "num_workers": "num_workers"}
 
 
 def config_from_args(args):

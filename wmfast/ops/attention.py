@@ -1,13 +1,15 @@
 """Public factorized attention ops on [B, T, S, H, Dh] tensors (validation + backend dispatch).
 
-- spatial_attention: bidirectional within each frame; flash-attn when importable (CUDA, fp16/bf16), else
-  PyTorch SDPA. Both read [B*T, S, H, Dh] views of the inputs (no copies beyond what the backend needs).
+- spatial_attention: bidirectional within each frame, on [B*T, S, H, Dh] views of the inputs (no copies beyond
+  what the backend needs). On CUDA the fastest of SDPA's cuDNN, flash and memory-efficient kernels and
+  flash-attn (when importable) for the shape class: the measured table's entry, else timed once at first use;
+  on the CPU, SDPA with PyTorch's own pick.
 - temporal_attention: over T at each (b, s, h); the Triton kernel of wmfast.kernels.temporal_attention
   ("triton") or the pure-torch reference ("torch").
 - temporal_decode_step: the cached decode step; "cuda" (wmfast.ops.cuda_ext, when built), "triton" or "torch".
 
 Backends are chosen by wmfast.ops.dispatch; `use_backend("torch"|"triton"|"cuda")` or WMFAST_BACKEND forces one
-(for spatial attention, "torch" forces SDPA). See docs/attention.md.
+(for spatial attention, "torch" leaves the kernel to SDPA's own pick). See docs/attention.md.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from wmfast.kernels import tuning
 from wmfast.kernels.temporal_attention import (
     MAX_DECODE_T,
     MAX_T,
@@ -24,9 +28,9 @@ from wmfast.kernels.temporal_attention import (
     temporal_decode_op,
     temporal_decode_ref,
 )
-from wmfast.kernels.tuning import decode_shape_key
-from wmfast.ops import cuda_ext
-from wmfast.ops.common import DTYPE_NAMES, DTYPES
+from wmfast.kernels.tuning import decode_shape_key, spatial_shape_key
+from wmfast.ops import cuda_ext, dispatch
+from wmfast.ops.common import DTYPE_NAMES, DTYPES, log_once, logger
 from wmfast.ops.common import describe as _shape
 from wmfast.ops.dispatch import OpInputs, forced_backend, traceable_backend
 
@@ -63,25 +67,141 @@ def _flash_attn_func():
     return flash_attn_func
 
 
-def _use_flash_attn(q) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-            and forced_backend() != "torch" and _flash_attn_func() is not None)
+# ---------------------------------------------------------------------------------------- spatial attention
+# Spatial attention's kernels, by the names of the measured table and the benchmark rows. "sdpa" is SDPA with
+# PyTorch's own pick (the CPU, use_backend("torch"), and the fallback); the others pin one kernel.
+SDPA_KERNELS = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+SPATIAL_BACKENDS = ("flash-attn", *SDPA_KERNELS, "sdpa")
+_SPATIAL_TIMED: dict[tuple[str | None, str], str] = {}  # (gpu, shape key) -> fastest backend, from first use
 
 
-def spatial_attention(q, k, v):
-    """Bidirectional attention within each frame. q, k, v: [B, T, S, H, Dh] -> [B, T, S, H, Dh].
+def _spatial_candidates(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, ...]:
+    """The kernels first-use timing chooses among: on CUDA the three SDPA kernels, and flash-attn first when it
+    is importable for fp16/bf16 with Dh <= 256; elsewhere only "sdpa"."""
+    if device.type != "cuda":
+        return ("sdpa",)
+    flash = dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and _flash_attn_func() is not None
+    return ("flash-attn",) * flash + tuple(SDPA_KERNELS)
 
-    flash-attn (`flash_attn_func` on [B*T, S, H, Dh] views) when importable for CUDA fp16/bf16 tensors;
-    otherwise SDPA on [B*T, H, S, Dh] transposed views, where PyTorch picks its flash, memory-efficient or
-    cuDNN kernel on GPU (all read strided inputs with a contiguous head dim) and the math kernel on CPU."""
-    _check_qkv("spatial_attention", q, k, v)
+
+def _spatial_default(candidates: tuple[str, ...]) -> str:
+    """Without a measurement: flash-attn when it is a candidate, else SDPA's own pick (the behaviour before
+    measured choices, and what a shape no kernel was timed on gets)."""
+    return "flash-attn" if "flash-attn" in candidates else "sdpa"
+
+
+def _spatial_run(backend: str, q, k, v):
+    """q, k, v [B, T, S, H, Dh] -> [B, T, S, H, Dh] on one backend, through [B*T, S, H, Dh] views."""
     B, T, S, H, Dh = q.shape
-    if _use_flash_attn(q):
+    if backend == "flash-attn":
         o = _flash_attn_func()(*(x.reshape(B * T, S, H, Dh) for x in (q, k, v)))  # [B*T, S, H, Dh]
         return o.reshape(B, T, S, H, Dh)
     q2, k2, v2 = (x.reshape(B * T, S, H, Dh).transpose(1, 2) for x in (q, k, v))  # views: [B*T, H, S, Dh]
-    o = F.scaled_dot_product_attention(q2, k2, v2)  # [B*T, H, S, Dh]
+    if backend == "sdpa":
+        o = F.scaled_dot_product_attention(q2, k2, v2)  # [B*T, H, S, Dh]
+    else:
+        with sdpa_kernel(SDPA_KERNELS[backend]):
+            o = F.scaled_dot_product_attention(q2, k2, v2)
     return o.transpose(1, 2).reshape(B, T, S, H, Dh)
+
+
+def _time_spatial(runners: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """(median ms per backend, why each backend that raised was skipped). Each runner runs under identity
+    saved-tensor hooks: inside a non-reentrant activation checkpoint the timed backward would otherwise unpack
+    through the checkpoint's hooks and recompute the block in the middle of its forward."""
+    times, failed = {}, {}
+    for name, run in runners.items():
+        def isolated(run=run):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                return run()
+
+        try:
+            times.update(dispatch.time_backends({name: isolated}))
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run this shape ("No available kernel")
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            failed[name] = f"{type(e).__name__}: {first_line[:120]}"
+    return times, failed
+
+
+def select_spatial_backend(device: torch.device, shape_key: str, candidates: tuple[str, ...],
+                           runners: dict | None = None) -> str:
+    """The backend for one spatial-attention shape class, in order: the measured table's entry for exactly this
+    key (a kernel's support depends on the shape, so another shape's choice is not reused), the choice first-use
+    timing cached in this process, a timing now (forward, + backward when grad is needed; a backend that raises is
+    skipped; not while torch.compile traces, a CUDA graph captures or a dispatch mode records), else
+    `_spatial_default`. Logged once per shape class."""
+    if len(candidates) == 1:
+        return candidates[0]
+    gpu = tuning.device_gpu(device)
+    measured = tuning.measured_backend(gpu, "spatial_attention", shape_key, exact=True) if gpu else None
+    if measured in candidates:
+        log_once(f"wmfast: spatial_attention {shape_key} on {gpu}: {measured} (measured table)")
+        return measured
+    cached = _SPATIAL_TIMED.get((gpu, shape_key))
+    if cached is not None:
+        return cached
+    if runners is None or not dispatch.timing_allowed():
+        return _spatial_default(candidates)
+    times, failed = _time_spatial({name: runners[name] for name in candidates})
+    best = min(times, key=times.get) if times else _spatial_default(candidates)
+    _SPATIAL_TIMED[(gpu, shape_key)] = best
+    timed = ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
+    skipped = "".join(f"; {n} skipped ({why})" for n, why in failed.items())
+    logger.info("wmfast: spatial_attention %s on %s: timed %s%s -> %s", shape_key, gpu, timed or "nothing",
+                skipped, best)
+    return best
+
+
+@torch.compiler.assume_constant_result
+def _spatial_traced_choice(device: torch.device, dtype: torch.dtype, head_dim: int, shape_key: str) -> str:
+    # evaluated once while torch.compile traces and baked into the graph: the table or an eager first use's cached
+    # choice for this exact shape class, else SDPA's own pick (no timing; an unknown shape key is "")
+    candidates = _spatial_candidates(device, dtype, head_dim)
+    if not shape_key or len(candidates) == 1:
+        return _spatial_default(candidates)
+    return select_spatial_backend(device, shape_key, candidates)
+
+
+def _spatial_backend(q, k, v) -> str:
+    """The backend automatic dispatch runs this call on (use_backend("torch") or WMFAST_BACKEND=torch: "sdpa")."""
+    if forced_backend() == "torch":
+        return "sdpa"
+    B, T, S, H, Dh = q.shape
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if torch.compiler.is_compiling():
+        static = all(isinstance(d, int) for d in (B, T, S, H, Dh))  # a dynamic dimension: no shape class
+        key = spatial_shape_key(B * T, H, S, Dh, q.dtype, grad) if static else ""
+        return _spatial_traced_choice(q.device, q.dtype, int(Dh), key)
+    candidates = _spatial_candidates(q.device, q.dtype, Dh)
+    if len(candidates) == 1:
+        return candidates[0]
+
+    def factory(q, k, v):
+        return {name: functools.partial(_spatial_run, name, q, k, v) for name in candidates}
+
+    runners = dispatch.timing_runners(factory, (q, k, v), grad, candidates)
+    return select_spatial_backend(q.device, spatial_shape_key(B * T, H, S, Dh, q.dtype, grad), candidates, runners)
+
+
+def spatial_attention(q, k, v, *, backend: str | None = None):
+    """Bidirectional attention within each frame. q, k, v: [B, T, S, H, Dh] -> [B, T, S, H, Dh].
+
+    Runs on [B*T, S, H, Dh] views of the inputs (SDPA reads them as [B*T, H, S, Dh] transposed views: every
+    kernel accepts strided inputs with a contiguous head dim). `backend` (one of SPATIAL_BACKENDS) pins a kernel:
+    "flash-attn" (`flash_attn_func`), "sdpa-cudnn", "sdpa-flash", "sdpa-efficient" (SDPA under `sdpa_kernel`;
+    RuntimeError where that kernel cannot run the inputs) or "sdpa" (PyTorch's own pick). None: on CUDA the
+    fastest for this shape class (`select_spatial_backend`: the measured table, else a one-time timing at first
+    use); on the CPU, or under use_backend("torch"), "sdpa"."""
+    _check_qkv("spatial_attention", q, k, v)
+    if backend is None:
+        backend = _spatial_backend(q, k, v)
+    elif backend not in SPATIAL_BACKENDS:
+        raise ValueError(f"spatial_attention: backend={backend!r}, expected one of {', '.join(SPATIAL_BACKENDS)}")
+    elif backend == "flash-attn" and "flash-attn" not in _spatial_candidates(q.device, q.dtype, q.shape[-1]):
+        raise ValueError(f"spatial_attention: backend='flash-attn' needs flash_attn importable and CUDA fp16/bf16 "
+                         f"inputs with Dh <= 256, got {_shape(q)}")
+    return _spatial_run(backend, q, k, v)
 
 
 def temporal_attention(q, k, v, *, causal=True):

@@ -243,7 +243,7 @@ def forced_backend() -> str | None:
 _TIMED: dict[tuple[str, str, str], str] = {}  # (gpu, op, shape key) -> fastest backend, from first-use timing
 
 
-def _timing_allowed() -> bool:
+def timing_allowed() -> bool:
     """No first-use timing while torch.compile traces, a CUDA graph captures, or a dispatch mode is active (the
     caching mode of torch.utils.checkpoint's selective recomputation records every op of the forward and replays
     it in the backward: timing calls made in the forward only would make the two differ)."""
@@ -283,7 +283,7 @@ def _fastest(op: str, device: torch.device, usable: list[str], shape_key: str | 
     cache_key = (gpu, op, shape_key or "*")
     if cache_key in _TIMED:
         return _TIMED[cache_key]
-    if runners is None or not _timing_allowed() or not all(name in runners for name in usable):
+    if runners is None or not timing_allowed() or not all(name in runners for name in usable):
         return usable[0]
     times = time_backends({name: runners[name] for name in usable})
     best = min(times, key=times.get)
@@ -316,9 +316,12 @@ def timing_runners(factory: Callable[..., dict], tensors: tuple, grad: bool,
             if not grad:
                 with torch.no_grad():
                     return s["fns"][name]()
-            outs = s["fns"][name]()
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            return torch.autograd.grad(outs, s["needs"], [torch.ones_like(o) for o in outs])
+            # identity saved-tensor hooks: inside a non-reentrant activation checkpoint the timed backward would
+            # otherwise unpack through the checkpoint's hooks and recompute the block in the middle of its forward
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                outs = s["fns"][name]()
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                return torch.autograd.grad(outs, s["needs"], [torch.ones_like(o) for o in outs])
 
         return run
 

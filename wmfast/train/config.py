@@ -48,6 +48,8 @@ class TrainConfig:
     zero_stage: int = 2
     precision: str = "auto"  # auto: autocast-bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
+    # regional torch.compile: each of the task's blocks compiled on its own (wmfast.train.engine.compile_blocks)
+    compile: bool = False
     # crash safety and reporting (0 disables the periodic action; a final checkpoint is always written)
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
@@ -102,6 +104,11 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "bf16" and self.zero_stage == 0:
+            # DeepSpeed keeps fp32 master weights only in its ZeRO optimizers; without ZeRO it refuses bf16 weights
+            # with fp32 gradient accumulation ("unsupported mix of model_dtype ... and grad_accum_dtype")
+            raise ValueError("precision='bf16' needs zero_stage >= 1 (the fp32 master weights live in the ZeRO "
+                             "optimizer); with zero_stage 0 use precision 'autocast-bf16' (bf16 compute, fp32 weights)")
         if self.lr_schedule not in ("linear", "constant"):
             raise ValueError(f"lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
         if self.loss_reduction not in ("mean", "sum"):

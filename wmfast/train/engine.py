@@ -1,8 +1,9 @@
-"""The DeepSpeed engine of a run: the task's model (with activation checkpointing when asked), AdamW over the
-decay / no-decay parameter groups, and the generated DeepSpeed config."""
+"""The DeepSpeed engine of a run: the task's model (with activation checkpointing and regional torch.compile when
+asked), AdamW over the decay / no-decay parameter groups, and the generated DeepSpeed config."""
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -11,6 +12,8 @@ from wmfast.tasks import Task, param_groups
 from .config import TrainConfig, deepspeed_config
 from .distributed import free_memory
 from .schedule import lr_at
+
+logger = logging.getLogger("wmfast")
 
 
 def enable_activation_checkpointing(blocks: list[torch.nn.Module]) -> None:
@@ -31,6 +34,43 @@ def enable_activation_checkpointing(blocks: list[torch.nn.Module]) -> None:
         block.forward = forward
 
 
+def compile_fullgraph(zero_stage: int) -> bool:
+    """Whether a block compiles as one graph: ZeRO-3 gathers each submodule's parameters in forward hooks that
+    DeepSpeed wraps in torch.compiler.disable, so every submodule call is a graph break there (fullgraph=True
+    raises); ZeRO-0/1/2 add no hooks inside a block's forward."""
+    return zero_stage < 3
+
+
+def compile_blocks(blocks: list[torch.nn.Module], fullgraph: bool = True, backend: str = "inductor") -> None:
+    """Regional compilation (torchtitan's): each repeated block compiled on its own with torch.compile, in place
+    (`nn.Module.compile`), so parameter names and checkpoint keys stay as they were (wrapping a block in
+    torch.compile(block) would prefix them with `_orig_mod.`). Blocks of one class share one compiled graph
+    (torch.compile treats their parameters as inputs), so N layers cost one compilation, not N. Call it after
+    activation checkpointing: a block's compiled graph then contains the checkpoint (torchtitan's order; dynamo
+    traces non-reentrant checkpoint as a higher-order op), and before deepspeed.initialize. `backend`: the
+    torch.compile backend (tests use "aot_eager", which traces the same graphs without Inductor's codegen)."""
+    if not blocks:
+        raise ValueError("compile requested but the task exposes no blocks to compile")
+    for block in blocks:
+        block.compile(fullgraph=fullgraph, backend=backend)
+
+
+def disable_selective_recompute(blocks: list[torch.nn.Module], cfg: TrainConfig) -> None:
+    """Blocks that checkpoint themselves selectively (a boolean `recompute` attribute: the ST-Transformer's) stop
+    doing so under whole-block activation checkpointing, which recomputes everything anyway (nesting would
+    recompute the elementwise ops twice), and under ZeRO-3, whose parameter gathering runs different ops inside
+    the block in the forward and in the recomputation (torch's selective checkpointing then refuses the
+    backward: "aten.cat ... not found in storage"). Under ZeRO-3 a block then saves every activation: add
+    --activation-checkpointing for the memory."""
+    selective = [b for b in blocks if getattr(b, "recompute", False) is True]
+    if not selective or not (cfg.activation_checkpointing or cfg.zero_stage == 3):
+        return
+    for block in selective:
+        block.recompute = False
+    why = "whole-block activation checkpointing" if cfg.activation_checkpointing else "ZeRO-3"
+    logger.info("wmfast train: selective recomputation in the blocks is off under %s", why)
+
+
 # ---- engine ------------------------------------------------------------------------------------------------
 def build_engine(task: Task, cfg: TrainConfig, micro_batch: int, world: int, device: torch.device,
                  precision: str):
@@ -38,8 +78,11 @@ def build_engine(task: Task, cfg: TrainConfig, micro_batch: int, world: int, dev
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every trial
     model = task.build_model()
+    disable_selective_recompute(task.blocks(model), cfg)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(task.blocks(model))
+    if cfg.compile:  # after activation checkpointing: the checkpoint is traced inside each compiled block
+        compile_blocks(task.blocks(model), fullgraph=compile_fullgraph(cfg.zero_stage))
     groups = param_groups(model, task, cfg.weight_decay)
     for g in groups:
         g.pop("names")
@@ -50,7 +93,22 @@ def build_engine(task: Task, cfg: TrainConfig, micro_batch: int, world: int, dev
                                   betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
     ds_config = deepspeed_config(cfg, micro_batch, world, precision)
     engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, config=ds_config)
+    if cfg.zero_stage == 0:
+        keep_clip_norm(engine)
     return engine, optimizer, ds_config
+
+
+def keep_clip_norm(engine) -> None:
+    """Without ZeRO (stage 0) DeepSpeed clips the gradients with its clip_grad_norm_ and drops the norm that
+    returns, so get_global_grad_norm() stays None and the training log would have no grad_norm (ZeRO's
+    optimizers report theirs): keep it, computed once as before."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 def destroy_engine(engine) -> None:

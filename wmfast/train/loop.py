@@ -22,7 +22,7 @@ from wmfast.tasks import Task, make_task
 from . import checkpoint as ckpt
 from .config import TrainConfig, resolve_precision
 from .distributed import setup_distributed, world_size_from_env
-from .engine import build_engine, destroy_engine
+from .engine import build_engine, compile_fullgraph, destroy_engine
 from .microbatch import find_micro_batch
 from .runlog import GpuTelemetry, RunLog, peak_flops, peak_memory_bytes
 from .sampler import StepBatchSampler
@@ -81,6 +81,14 @@ def _warn_config_drift(state: dict, cfg: TrainConfig, world: int, rank: int) -> 
                        "uninterrupted one", "; ".join(changed))
 
 
+def _log_compiled(cfg: TrainConfig, task: Task, engine) -> None:
+    graph = ("one graph each (fullgraph)" if compile_fullgraph(cfg.zero_stage) else
+             "with graph breaks at ZeRO-3's parameter-gathering hooks")
+    print(f"wmfast train: torch.compile: {len(task.blocks(engine.module))} blocks compiled on their own, {graph}"
+          f"{', activation checkpointing inside' if cfg.activation_checkpointing else ''}; the first step (and the "
+          "first validation) include the compilation", flush=True)
+
+
 def _run(cfg, task, run_dir, resume, rank, world, device, progress) -> RunResult:
     precision = resolve_precision(cfg.precision, device.type)
     os.makedirs(run_dir, exist_ok=True)
@@ -91,6 +99,8 @@ def _run(cfg, task, run_dir, resume, rank, world, device, progress) -> RunResult
     engine, optimizer, ds_config = build_engine(task, cfg, micro_batch, world, device, precision)
     if rank == 0:
         _write_run_config(run_dir, cfg, task, ds_config, world)
+        if cfg.compile:
+            _log_compiled(cfg, task, engine)
     # per-rank RNG for dropout (different masks on different ranks); restored from a checkpoint on resume
     torch.manual_seed(cfg.seed * 1000 + rank + 1)
     start_step, last_ckpt = 0, None

@@ -126,7 +126,9 @@ def find_micro_batch(task: Task, cfg: TrainConfig, world: int, device, precision
     rng = ckpt.rng_state()
 
     def body(m: int):
-        trial_cfg = cfg.replace(global_batch=m * world, micro_batch=m)
+        # eager trials, also for a --compile run (as benchmarks/bench_train.py searches): a compilation per trial
+        # and per size would cost far more than the trial, and the compiled run then trains at the size found
+        trial_cfg = cfg.replace(global_batch=m * world, micro_batch=m, compile=False)
         free_memory()  # start from an empty cache, so the peak is this trial's alone
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -157,6 +159,7 @@ def find_micro_batch(task: Task, cfg: TrainConfig, world: int, device, precision
     if rank == 0:
         record = {"micro_batch": best, "grad_accum": cfg.grad_accum(best, world), "world_size": world,
                   "zero_stage": cfg.zero_stage, "activation_checkpointing": cfg.activation_checkpointing,
+                  "searched_eager": True, "compile": cfg.compile,
                   "precision": precision, "margin": cfg.auto_margin, "device": str(device),
                   "trials": trials_to_json(trials)}
         with open(os.path.join(run_dir, "micro_batch.json"), "w") as f:
