@@ -36,23 +36,29 @@ if not os.path.exists(PTXAS):  # older Triton wheels ship a single ptxas
 
 assert type(K._adaln_fwd_kernel).__name__ == "JITFunction", "expected compiled-kernel mode (TRITON_INTERPRET unset)"
 K._sm_count = lambda index: 132  # H100 SXM; there may be no GPU to ask
-launches = []
-_real_launch = K.launcher
 
 
-class _Recorder:
-    def __init__(self, kernel):
-        self.kernel = kernel
+def record_launches(module) -> list:
+    """Make `module`'s launchers record each launch (kernel, args, kwargs) into the returned list, then run it (the
+    compile checks of the other kernel files use this too)."""
+    launches, real_launch = [], module.launcher
 
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            launches.append((self.kernel, args, kwargs))
-            return _real_launch(self.kernel)[grid](*args, **kwargs)
+    class _Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-        return run
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append((self.kernel, args, kwargs))
+                return real_launch(self.kernel)[grid](*args, **kwargs)
+
+            return run
+
+    module.launcher = _Recorder
+    return launches
 
 
-K.launcher = _Recorder
+launches = record_launches(K)
 
 
 def fake_pass():

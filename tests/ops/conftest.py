@@ -21,12 +21,17 @@ def force_backend():
 
 
 @pytest.fixture
-def triton_backend(force_backend):
-    """The triton backend forced, tensors created on DEVICE by default."""
-    force_backend("triton")
+def on_device():
+    """Tensors created on DEVICE by default for the rest of the test."""
     if DEVICE == "cpu":  # (a default-device mode costs every op a Python dispatch: only when needed)
         yield
         return
     torch.set_default_device(DEVICE)
     yield
     torch.set_default_device(None)
+
+
+@pytest.fixture
+def triton_backend(force_backend, on_device):
+    """The triton backend forced, tensors created on DEVICE by default."""
+    force_backend("triton")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from wmfast.kernels import cross_entropy as K
 from wmfast.kernels._launch import triton_interpret
 
+from tests.ops.conftest import DEVICE
 from wmfast.ops import linear_cross_entropy
 from wmfast.testing import assert_2x_rule
 
@@ -21,19 +22,6 @@ needs_interpreter = pytest.mark.skipif(not triton_interpret(), reason="checks th
 compiled_kernels = pytest.mark.skipif(
     triton_interpret(), reason="tests the compiled kernel and the triton_op registration (TRITON_INTERPRET unset)")
 IGNORE = K.IGNORE_INDEX
-# Where the Triton kernel runs in this session: CPU tensors under the interpreter (CI), else the GPU.
-DEVICE = "cpu" if triton_interpret() or not torch.cuda.is_available() else "cuda"
-
-
-@pytest.fixture
-def on_device():
-    """Tensors created on DEVICE by default for the rest of the test."""
-    if DEVICE == "cpu":  # (a default-device mode costs every op a Python dispatch: only when needed)
-        yield
-        return
-    torch.set_default_device(DEVICE)
-    yield
-    torch.set_default_device(None)
 
 
 @pytest.fixture(params=["triton", "torch"])
