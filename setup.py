@@ -57,7 +57,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "ruff"],
-        "flash": ["flash-attn>=2.6"],
+        "flash": ["flash-attn>=2.7"],
     },
     entry_points={"console_scripts": ["wmfast=wmfast.cli:main"]},
     **_cuda_extension_kwargs(),

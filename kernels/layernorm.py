@@ -126,9 +126,10 @@ def _layer_norm_bwd_kernel(DY, DOUT, X, W, DX, DW, DB, M, D, IPG, ROWS_PER_PROG,
 
 
 def _tile(M: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): on a GPU ~4K elements a tile (16 fp32 values a thread at 8 warps: no spills
-    at D = 8192, one row a program; at D = 512 eight rows, at the head dim 64 of QK-norm sixty-four). Under the
-    interpreter, whose cost is per program rather than per element, up to 64K elements a tile."""
+    """(BLOCK_M, BLOCK_D, num_warps): on a GPU up to 64 rows and ~4K elements a tile (at D = 512 eight rows, at the
+    head dim 64 of QK-norm sixty-four: 16 fp32 values a thread at 8 warps; at D = 8192 one 8K-element row, 32 a
+    thread, compiled for sm_90a without spills: tests/ops/layernorm_compile_check.py). Under the interpreter,
+    whose cost is per program rather than per element, up to 64K elements a tile."""
     block_d = triton.next_power_of_2(D)
     if triton_interpret():
         return max(1, min(triton.next_power_of_2(M), 65536 // block_d)), block_d, 4

@@ -104,6 +104,10 @@ def test_memory_model_from_measurements():
     outside = 700_000 - 2 * 320_000
     assert m.per_sample == 700_000 and m.per_sample_ckpt == 2 * stream + 320_000 + outside
     assert m.rows_per_sample == 3 * 64 and m.vocab == 512
+    # under whole-block checkpointing the recomputed block saves everything (selective recomputation is off)
+    saving_all = replace(layer, held=2500.0)
+    m2 = mc.memory_model(c, params=5000, layer=layer, sample_per_sample=700_000, layer_recomputed=saving_all)
+    assert m2.per_sample == m.per_sample and m2.per_sample_ckpt == m.per_sample_ckpt + 1500 * 320
 
 
 def test_op_counter_counts_writes_not_views():

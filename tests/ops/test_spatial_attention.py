@@ -93,7 +93,7 @@ def _runners(calls, raising=()):
 
 
 def test_fastest_timed_backend_wins_and_is_cached(fake_cuda, caplog):
-    cpu, key, calls = torch.device("cpu"), "BT=40,H=8,S=1024,Dh=64,bf16,grad", []
+    cpu, key, calls = torch.device("cpu"), "BT=32+,H=8,S=1024,Dh=64,bf16,grad", []
     with caplog.at_level(logging.INFO, logger="wmfast"):
         assert attn.select_spatial_backend(cpu, key, tuple(TIMES), _runners(calls)) == "sdpa-cudnn"
     assert sorted(calls) == sorted(TIMES)
@@ -119,7 +119,7 @@ def test_a_backend_that_raises_is_skipped(fake_cuda, caplog):
 
 
 def test_the_measured_table_takes_precedence(fake_cuda, monkeypatch):
-    key, calls = "BT=40,H=8,S=1024,Dh=64,bf16,grad", []
+    key, calls = "BT=32+,H=8,S=1024,Dh=64,bf16,grad", []
     table = {"backend": {"spatial_attention": {key: "sdpa-flash", "*": "sdpa-efficient"}}}
     monkeypatch.setattr(tuning, "load_table", lambda gpu: table)
     assert attn.select_spatial_backend(torch.device("cpu"), key, tuple(TIMES), _runners(calls)) == "sdpa-flash"

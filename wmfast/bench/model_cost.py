@@ -370,16 +370,18 @@ class MemoryModel:
 LOGIT_BYTES = {"triton": 2, "torch": 8}  # the loss head's bytes a logit at its peak, per backend (MemoryModel)
 
 
-def memory_model(config, params: int, layer: PerToken, sample_per_sample: int, *, logit_bytes: int = 2
-                 ) -> MemoryModel:
-    """The MemoryModel of `config` from a block's and the whole model's held bytes."""
+def memory_model(config, params: int, layer: PerToken, sample_per_sample: int, *, logit_bytes: int = 2,
+                 layer_recomputed: PerToken | None = None) -> MemoryModel:
+    """The MemoryModel of `config` from a block's and the whole model's held bytes. `layer_recomputed`: the block
+    measured with recompute="none", what one block holds while whole-block checkpointing recomputes it (the
+    trainer turns selective recomputation off under it); None: `layer` (a block that saves everything anyway)."""
     from wmfast.ops.linear_cross_entropy import DEFAULT_CHUNK
 
     c = config
     layer_sample = layer.held_per_sample
     outside = max(0, sample_per_sample - c.num_layers * layer_sample)  # embedding, final norm, loss head
     stream = c.num_frames * c.seq_len * c.d_model * torch.finfo(layer.residual_dtype).bits // 8
-    ckpt = c.num_layers * stream + layer_sample + outside
+    ckpt = c.num_layers * stream + (layer_recomputed or layer).held_per_sample + outside
     return MemoryModel(params=params, vocab=c.vocab_size, d_model=c.d_model,
                        rows_per_sample=c.future_frames * c.seq_len, per_sample=sample_per_sample,
                        per_sample_ckpt=ckpt, chunk=DEFAULT_CHUNK, logit_bytes=logit_bytes)

@@ -104,7 +104,12 @@ def measure_preset(ctx, name: str, opts: Options, out: dict | None = None) -> di
             sample = mc.sample_cost(_model(shallow, ctx.device), ctx.device)
             out.update(_sample_metrics(config, depth, layer, sample))
             # the GPU's loss head (Triton: 2 B a logit) whatever backend measured the activations
-            out.update(_fit_metrics(mc.memory_model(config, param_count(config), layer, out["held_per_sample"][0])))
+            # under whole-block checkpointing the trainer turns selective recomputation off: the block being
+            # recomputed then holds what a recompute="none" block holds
+            recomputed = (None if config.recompute == "none" else
+                          mc.block_cost(_model(replace(config, num_layers=1, recompute="none"), ctx.device), ctx.device))
+            out.update(_fit_metrics(mc.memory_model(config, param_count(config), layer, out["held_per_sample"][0],
+                                                    layer_recomputed=recomputed)))
         if "step" in opts.parts:
             _check_budget(ctx, f"{name} step")
             out.update(_step_metrics(ctx, shallow, depth, L, opts.micro_batch, layer, sample, opts.backend))
@@ -160,7 +165,7 @@ def _sample_metrics(config, depth: int, layer: mc.PerToken, sample: mc.PerToken)
 def _fit_metrics(model: mc.MemoryModel) -> dict:
     parts = model.fixed_parts(model.chunk)  # a micro-batch that fills the loss head's chunk
     out = {"held_per_sample_ckpt": (model.per_sample_ckpt, "B", ("activation checkpointing: block inputs + one "
-                                    "block's activations + the head (model)")),
+                                    "block's activations without selective recomputation + the head (model)")),
            "fixed_bytes": (sum(parts.values()), "B", "model: " + ", ".join(f"{k} {_bytes(v)}"
                                                                          for k, v in parts.items()))}
     for gpu, gib in mc.GPU_CAPACITY_GIB.items():

@@ -60,9 +60,16 @@ def _check_qkv(op: str, q, k, v, max_t: int | None = None) -> None:
 
 @functools.cache
 def _flash_attn_func():
+    """flash-attn's `flash_attn_func`, or None: absent, built against another torch, or older than 2.7, whose
+    forward is not a registered torch op (torch.ops.flash_attn._flash_attn_forward): selective activation
+    checkpointing could not keep its output (it would be recomputed in the backward) and torch.compile would
+    break the graph there."""
     try:
         from flash_attn import flash_attn_func
     except Exception:  # noqa: BLE001 - absent or built against another torch: SDPA serves instead
+        return None
+    if not hasattr(torch.ops.flash_attn, "_flash_attn_forward"):
+        log_once("wmfast: flash-attn older than 2.7 (no torch.ops.flash_attn op): spatial attention uses SDPA")
         return None
     return flash_attn_func
 

@@ -44,9 +44,10 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
-def _backend(op: str, x, tensors) -> str:
+def _backend(op: str, x, tensors, width: int | None = None) -> str:
+    """The backend for normalising rows of `width` (default x's last dim) elements of x."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return traceable_backend(op, OpInputs.of(x, backward=grad))
+    return traceable_backend(op, OpInputs(x.device, x.dtype, (width or x.shape[-1],), grad))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,7 @@ def qk_layer_norm(qkv, q_weight, q_bias, k_weight, k_bias, *, num_heads: int, ep
     flat = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
     rows = flat.reshape(-1, 3, H, Dh)[:, :2].flatten(1, 2)  # [M, 2H, Dh] view: rows 3D apart, heads Dh apart
     w, b = torch.stack((q_weight, k_weight)), torch.stack((q_bias, k_bias))  # [2, Dh]: group 0 = q, 1 = k
-    if _backend("layer_norm", qkv, (qkv, q_weight, q_bias, k_weight, k_bias)) == "triton":
+    if _backend("layer_norm", qkv, (qkv, q_weight, q_bias, k_weight, k_bias), width=Dh) == "triton":
         y = _k.layer_norm_op(rows, w, b, float(eps))
     else:
         y = _k.layer_norm_ref(rows, w, b, eps=eps)

@@ -30,7 +30,8 @@ class STTransformerConfig:
     full_attention_impl: str = "sdpa"
     init_std: float = 0.02
     norm_eps: float = 1e-5
-    # "fused": wmfast's fused residual-add + LayerNorm and QK-norm kernels, residual stream in the compute dtype
+    # "fused": wmfast's LayerNorm kernels (the attention residual adds fused with the LayerNorm after them, QK-norm
+    # in one launch), residual stream in the compute dtype
     # (bf16 under autocast); "reference": nn.LayerNorm and plain adds (an fp32 residual stream under autocast).
     # Same parameters and names, same mathematics: a checkpoint of either loads into the other.
     block: str = "fused"

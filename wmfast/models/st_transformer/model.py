@@ -94,7 +94,8 @@ class Block(nn.Module):
     attention in place of the two.
 
     block="fused": the residual stream is kept in the compute dtype (bf16 under autocast; the fp32 master weights
-    stay fp32), each residual add is fused with the LayerNorm after it (`wmfast.ops.residual_layer_norm`) and
+    stay fp32), the two attention residual adds are fused with the LayerNorm after them
+    (`wmfast.ops.residual_layer_norm`; the MLP's add is a plain add) and
     QK-norm runs on the qkv projection in place (`wmfast.ops.qk_layer_norm`). block="reference": nn.LayerNorm
     and plain adds (under autocast the stream is fp32). recompute="elementwise": in training the block runs under
     selective activation checkpointing (`recompute.recompute_elementwise`): matmul and attention outputs are
