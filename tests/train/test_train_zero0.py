@@ -73,3 +73,26 @@ def test_zero0_refuses_bf16_weights():
         TrainConfig.from_name("tiny", zero_stage=0, precision="bf16").validate(1)
     TrainConfig.from_name("tiny", zero_stage=0, precision="autocast-bf16").validate(1)
     TrainConfig.from_name("tiny", zero_stage=1, precision="bf16").validate(1)
+
+
+def test_zero3_engine_leaves_torch_linear_alone(tmp_path):
+    """DeepSpeed's ZeRO-3 memory_efficient_linear replaces torch.nn.functional.linear for the whole process (and
+    keeps it after the engine is gone), which changed the numerics of every later model in the process: wmfast's
+    config turns it off, and destroy_engine undoes a user override's replacement."""
+    import torch.nn.functional as F
+
+    from wmfast.tasks.toy import ToyTask
+    from wmfast.train.config import TrainConfig, deepspeed_config
+    from wmfast.train.distributed import setup_distributed
+    from wmfast.train.engine import build_engine, destroy_engine
+
+    assert deepspeed_config(TrainConfig(zero_stage=3), 1, 1, "fp32")["zero_optimization"]["memory_efficient_linear"] \
+        is False
+    setup_distributed()
+    task = ToyTask()
+    for override in ({}, {"zero_optimization": {"memory_efficient_linear": True}}):
+        cfg = TrainConfig(task="toy", zero_stage=3, global_batch=1, micro_batch=1, precision="fp32",
+                          deepspeed_override=override)
+        engine, _, _ = build_engine(task, cfg, 1, 1, torch.device("cpu"), "fp32")
+        destroy_engine(engine)
+        assert F.linear is torch._C._nn.linear, override

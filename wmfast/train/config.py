@@ -152,7 +152,11 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int, precis
         ds["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True,
                                         "reduce_bucket_size": 5e7})
     if cfg.zero_stage == 3:
-        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+        # memory_efficient_linear (DeepSpeed's default) replaces torch.nn.functional.linear for the whole process,
+        # and keeps it replaced after the engine is gone ("persists unless manually reset"): every later model's
+        # linear layers then run DeepSpeed's autograd function, with different numerics. Off.
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
+                                        "memory_efficient_linear": False})
     if precision == "bf16":
         # bf16 weights/grads, fp32 master weights in the ZeRO optimizer; accumulate grads in fp32
         ds["bf16"] = {"enabled": True}

@@ -114,4 +114,8 @@ def keep_clip_norm(engine) -> None:
 def destroy_engine(engine) -> None:
     with contextlib.suppress(Exception):
         engine.destroy()
+    # a ZeRO-3 engine built with memory_efficient_linear (a user's DeepSpeed override) leaves its replacement of
+    # torch.nn.functional.linear installed for the rest of the process: put torch's own back
+    if (getattr(torch.nn.functional.linear, "__module__", None) or "").startswith("deepspeed."):
+        torch.nn.functional.linear = torch._C._nn.linear
     free_memory()
