@@ -18,6 +18,7 @@ The suites and their outputs:
     largest_batch      the largest batch that fits a training step, full vs factorized attention
     model_cost         the model-cost suite's measurements: activation bytes, a step's peak and kernels, the
                        memory model of the largest micro-batch (model_cost_report: the suite and its tables)
+    kernel_profile     one call's kernels by total time (the breakdown bench_train writes beside its numbers)
     lease              one GPU lease, one command (`python -m wmfast.bench.lease`, benchmarks/lease/run.sh)
     lease_summary      what a lease leaves: junit.xml, launch_configs.json, summary.md, the packed copy
     pytest_stream      a pytest plugin streaming every test report to a JSON-lines file as it arrives
