@@ -39,12 +39,13 @@ def cross_entropy_grad_ref(logits, targets, *, scale: float = 1.0, ignore_index:
     low precision). Also the torch backend of linear_cross_entropy, chunk by chunk: besides the logits it holds
     an fp32 [n, V] copy (the softmax is taken in place on it when it is a copy) and the gradient in
     logits.dtype."""
-    n = logits.shape[0]
-    valid = targets != ignore_index
+    n, V = logits.shape
+    ignored = targets == ignore_index
+    valid = ~ignored & (targets >= 0) & (targets < V)  # a target outside [0, V): NaN loss, zero gradient (kernel)
     t = targets.masked_fill(~valid, 0)
     z = logits.float() if upcast else logits
     lse = z.logsumexp(-1)
-    loss = (lse - z.gather(1, t[:, None])[:, 0]).float().masked_fill(~valid, 0.0)
+    loss = (lse - z.gather(1, t[:, None])[:, 0]).float().masked_fill(~valid, float("nan")).masked_fill(ignored, 0.0)
     correct = (z.argmax(-1) == targets) & valid
     # an ignored row's shift of +inf makes its softmax row exp(-inf) = 0 without an extra pass over [n, V]
     shift = lse.masked_fill(~valid, float("inf"))[:, None]

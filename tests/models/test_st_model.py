@@ -152,6 +152,22 @@ def test_kernel_and_reference_train_alike(tmp_path, monkeypatch):
     assert curves[0] == pytest.approx(curves[1], abs=2e-4), curves
 
 
+def test_training_loss_leaves_the_id_check_to_the_data_reader():
+    """compression_loss does not check the token ids on the device again (a host sync a step): a target id outside
+    the vocabulary gives a NaN loss there, while the op itself, called on its own, refuses it."""
+    from wmfast.ops import linear_cross_entropy, use_backend
+
+    model = STTransformer(STTransformerConfig.from_name("tiny"))
+    tokens = torch.randint(0, 512, (1, 6, 8, 8))
+    tokens[0, 5, 0, 0] = 512  # a target-only grid: the embedding lookup of the inputs never sees it
+    for backend in (None, "torch"):  # the kernel and the reference agree: NaN, not an index error
+        with use_backend(backend):
+            loss, _ = compression_loss(model, {"tokens": tokens, "states": torch.randn(1, 34, 25)})
+        assert torch.isnan(loss), backend
+    with pytest.raises(ValueError, match="outside"):
+        linear_cross_entropy(torch.randn(4, 64), model.tok_emb.weight, torch.tensor([0, 1, 2, 512]))
+
+
 @pytest.mark.gpu
 def test_bf16_training_step_cuda():
     model = STTransformer(STTransformerConfig.from_name("tiny")).cuda()

@@ -6,13 +6,48 @@ and page caching blur). `wmfast.bench.timing.peak_memory` uses the tracker for i
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 
 import torch
 
 
-class LiveBytesTracker:
+class DispatchObserver(contextlib.AbstractContextManager):
+    """Context manager calling `self._seen(func, out, input_keys)` after every aten op dispatched inside it (forward
+    and backward): func, its outputs, and the storage keys (data_ptr) of its tensor inputs taken before it ran.
+    Subclasses count what they need (LiveBytesTracker, model_cost.OpCounter)."""
+
+    _mode = None
+
+    def _seen(self, func, out, input_keys: set[int]) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        observer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                keys = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                        if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+                out = func(*args, **kwargs)
+                observer._seen(func, out, keys)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False
+
+
+class LiveBytesTracker(DispatchObserver):
     """Context manager counting the live bytes of the storages that aten ops create inside it.
 
     A TorchDispatchMode sees every op's outputs (forward and backward); a storage not among the op's inputs is
@@ -28,12 +63,11 @@ class LiveBytesTracker:
         self.allocated = 0
         self.softmax_bytes = 0
         self._live: dict[int, int] = {}  # data_ptr -> nbytes
-        self._mode = None
 
     def _release(self, key: int) -> None:
         self.current -= self._live.pop(key, 0)
 
-    def _track(self, func, out, input_keys: set[int]) -> None:
+    def _seen(self, func, out, input_keys: set[int]) -> None:
         from torch.utils._pytree import tree_leaves
 
         for t in tree_leaves(out):
@@ -50,29 +84,6 @@ class LiveBytesTracker:
             self.allocated += nbytes
             self.peak = max(self.peak, self.current)
             weakref.finalize(storage, self._release, key)
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-
-        tracker = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                keys = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
-                        if isinstance(a, torch.Tensor) and a.device.type != "meta"}
-                out = func(*args, **kwargs)
-                tracker._track(func, out, keys)
-                return out
-
-        self._mode = _Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
-        return False
 
 
 def saved_bytes(fn: Callable, inputs: tuple) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wmfast.bench.memory import LiveBytesTracker
+from wmfast.bench.memory import DispatchObserver, LiveBytesTracker
 from wmfast.bench.workloads import compression_batch
 
 TRAIN_DTYPE = torch.bfloat16  # the training precision: bf16 autocast over fp32 master weights
@@ -157,7 +157,7 @@ def sample_cost(model, device) -> PerToken:
 
 
 # ------------------------------------------------------------------------------------------- a training step
-class OpCounter(contextlib.AbstractContextManager):
+class OpCounter(DispatchObserver):
     """Counts the aten ops dispatched inside it that write memory (a CPU proxy for kernel launches): an op that
     returns a new storage (pure allocations such as aten.empty excluded) or writes an input in place / out=.
     Views and metadata ops return no new storage and write nothing: not counted. Also the largest new storage."""
@@ -166,14 +166,12 @@ class OpCounter(contextlib.AbstractContextManager):
         self.count = 0
         self.by_op: Counter = Counter()
         self.largest = (0, "", ())  # (bytes, op, shape)
-        self._mode = None
 
-    def _seen(self, func, args, kwargs, out) -> None:
+    def _seen(self, func, out, input_keys: set[int]) -> None:
         from torch.utils._pytree import tree_leaves
 
-        inputs = {_storage_key(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
         new = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()
-               and _storage_key(t) not in inputs]
+               and _storage_key(t) not in input_keys]
         schema = getattr(func, "_schema", None)  # higher-order ops have none
         writes = schema is not None and any(a.alias_info is not None and a.alias_info.is_write
                                             for a in schema.arguments)
@@ -184,26 +182,6 @@ class OpCounter(contextlib.AbstractContextManager):
         for t in new:
             if t.untyped_storage().nbytes() > self.largest[0]:
                 self.largest = (t.untyped_storage().nbytes(), name, tuple(t.shape))
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                out = func(*args, **kwargs)
-                counter._seen(func, args, kwargs, out)
-                return out
-
-        self._mode = _Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
-        return False
 
 
 def train_step(model, opt, batch: dict, device) -> None:

@@ -21,7 +21,7 @@ import torch
 from wmfast.kernels import adaln as _k
 from wmfast.kernels.tuning import adaln_shape_key
 from wmfast.ops import cuda_ext
-from wmfast.ops.common import DTYPES
+from wmfast.ops.common import DTYPES, check_eps
 from wmfast.ops.common import shape as _shape
 from wmfast.ops.dispatch import OpInputs, timing_runners, traceable_backend
 
@@ -84,10 +84,6 @@ def _check_mod(name: str, mod, x, frame_len) -> None:
                          f"(x shape {_shape(x)})")
 
 
-def _check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-
 
 def _shape_key(x, mods, grad: bool = False) -> str:
     """The shape class for the backend table / first-use timing, e.g. "B=1,L=1536,D=3072,bf16,per-frame";
@@ -120,7 +116,7 @@ def layernorm_modulate(x, shift, scale, *, eps=1e-6, frame_len=None):
     x: [B, L, D] (bf16, fp16, fp32). shift, scale: [B, D], [B, 1, D], [B, F, D] (with frame_len) or [B, L, D],
     x's dtype or fp32, any strides. Returns y: [B, L, D] in x.dtype. Differentiable in x, shift and scale."""
     _check_x("x", x)
-    _check_eps(eps)
+    check_eps(eps)
     frame_len = _check_frame_len(frame_len, x)
     _check_mod("shift", shift, x, frame_len)
     _check_mod("scale", scale, x, frame_len)
@@ -152,7 +148,7 @@ def gated_residual_layernorm_modulate(residual, x, gate, shift, scale, *, eps=1e
     Returns y, out: [B, L, D] in x.dtype. Differentiable in all five tensors."""
     _check_x("x", x)
     _check_x("residual", residual, like=x)
-    _check_eps(eps)
+    check_eps(eps)
     frame_len = _check_frame_len(frame_len, x)
     for name, mod in (("gate", gate), ("shift", shift), ("scale", scale)):
         _check_mod(name, mod, x, frame_len)

@@ -114,17 +114,12 @@ def _spatial_run(backend: str, q, k, v):
 
 
 def _time_spatial(runners: dict) -> tuple[dict[str, float], dict[str, str]]:
-    """(median ms per backend, why each backend that raised was skipped). Each runner runs under identity
-    saved-tensor hooks: inside a non-reentrant activation checkpoint the timed backward would otherwise unpack
-    through the checkpoint's hooks and recompute the block in the middle of its forward."""
+    """(median ms per backend, why each backend that raised was skipped). The runners are
+    `dispatch.timing_runners`', which keep their backward out of an enclosing activation checkpoint."""
     times, failed = {}, {}
     for name, run in runners.items():
-        def isolated(run=run):
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                return run()
-
         try:
-            times.update(dispatch.time_backends({name: isolated}))
+            times.update(dispatch.time_backends({name: run}))
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run this shape ("No available kernel")
             first_line = (str(e).strip().splitlines() or [""])[0]
             failed[name] = f"{type(e).__name__}: {first_line[:120]}"

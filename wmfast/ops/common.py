@@ -1,5 +1,5 @@
-"""What every op module of wmfast.ops shares: the dtype table, shape descriptions for error messages, and the
-once-per-message log line."""
+"""What every op module of wmfast.ops shares: the dtype table, shape descriptions for error messages, the eps
+check, and the once-per-message log line."""
 from __future__ import annotations
 
 import functools
@@ -15,12 +15,18 @@ logger = logging.getLogger("wmfast")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = "float32, float16, bfloat16"
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "describe", "dtype_name", "log_once", "logger", "shape"]
+__all__ = ["DTYPES", "DTYPE_NAMES", "check_eps", "describe", "dtype_name", "log_once", "logger", "shape"]
 
 
 def shape(t) -> str:
     """"(2, 4, 8)" for a tensor, else the type's name (for messages about a wrong argument)."""
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_eps(eps) -> None:
+    """ValueError unless eps is a non-negative int or float (a norm's epsilon)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
 def describe(t) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from wmfast.kernels import layernorm as _k
-from wmfast.ops.common import DTYPE_NAMES, DTYPES
+from wmfast.ops.common import DTYPE_NAMES, DTYPES, check_eps
 from wmfast.ops.common import shape as _shape
 from wmfast.ops.dispatch import OpInputs, traceable_backend
 
@@ -39,10 +39,6 @@ def _check_param(name: str, p, D: int, x) -> None:
         raise ValueError(f"{name}: {p.dtype} on {p.device}; expected one of {DTYPE_NAMES} on {x.device}")
 
 
-def _check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-
 
 def _backend(op: str, x, tensors, width: int | None = None) -> str:
     """The backend for normalising rows of `width` (default x's last dim) elements of x."""
@@ -62,7 +58,7 @@ def layer_norm(x, weight, bias, *, eps: float = 1e-5):
     x: [..., D] (float32/float16/bfloat16, any strides; a non-contiguous last dim is copied). weight, bias: [D].
     Returns y: x.shape, contiguous. Differentiable in x, weight and bias."""
     _check_x("x", x)
-    _check_eps(eps)
+    check_eps(eps)
     D = x.shape[-1]
     _check_param("weight", weight, D, x)
     _check_param("bias", bias, D, x)
@@ -81,7 +77,7 @@ def residual_layer_norm(residual, x, weight, bias, *, eps: float = 1e-5):
     contiguous. Differentiable in all four tensors; the backward keeps only `out` (and the weight)."""
     _check_x("x", x)
     _check_x("residual", residual, like=x)
-    _check_eps(eps)
+    check_eps(eps)
     D = x.shape[-1]
     _check_param("weight", weight, D, x)
     _check_param("bias", bias, D, x)
@@ -101,7 +97,7 @@ def qk_layer_norm(qkv, q_weight, q_bias, k_weight, k_bias, *, num_heads: int, ep
     [..., H, Dh] in qkv.dtype: strided views of one new [..., 2, H, Dh] tensor (the head dim contiguous).
     v is qkv's own view `qkv.unflatten(-1, (3, H, Dh))[..., 2, :, :]`. Differentiable in every tensor."""
     _check_x("qkv", qkv)
-    _check_eps(eps)
+    check_eps(eps)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     width = qkv.shape[-1]

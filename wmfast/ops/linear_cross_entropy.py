@@ -112,19 +112,22 @@ def _check_target_range(targets, V: int, ignore_index: int) -> None:
                          f"ignore_index={ignore_index} ({int(bad.sum())} such targets; targets {_shape(targets)})")
 
 
-def linear_cross_entropy(h, weight, targets, *, chunk_size: int = DEFAULT_CHUNK, ignore_index: int = IGNORE_INDEX):
+def linear_cross_entropy(h, weight, targets, *, chunk_size: int = DEFAULT_CHUNK, ignore_index: int = IGNORE_INDEX,
+                         check_targets: bool = True):
     """Mean CE of the logits h @ weight.T without materialising them: h [N, D], weight [V, D], targets [N].
 
     h may be any strided view (torch's matmul reads it as is, or copies one chunk when its last dimension is not
     unit-stride). Rows whose target is `ignore_index` add no loss and no gradient and are left out of the mean
     (torch.nn.functional.cross_entropy's semantics; every row ignored gives NaN, 0 / 0, as torch does). Any
     other target must lie in [0, V): ValueError before any launch (checked with one host sync, skipped while
-    torch.compile traces). Returns (loss: differentiable fp32 scalar, token_loss: [N] fp32 detached (0 on
+    torch.compile traces; check_targets=False skips it for a caller whose ids are already checked, e.g. on the
+    host by the data reader: such a row then gets a NaN loss). Returns (loss: differentiable fp32 scalar, token_loss: [N] fp32 detached (0 on
     ignored rows), correct: [N] bool, argmax == target (False on ignored rows)). Extra memory beyond the
     gradients ([N, D] in h.dtype, [V, D] fp32 accumulator): per chunk one [chunk_size, V] tensor in the matmul
     dtype on the triton backend; the torch backend adds an fp32 copy of it."""
     _check_inputs(h, weight, targets, chunk_size)
-    _check_target_range(targets, weight.shape[0], ignore_index)
+    if check_targets:
+        _check_target_range(targets, weight.shape[0], ignore_index)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     backend = traceable_backend("linear_cross_entropy", OpInputs.of(h, backward=need_grad))
     return _LinearCrossEntropy.apply(h, weight, targets.long(), chunk_size, int(ignore_index), need_grad, backend)

@@ -224,9 +224,10 @@ class STTransformer(nn.Module):
     def logits(self, h):  # [..., D] -> [..., V]
         return F.linear(h, self.tok_emb.weight)
 
-    def forward(self, tokens, states, targets=None, *, chunk_size: int = 4096):
+    def forward(self, tokens, states, targets=None, *, chunk_size: int = 4096, check_targets: bool = True):
         """targets None: logits [B, T, S, V]. targets [B, F, S] (or [B, F, G, G]): the grids that positions
-        T-F .. T-1 predict -> (mean CE, metrics) from a chunked linear-cross-entropy (no [N, V] logits)."""
+        T-F .. T-1 predict -> (mean CE, metrics) from a chunked linear-cross-entropy (no [N, V] logits).
+        check_targets: linear_cross_entropy's range check of the target ids (one host sync)."""
         h = self.hidden(tokens, states)
         if targets is None:
             return self.logits(h)
@@ -234,7 +235,8 @@ class STTransformer(nn.Module):
         targets = targets.reshape(B, F_, -1)
         h = h[:, h.shape[1] - F_:]  # [B, F, S, D]
         loss, token_loss, correct = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.tok_emb.weight,
-                                                         targets.reshape(-1), chunk_size=chunk_size)
+                                                         targets.reshape(-1), chunk_size=chunk_size,
+                                                         check_targets=check_targets)
         token_loss, correct = token_loss.view(B, F_, -1), correct.view(B, F_, -1)
         metrics = {"loss": loss.detach(), "accuracy": correct.float().mean()}
         for f in range(F_):
@@ -258,8 +260,9 @@ def compression_loss(model, batch: dict, *, chunk_size: int = 4096, future_reduc
     batch: {"tokens": [B, 6, G, G] int, "states": [B, 34, 25]} as `wmfast.data.TokenizedDataset` yields. The
     model sees grids 0..4 and is scored on the predictions of grids 3..5 (positions 2..4) only. `model` may be
     an STTransformer or a wrapper that forwards to it (DeepSpeed engine, DDP): it is called, not inspected
-    beyond `.config`. metrics: loss, accuracy (top-1), ce_future_{0,1,2}; the one host sync is the
-    target-range check of `linear_cross_entropy` (a bad token id is one clear ValueError, not a NaN loss).
+    beyond `.config`. metrics: loss, accuracy (top-1), ce_future_{0,1,2}; no host sync happens here: the token
+    ids are not checked again on the device (TokenizedDataset checks every sample's ids on the host; an id
+    outside the vocabulary from another source gives a NaN loss, which the trainer's nan policy reports).
     """
     # wrappers (DeepSpeed engine, DDP) hold the model in .module; a DeepSpeed engine's own .config is its
     # DeepSpeed config dict, so unwrap first (torch.compile's wrapper forwards .config to the model)
@@ -272,7 +275,7 @@ def compression_loss(model, batch: dict, *, chunk_size: int = 4096, future_reduc
     if future_reduction not in ("mean", "sum"):
         raise ValueError(f"future_reduction must be 'mean' or 'sum', got {future_reduction!r}")
     future = tokens[:, c.context_frames:]
-    loss, metrics = model(tokens[:, : c.num_frames], states, future, chunk_size=chunk_size)
+    loss, metrics = model(tokens[:, : c.num_frames], states, future, chunk_size=chunk_size, check_targets=False)
     # every future grid has the same number of tokens, so the sum of the per-grid means is F x the mean
     return (loss * future.shape[1] if future_reduction == "sum" else loss), metrics
 
