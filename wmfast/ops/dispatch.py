@@ -58,6 +58,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "ensemble_mean_var": ("triton", "torch"),
     "layer_norm": ("triton", "torch"),
     "residual_layer_norm": ("triton", "torch"),
+    "greedy_head": ("triton", "torch"),
+    "norm_linear": ("triton", "torch"),
 }
 _DEFAULT_ORDER = ("triton", "torch")  # an op not listed in OPS
 _ADALN_OPS = frozenset({"layernorm_modulate", "gated_residual_layernorm_modulate", "gated_residual"})
