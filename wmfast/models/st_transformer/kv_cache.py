@@ -11,13 +11,16 @@ import torch
 
 
 class TemporalKVCache:
-    """k[i], v[i]: [B, S, H, T_max, Dh] for layer i, allocated once, written in place at Python-int positions."""
+    """k[i], v[i]: [B, S, H, T_max, Dh] for layer i, allocated once (uninitialised), written in place at Python-int
+    positions."""
 
     def __init__(self, num_layers: int, batch: int, seq_len: int, num_heads: int, max_frames: int, head_dim: int,
                  *, device=None, dtype=torch.float32):
         shape = (batch, seq_len, num_heads, max_frames, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        # empty, not zeros: the prefill writes positions 0..C-1 and a decode step writes t before it reads 0..t,
+        # so no reader sees an unwritten slot (zero-filling cost 2 x L writes of the whole cache every call)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
 
     @classmethod
     def for_model(cls, model, batch: int, *, device=None, dtype=None) -> TemporalKVCache:
@@ -34,9 +37,3 @@ class TemporalKVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def mark_static(self) -> None:
-        """Tell torch.compile the buffers never move, so CUDA graphs (mode="reduce-overhead") update them in
-        place instead of copying them into graph-owned memory each step."""
-        for t in self.k + self.v:
-            torch._dynamo.mark_static_address(t)

@@ -63,6 +63,20 @@ class Attention(nn.Module):
             o = block_causal_attention(q, k, v)
         return self.resid_drop(self.proj(self.attn_drop(o.reshape(B, T, S, D))))
 
+    def infer(self, x, residual, ln: nn.LayerNorm, kv_cache=None, pos: int = 0):
+        """Inference (no autograd, no dropout): (branch, stream). stream = x + residual (x when residual is None);
+        the LayerNorm `ln` of the stream, this qkv projection and QK-norm run as one `wmfast.ops.norm_linear`."""
+        B, T, S, D = x.shape
+        qk = {}
+        if isinstance(self.q_norm, nn.LayerNorm):
+            qk = {"qk_norm": (self.q_norm.weight, self.q_norm.bias, self.k_norm.weight, self.k_norm.bias),
+                  "num_heads": self.h, "qk_eps": self.q_norm.eps}
+        qkv, x = ops.norm_linear(x, self.qkv.weight, self.qkv.bias, ln.weight, ln.bias, residual=residual,
+                                 eps=ln.eps, **qk)  # [B, T, S, 3D]
+        q, k, v = qkv.view(B, T, S, 3, self.h, self.dh).unbind(3)
+        o = ops.spatial_attention(q, k, v) if self.kind == "spatial" else self._temporal(q, k, v, kv_cache, pos)
+        return self.proj(o.reshape(B, T, S, D)), x
+
     @staticmethod
     def _temporal(q, k, v, kv_cache, pos: int):
         if kv_cache is None:
@@ -120,6 +134,18 @@ class Block(nn.Module):
         if self.recompute and kv_cache is None and torch.is_grad_enabled():
             return recompute_elementwise(run, x)
         return run(x, kv_cache, pos)
+
+    def infer(self, x, branch, kv_cache=None, pos: int = 0):
+        """The fused block for inference (eval mode, no autograd, weights and stream in one dtype): 8 launches
+        (3 `norm_linear`, 2 attentions, 3 linears) where `_fused` has 19. It takes and returns the residual stream
+        with the block's last branch not yet added, (stream, branch): the add is fused into the next block's first
+        `norm_linear` (or the final norm), so the block's output is stream + branch."""
+        a, x = self.attn1.infer(x, branch, self.ln1)
+        a, x = self.attn2.infer(x, a, self.ln2, kv_cache, pos)
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        h, x = ops.norm_linear(x, fc1.weight, fc1.bias, self.ln3.weight, self.ln3.bias, residual=a,
+                               eps=self.ln3.eps, activation="gelu_tanh")
+        return x, fc2(h)
 
     def _reference(self, x, kv_cache=None, pos: int = 0):
         x = x + self.attn1(self.ln1(x))
@@ -211,15 +237,29 @@ class STTransformer(nn.Module):
 
     def hidden(self, tokens, states=None, *, state_grids=None, start: int = 0, kv_cache=None):
         """Final-norm hidden states [B, T, S, D]. kv_cache (a TemporalKVCache): prefill (T > 1, start 0) or
-        one decode step (T == 1) at temporal position `start`, a Python int."""
+        one decode step (T == 1) at temporal position `start`, a Python int. In eval mode without autograd the
+        fused blocks run their inference path (`Block.infer`); the same mathematics, fewer launches."""
         if state_grids is None:
             state_grids = self.state_encoder(states)
         x = self.embed(tokens, state_grids, start)
+        if self._inference_blocks(x):
+            branch = None
+            for i, block in enumerate(self.blocks):
+                x, branch = block.infer(x, branch, None if kv_cache is None else kv_cache[i], start)
+            return ops.residual_layer_norm(x, branch, self.ln_f.weight, self.ln_f.bias, eps=self.ln_f.eps)[0]
         for i, block in enumerate(self.blocks):
             x = block(x, None if kv_cache is None else kv_cache[i], start)
         if self.config.block == "fused":
             return ops.layer_norm(x, self.ln_f.weight, self.ln_f.bias, eps=self.ln_f.eps)
         return self.ln_f(x)
+
+    def _inference_blocks(self, x) -> bool:
+        """Whether hidden() runs the blocks' inference path: the fused factorized block in eval mode, no autograd,
+        no autocast, the activations in the weights' dtype (the path has no dropout, no backward, no casts)."""
+        c = self.config
+        return (c.block == "fused" and c.attention == "factorized" and not self.training
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == self.tok_emb.weight.dtype)
 
     def logits(self, h):  # [..., D] -> [..., V]
         return F.linear(h, self.tok_emb.weight)
