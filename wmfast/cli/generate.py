@@ -1,13 +1,28 @@
 """Greedy generation with the ST-Transformer on samples of a tokenized 1X dataset: from the 3 context grids
 and the states, generate the 3 future grids and score them against the ground truth (teacher-forced full and
-Top-500 cross-entropy, the challenge's metric; greedy token accuracy; latency)."""
+Top-500 cross-entropy, the challenge's metric; greedy token accuracy; latency), in one or more precisions
+(`--dtype fp32,tf32,bf16`: each also reports how many greedy tokens agree with fp32's)."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import statistics
+import sys
 import time
 
 logger = logging.getLogger("wmfast")
+
+PRECISIONS = ("fp32", "tf32", "bf16")  # wmfast.inference.PRECISIONS, without importing torch for --help
+
+
+def _precisions(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRECISIONS]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of distinct "
+                                         f"{', '.join(PRECISIONS)}")
+    return sorted(names, key=PRECISIONS.index)  # fp32 first: the others are compared with it
 
 
 def add_arguments(p):
@@ -19,7 +34,11 @@ def add_arguments(p):
     p.add_argument("--samples", type=int, default=4, help="samples to score, evenly spaced over the split")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute every frame each step (the reference)")
-    p.add_argument("--compile", action="store_true", help="CUDA-graph the decode step (torch.compile)")
+    p.add_argument("--dtype", type=_precisions, default=["fp32"], metavar="fp32[,tf32,bf16]",
+                   help="precision(s) to decode in: fp32 (full-precision matmuls), tf32, bf16 (a bf16 copy of the "
+                        "weights); with several, each reports its greedy-token agreement with fp32")
+    p.add_argument("--graph", action="store_true",
+                   help="replay the whole rollout as one CUDA graph (captured at the first batch; GPU only)")
     p.add_argument("--top-k", type=int, default=500, help="k of the top-k cross-entropy")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
@@ -39,35 +58,78 @@ def _model(args, torch):
     return model
 
 
-def _score_batch(model, batch, args, torch, k: int) -> dict:
+def teacher_forced_scores(model, tokens, states, k: int, *, rows: int = 1024) -> dict:
+    """Sums over the future tokens of full CE, top-k CE and argmax hits, teacher forced. The logits are made
+    `rows` tokens at a time from the hidden states, so no [B, 3, S, V] tensor exists."""
+    import torch
+
     from wmfast.metrics import token_cross_entropy, token_topk_cross_entropy
 
     c = model.config
-    tokens, states = batch["tokens"].to(args.device), batch["states"].to(args.device)
-    B, F = tokens.shape[0], c.future_frames
-    target = tokens[:, c.context_frames:].reshape(B, F, -1)  # [B, 3, S]
-    logits = model(tokens[:, : c.num_frames], states)[:, c.context_frames - 1:]  # teacher forced: [B, 3, S, V]
-    out = {"ce": token_cross_entropy(logits, target).sum(), "topk_ce": token_topk_cross_entropy(logits, target, k).sum(),
-           "tf_correct": (logits.argmax(-1) == target).sum(), "tokens": target.numel()}
-    del logits
+    h = model.hidden(tokens[:, : c.num_frames], states)[:, c.context_frames - 1:]  # [B, 3, S, D]
+    h, target = h.reshape(-1, h.shape[-1]), tokens[:, c.context_frames:].reshape(-1)
+    out = {"ce": 0.0, "topk_ce": 0.0, "tf_correct": 0}
+    for i in range(0, h.shape[0], rows):
+        logits, y = model.logits(h[i: i + rows]), target[i: i + rows]
+        out["ce"] += token_cross_entropy(logits, y).sum()
+        out["topk_ce"] += token_topk_cross_entropy(logits, y, k).sum()
+        out["tf_correct"] += (logits.argmax(-1) == y).sum()
+    return {key: torch.as_tensor(v).double() for key, v in out.items()}
+
+
+def _decode(model, args, precision, tokens, states, torch, generators) -> tuple:
+    """(generated ids [B, 3, S], seconds) through this precision's Generator for the batch size."""
+    from wmfast.inference import Generator
+
+    B = tokens.shape[0]
+    if (precision, B) not in generators:
+        generators[precision, B] = Generator(model, B, precision=precision, use_cache=not args.no_cache,
+                                             graph=args.graph)
+    gen = generators[precision, B]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    gen = model.generate(tokens[:, : c.context_frames], states, use_cache=not args.no_cache, compile_step=args.compile)
+    out = gen(tokens[:, : model.config.context_frames], states)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    out["seconds"] = time.perf_counter() - t0
-    out["gen_correct"] = (gen.reshape(B, F, -1) == target).sum(dim=(0, 2))  # per future frame
+    return out.reshape(B, out.shape[1], -1), time.perf_counter() - t0, gen
+
+
+def _summary(c, n, per: dict, k: int) -> dict:
+    n_tok, per_frame = per["tokens"], per["tokens"] / c.future_frames
+    times = per["seconds"][1:] or per["seconds"]  # the first call includes the set-up (graph capture)
+    out = {"cross_entropy": float(per["ce"]) / n_tok, f"top{k}_cross_entropy": float(per["topk_ce"]) / n_tok,
+           "teacher_forced_accuracy": float(per["tf_correct"]) / n_tok,
+           "greedy_accuracy_per_frame": [round(float(x) / per_frame, 4) for x in per["gen_correct"]],
+           "ms_per_generation": 1e3 * statistics.median(times),
+           "ms_per_generation_p90": 1e3 * statistics.quantiles(times, n=10)[-1] if len(times) > 1 else 1e3 * times[0],
+           "ms_first_generation": 1e3 * per["seconds"][0]}
+    if "agree" in per:
+        out["greedy_agreement_with_fp32"] = round(float(per["agree"]) / n_tok, 4)
     return out
+
+
+def _print_table(results: dict, k: int) -> None:
+    print(f"{'precision':<10}{'CE':>8}{f'top{k} CE':>11}{'tf acc':>8}  {'greedy acc per grid':<24}{'agree fp32':>11}"
+          f"{'ms median':>11}{'ms p90':>9}{'ms first':>10}")
+    for p, r in results.items():
+        agree = r.get("greedy_agreement_with_fp32")
+        print(f"{p:<10}{r['cross_entropy']:8.4f}{r[f'top{k}_cross_entropy']:11.4f}{r['teacher_forced_accuracy']:8.4f}  "
+              f"{r['greedy_accuracy_per_frame']!s:<24}{'-' if agree is None else f'{agree:.4f}':>11}"
+              f"{r['ms_per_generation']:11.2f}{r['ms_per_generation_p90']:9.2f}{r['ms_first_generation']:10.2f}")
 
 
 def run(args) -> int:
     import torch
 
     from wmfast.data import TokenizedDataset
+    from wmfast.inference import precision_scope
 
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = _model(args, torch).to(args.device).eval()
+    if args.graph and not args.device.startswith("cuda"):
+        print(f"wmfast generate: error: --graph needs a CUDA device (--device {args.device})", file=sys.stderr)
+        return 2
+    model = _model(args, torch).to(args.device).float().eval()
     c = model.config
     ds = TokenizedDataset(args.data, args.split or None, vocab_size=c.vocab_size)
     if ds.grid_size != c.grid_size:
@@ -78,24 +140,41 @@ def run(args) -> int:
         raise ValueError(f"{ds.dir}: no samples")
     indices = [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]
     k = min(args.top_k, c.vocab_size)
-    totals: dict = {}
+    per = {p: {"ce": 0, "topk_ce": 0, "tf_correct": 0, "gen_correct": 0, "seconds": [], "tokens": 0}
+           for p in args.dtype}
+    generators: dict = {}
     with torch.no_grad():
         for i in range(0, n, args.batch_size):
             batch = torch.utils.data.default_collate([ds[j] for j in indices[i: i + args.batch_size]])
-            for key, value in _score_batch(model, batch, args, torch, k).items():
-                totals[key] = totals.get(key, 0) + value
-    n_tok = totals["tokens"]
-    per_frame = n_tok / c.future_frames
-    summary = {
-        "samples": n, "split_dir": ds.dir, "checkpoint": args.checkpoint, "preset": args.preset,
-        "cross_entropy": float(totals["ce"]) / n_tok, f"top{k}_cross_entropy": float(totals["topk_ce"]) / n_tok,
-        "teacher_forced_accuracy": float(totals["tf_correct"]) / n_tok,
-        "greedy_accuracy_per_frame": [round(float(x) / per_frame, 4) for x in totals["gen_correct"]],
-        "ms_per_generation": 1e3 * totals["seconds"] / -(-n // args.batch_size), "batch_size": args.batch_size,
-        "use_cache": not args.no_cache, "device": args.device,
-    }
+            tokens, states = batch["tokens"].to(args.device), batch["states"].to(args.device)
+            B = tokens.shape[0]
+            target = tokens[:, c.context_frames:].reshape(B, c.future_frames, -1)
+            reference = None
+            for p in args.dtype:
+                gen, seconds, generator = _decode(model, args, p, tokens, states, torch, generators)
+                with precision_scope(p):
+                    scores = teacher_forced_scores(generator.model, tokens, states, k)
+                acc = per[p]
+                for key, value in scores.items():
+                    acc[key] += value
+                acc["seconds"].append(seconds)
+                acc["tokens"] += target.numel()
+                acc["gen_correct"] += (gen == target).sum(dim=(0, 2))  # per future frame
+                if p == "fp32":
+                    reference = gen
+                elif reference is not None:
+                    acc["agree"] = acc.get("agree", 0) + (gen == reference).sum()
+    results = {p: _summary(c, n, per[p], k) for p in args.dtype}
+    summary = {"samples": n, "split_dir": ds.dir, "checkpoint": args.checkpoint, "preset": args.preset,
+               "batch_size": args.batch_size, "use_cache": not args.no_cache, "graph": args.graph,
+               "device": args.device, **results[args.dtype[0]]}
+    if len(args.dtype) > 1:
+        summary["precisions"] = results
     for key, value in summary.items():
-        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        if key != "precisions":
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    if len(args.dtype) > 1:
+        _print_table(results, k)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -1,6 +1,7 @@
 """The ST-Transformer of the compression track: config and counts (config), the model and its training loss
 (model), weight loading from training runs and files (checkpoint), greedy generation with a static temporal
-KV cache (generate, kv_cache; `STTransformer.generate` runs it, `wmfast.inference` exports it), and the attention
+KV cache (generate, kv_cache; `STTransformer.generate` runs it, `wmfast.inference` exports it), the low-latency
+`Generator` holding one CUDA graph of a whole rollout (generator), and the attention
 that materialises its scores for the memory table (eager_attention)."""
 from wmfast.models.st_transformer.checkpoint import load_checkpoint
 from wmfast.models.st_transformer.config import (
