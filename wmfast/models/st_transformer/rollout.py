@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from wmfast import ops
+from wmfast.data.format import SAMPLE_FRAMES
 
 from .kv_cache import TemporalKVCache
 
@@ -71,7 +72,7 @@ def check_inputs(model, context_tokens, states, num_frames: int, use_cache: bool
         raise ValueError(f"context_tokens: expected integer ids [B, C, {c.grid_size}, {c.grid_size}] or "
                          f"[B, C, {c.seq_len}], got {got}")
     B, C = context_tokens.shape[:2]
-    if not isinstance(states, torch.Tensor) or states.ndim != 3 or states.shape[0] != B:
+    if not isinstance(states, torch.Tensor) or tuple(states.shape) != (B, SAMPLE_FRAMES, c.state_dim):
         got = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states)
-        raise ValueError(f"states: expected [B={B}, 34, {c.state_dim}], got {got}")
+        raise ValueError(f"states: expected [B={B}, {SAMPLE_FRAMES}, {c.state_dim}], got {got}")
     check_rollout(c, C, num_frames, use_cache)
