@@ -8,7 +8,7 @@ full logits): "recompute" (eager, no cache: every step reruns all grids so far, 
 temporal KV cache), and on a GPU "recompute-graph" / "wmfast-graph" (the whole rollout as one CUDA graph replay).
 Latency is host-timed over back-to-back calls with a synchronise after each (what a caller waits): median and p20/p80
 in bench_st_generate.csv (op generate_3_frames, mode rollout), with p90, samples/s and agreement in
-bench_st_generate_latency.csv. Launches per decode step: aten ops that write memory (`OpCounter`, any device; custom
+bench_st_generate_latency.csv. Launches per decode step (bench_st_generate_launches.csv): aten ops that write memory (`OpCounter`, any device; custom
 ops count once) of one eager decode step, the inference path against the training path with full logits (the path
 generation took before it had one), at the preset's real widths with 1 and 2 layers, extrapolated linearly to its
 depth; on a GPU also the CUDA kernels the profiler sees in one decode step of the whole model.
@@ -125,15 +125,27 @@ def cuda_kernels_per_step(model, c, device) -> int | None:
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and not e.name.startswith(("Memcpy", "Memset")))
 
 
-def bench_launches(ctx, c) -> None:
-    """Ops per decode step at the preset's widths, 1 and 2 layers, extrapolated to its depth (linear in layers)."""
+def bench_launches(ctx, c, model=None) -> None:
+    """Ops per decode step at the preset's widths, 1 and 2 layers, extrapolated to its depth (linear in layers),
+    and on a GPU the CUDA kernels of one step of `model`: bench_st_generate_launches.csv (counts, not times, so
+    they stay out of the timing rows)."""
+    rows = []
     for name, inference in (("training-path+logits", False), ("inference", True)):
         n1, n2 = (decode_launches(type(c)(**{**c.to_dict(), "num_layers": L}), ctx.device, inference=inference)
                   for L in (1, 2))
         per_layer, total = n2 - n1, n1 + (n2 - n1) * (c.num_layers - 1)
         ctx.log(f"decode step ({name}): {per_layer} ops a layer, {total} at {c.num_layers} layers (OpCounter)")
-        ctx.writer.add("decode_step_launches", f"L={c.num_layers} D={c.d_model} S={c.seq_len} ops={total} "
-                       f"per_layer={per_layer}", name, "count", Measurement(total, total, total))
+        rows.append({"path": name, "method": "OpCounter (aten ops that write memory)", "layers": c.num_layers,
+                     "per_layer": per_layer, "per_step": total})
+    if model is not None:
+        n = cuda_kernels_per_step(model, model.config, ctx.device)
+        ctx.log(f"decode step: {n} CUDA kernels (profiler, {model.config.num_layers} layers, eager inference path)")
+        rows.append({"path": "inference", "method": "CUDA kernels (profiler)", "layers": model.config.num_layers,
+                     "per_layer": "", "per_step": "" if n is None else n})
+    with open(ctx.out_dir / "bench_st_generate_launches.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], *environment(str(ctx.device))])
+        w.writeheader()
+        w.writerows({**r, **environment(str(ctx.device))} for r in rows)
 
 
 def _jobs(ctx, gpu: bool) -> list[tuple[int, str, str]]:
@@ -161,12 +173,10 @@ def run(ctx):
     gpu = ctx.device.type == "cuda"
     c = (STTransformerConfig.from_name("tiny", num_layers=1, grid_size=4) if ctx.quick
          else STTransformerConfig.from_name("1x-compression", dropout=0.0))
-    bench_launches(ctx, c if gpu or ctx.quick else type(c)(**{**c.to_dict(), "vocab_size": 4096}))
     torch.manual_seed(0)
     model = STTransformer(c).to(ctx.device).eval()
-    if gpu:
-        n = cuda_kernels_per_step(model, c, ctx.device)
-        ctx.log(f"decode step: {n} CUDA kernels (profiler, {c.num_layers} layers, eager inference path)")
+    bench_launches(ctx, c if gpu or ctx.quick else type(c)(**{**c.to_dict(), "vocab_size": 4096}),
+                   model if gpu else None)
     rows, budget = Rows(ctx), (0.3 if ctx.quick else 0.5 if ctx.lease else 2.0)
     inputs, reference, best = {}, {}, {}
     for B, precision, provider in _jobs(ctx, gpu):
