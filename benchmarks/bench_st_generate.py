@@ -86,42 +86,43 @@ def decode_launches(c, device, *, inference: bool) -> int:
     """Aten ops that write memory in one eager decode step (B=1) of a model of config c: the inference path with
     the greedy head, or (inference=False) the training-path blocks with the full logits and their argmax."""
     from wmfast.bench.model_cost import OpCounter
-    from wmfast.inference import TemporalKVCache, decode_step
     from wmfast.models import STTransformer
 
     torch.manual_seed(0)
     model = STTransformer(c).to(device).train(not inference)  # dropout is 0: train() only selects the path
+    step = prefilled_step(model, c, device, return_logits=not inference)
+    with OpCounter() as counter:
+        step()
+    return counter.count
+
+
+def prefilled_step(model, c, device, return_logits: bool = False):
+    """A zero-argument eager decode step (B=1, position C) of `model`, its cache prefilled with random context."""
+    from wmfast.inference import TemporalKVCache, decode_step
+
     batch = compression_batch(c, 1, device)
     ctx = batch["tokens"][:, : c.context_frames].reshape(1, c.context_frames, -1)
     with torch.no_grad():
         sg = model.state_encoder(batch["states"])
         cache = TemporalKVCache.for_model(model, 1)
         model.hidden(ctx, state_grids=sg, kv_cache=cache)
-        with OpCounter() as counter:
-            decode_step(model, ctx[:, -1:], sg, c.context_frames, cache, return_logits=not inference)
-    return counter.count
+    return torch.no_grad()(lambda: decode_step(model, ctx[:, -1:], sg, c.context_frames, cache,
+                                               return_logits=return_logits))
 
 
 def cuda_kernels_per_step(model, c, device) -> int | None:
     """CUDA kernels the profiler records in one eager decode step (B=1) of `model` (None: no profiler here)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from wmfast.inference import TemporalKVCache, decode_step
-
-    batch = compression_batch(c, 1, device)
-    ctx = batch["tokens"][:, : c.context_frames].reshape(1, c.context_frames, -1)
-    with torch.no_grad():
-        sg = model.state_encoder(batch["states"])
-        cache = TemporalKVCache.for_model(model, 1)
-        model.hidden(ctx, state_grids=sg, kv_cache=cache)
-        decode_step(model, ctx[:, -1:], sg, c.context_frames, cache)  # warm-up
-        torch.cuda.synchronize()
-        try:  # a profiler that cannot start (CUPTI busy or absent) costs this one number, not the suite
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                decode_step(model, ctx[:, -1:], sg, c.context_frames, cache)
-                torch.cuda.synchronize()
-        except Exception:  # noqa: BLE001
-            return None
+    step = prefilled_step(model, c, device)
+    step()  # warm-up
+    torch.cuda.synchronize()
+    try:  # a profiler that cannot start (CUPTI busy or absent) costs this one number, not the suite
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001
+        return None
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and not e.name.startswith(("Memcpy", "Memset")))
 
 

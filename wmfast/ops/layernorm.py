@@ -15,29 +15,9 @@ from __future__ import annotations
 import torch
 
 from wmfast.kernels import layernorm as _k
-from wmfast.ops.common import DTYPE_NAMES, DTYPES, check_eps
+from wmfast.ops.common import check_eps, check_rows, check_vector
 from wmfast.ops.common import shape as _shape
 from wmfast.ops.dispatch import OpInputs, traceable_backend
-
-
-def _check_x(name: str, x, like=None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")  # noqa: TRY004
-    if x.dim() < 1 or x.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty [..., D] tensor, got shape {_shape(x)}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"{name} dtype {x.dtype} not supported ({DTYPE_NAMES})")
-    if like is not None and (x.shape != like.shape or x.dtype != like.dtype or x.device != like.device):
-        raise ValueError(f"{name} {_shape(x)} {x.dtype} on {x.device} does not match x {_shape(like)} {like.dtype} "
-                         f"on {like.device}")
-
-
-def _check_param(name: str, p, D: int, x) -> None:
-    if not isinstance(p, torch.Tensor) or p.shape != (D,):
-        raise ValueError(f"{name} must be a [{D}] tensor (D of x {_shape(x)}), got {_shape(p)}")
-    if p.dtype not in DTYPES or p.device != x.device:
-        raise ValueError(f"{name}: {p.dtype} on {p.device}; expected one of {DTYPE_NAMES} on {x.device}")
-
 
 
 def _backend(op: str, x, tensors, width: int | None = None) -> str:
@@ -57,11 +37,11 @@ def layer_norm(x, weight, bias, *, eps: float = 1e-5):
 
     x: [..., D] (float32/float16/bfloat16, any strides; a non-contiguous last dim is copied). weight, bias: [D].
     Returns y: x.shape, contiguous. Differentiable in x, weight and bias."""
-    _check_x("x", x)
+    check_rows("x", x)
     check_eps(eps)
     D = x.shape[-1]
-    _check_param("weight", weight, D, x)
-    _check_param("bias", bias, D, x)
+    check_vector("weight", weight, D, x)
+    check_vector("bias", bias, D, x)
     rows, w, b = _rows(x), weight.view(1, D), bias.view(1, D)
     if _backend("layer_norm", x, (x, weight, bias)) == "triton":
         y = _k.layer_norm_op(rows, w, b, float(eps))
@@ -75,12 +55,12 @@ def residual_layer_norm(residual, x, weight, bias, *, eps: float = 1e-5):
 
     residual, x: [..., D], same shape, dtype and device. weight, bias: [D]. Returns y, out: x.shape, x.dtype,
     contiguous. Differentiable in all four tensors; the backward keeps only `out` (and the weight)."""
-    _check_x("x", x)
-    _check_x("residual", residual, like=x)
+    check_rows("x", x)
+    check_rows("residual", residual, like=x)
     check_eps(eps)
     D = x.shape[-1]
-    _check_param("weight", weight, D, x)
-    _check_param("bias", bias, D, x)
+    check_vector("weight", weight, D, x)
+    check_vector("bias", bias, D, x)
     r, rows, w, b = _rows(residual), _rows(x), weight.view(1, D), bias.view(1, D)
     if _backend("residual_layer_norm", x, (residual, x, weight, bias)) == "triton":
         y, out = _k.residual_layer_norm_op(r, rows, w, b, float(eps))
@@ -96,7 +76,7 @@ def qk_layer_norm(qkv, q_weight, q_bias, k_weight, k_bias, *, num_heads: int, ep
     q_weight, q_bias, k_weight, k_bias: [Dh] (the weights are shared by the heads). Returns (q, k), each
     [..., H, Dh] in qkv.dtype: strided views of one new [..., 2, H, Dh] tensor (the head dim contiguous).
     v is qkv's own view `qkv.unflatten(-1, (3, H, Dh))[..., 2, :, :]`. Differentiable in every tensor."""
-    _check_x("qkv", qkv)
+    check_rows("qkv", qkv)
     check_eps(eps)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -105,7 +85,7 @@ def qk_layer_norm(qkv, q_weight, q_bias, k_weight, k_bias, *, num_heads: int, ep
         raise ValueError(f"qkv last dim {width} (shape {_shape(qkv)}) is not 3 * num_heads={num_heads} * Dh")
     H, Dh = num_heads, width // (3 * num_heads)
     for name, p in (("q_weight", q_weight), ("q_bias", q_bias), ("k_weight", k_weight), ("k_bias", k_bias)):
-        _check_param(name, p, Dh, qkv)
+        check_vector(name, p, Dh, qkv)
     lead = qkv.shape[:-1]
     flat = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
     rows = flat.reshape(-1, 3, H, Dh)[:, :2].flatten(1, 2)  # [M, 2H, Dh] view: rows 3D apart, heads Dh apart

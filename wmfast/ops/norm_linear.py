@@ -14,25 +14,11 @@ from __future__ import annotations
 import torch
 
 from wmfast.kernels import norm_linear as _k
-from wmfast.ops.common import DTYPE_NAMES, DTYPES, check_eps, log_once
+from wmfast.ops.common import check_eps, check_rows, check_vector, log_once
 from wmfast.ops.common import shape as _shape
 from wmfast.ops.dispatch import OpInputs, traceable_backend
 
 _QK_NAMES = ("q_weight", "q_bias", "k_weight", "k_bias")
-
-
-def _check_x(x, residual) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a tensor, got {type(x).__name__}")  # noqa: TRY004
-    if x.dim() < 1 or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty [..., D] tensor, got shape {_shape(x)}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"x dtype {x.dtype} not supported ({DTYPE_NAMES})")
-    if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape
-                                 or residual.dtype != x.dtype or residual.device != x.device):
-        what = f"{_shape(residual)} {residual.dtype} on {residual.device}" if isinstance(residual, torch.Tensor) \
-            else type(residual).__name__
-        raise ValueError(f"residual {what} does not match x {_shape(x)} {x.dtype} on {x.device}")
 
 
 def _check_linear(x, weight, bias) -> None:
@@ -45,13 +31,6 @@ def _check_linear(x, weight, bias) -> None:
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.dtype != x.dtype or p.device != x.device):
             raise ValueError(f"{name}: {p.dtype} on {p.device}; expected x's {x.dtype} on {x.device}")
-
-
-def _check_param(name: str, p, width: int, what: str, x) -> None:
-    if not isinstance(p, torch.Tensor) or p.shape != (width,):
-        raise ValueError(f"{name} must be a [{width}] tensor ({what}), got {_shape(p)}")
-    if p.dtype not in DTYPES or p.device != x.device:
-        raise ValueError(f"{name}: {p.dtype} on {p.device}; expected one of {DTYPE_NAMES} on {x.device}")
 
 
 def _check_qk(qk_norm, num_heads, N: int, x, activation) -> int:
@@ -70,7 +49,7 @@ def _check_qk(qk_norm, num_heads, N: int, x, activation) -> int:
         raise ValueError(f"qk_norm: N={N} (weight rows) is not 3 * num_heads={num_heads} * Dh")
     Dh = N // (3 * num_heads)
     for name, p in zip(_QK_NAMES, qk_norm):
-        _check_param(f"qk_norm {name}", p, Dh, f"Dh = N / (3 * num_heads) = {N} / {3 * num_heads}", x)
+        check_vector(f"qk_norm {name}", p, Dh, x, f"Dh = N / (3 * num_heads) = {N} / {3 * num_heads}")
     return Dh
 
 
@@ -113,14 +92,16 @@ def norm_linear(x, weight, bias, ln_weight, ln_bias, *, residual=None, eps: floa
       (qk_eps, fp32 statistics; the kernel takes Dh in 16, 32, 64, 128), v is left as projected.
     Returns y: [..., N] contiguous in x.dtype, and out. Forward-only kernel: when grad is enabled and any input
     requires grad, the torch reference runs instead (differentiable)."""
-    _check_x(x, residual)
+    check_rows("x", x)
+    if residual is not None:
+        check_rows("residual", residual, like=x)
     check_eps(eps)
     check_eps(qk_eps)
     D = x.shape[-1]
     _check_linear(x, weight, bias)
     N = weight.shape[0]
     for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        _check_param(name, p, D, f"D of x {_shape(x)}", x)
+        check_vector(name, p, D, x)
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
     head_dim = _check_qk(qk_norm, num_heads, N, x, activation)
