@@ -203,9 +203,13 @@ def test_decode_step_launches_halved():
     assert counts[True][1] <= counts[False][1] / 2, counts
 
 
-def test_rollout_without_logits_allocates_no_logit_sized_tensor():
+@pytest.mark.parametrize("backend", ["default", "torch"])
+def test_rollout_without_logits_allocates_no_logit_sized_tensor(monkeypatch, backend):
     """At the real grid (S = 1024) and vocabulary (V = 64,000): no tensor allocated during a rollout that returns
-    no logits is larger than a quarter of the [B, S, V] fp32 logits (the greedy head works in vocabulary chunks)."""
+    no logits is larger than a quarter of the [B, S, V] fp32 logits (the greedy head works in vocabulary chunks;
+    measured: 3.1 MB on the kernels, 16.6 MB on the torch reference, against 262 MB of logits)."""
+    if backend == "torch":
+        monkeypatch.setenv("WMFAST_BACKEND", "torch")
     torch.manual_seed(0)
     model = STTransformer(STTransformerConfig.from_name("tiny", num_layers=1, grid_size=32, vocab_size=64000))
     g = torch.Generator().manual_seed(0)
