@@ -26,6 +26,17 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fp32_dot_precision() -> str:
+    """tl.dot's input_precision for fp32 operands as torch's fp32 matmul setting says: "tf32" when TF32 is allowed,
+    else "ieee" (exact products, what an fp32 F.linear computes under the default "highest"). Reads the
+    per-backend `torch.backends.cuda.matmul.fp32_precision` when it is set (the legacy getter raises once it is),
+    else `torch.get_float32_matmul_precision()`."""
+    new = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", "none")
+    if new in ("tf32", "ieee"):
+        return new
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def launcher(kernel):
     """The kernel to index with a grid inside a torch.library op (see the module docstring)."""
     return kernel if triton_interpret() else torch.library.wrap_triton(kernel)

@@ -9,9 +9,9 @@ Semantics, per row n of h [N, D] against the tied embedding weight [V, D] (same 
     value[n]  = logits[index[n]]                    fp32
 NaN counts as larger than everything (torch.argmax returns the first NaN's index): a NaN in weight rows selects
 the first such row, a NaN in a row of h (all its logits NaN) selects index 0. A row whose logits are all -inf
-gives index 0. fp32 inputs: tl.dot's input_precision is "ieee" when torch.get_float32_matmul_precision() is
-"highest" (the default: an fp32 F.linear) and "tf32" otherwise, read at launch time (under torch.compile: when
-traced). bf16/fp16: the tensor-core dot. Inference only: no autograd formula (wmfast.ops.greedy_head refuses
+gives index 0. fp32 inputs: tl.dot's input_precision is "ieee" when torch's fp32 matmul precision is "highest"
+(the default: an fp32 F.linear) and "tf32" when TF32 is allowed (`_launch.fp32_dot_precision`), read at launch
+time (under torch.compile: when traced). bf16/fp16: the tensor-core dot. Inference only: no autograd formula (wmfast.ops.greedy_head refuses
 inputs that require grad while grad mode is on).
 
 Kernel design: grid (cdiv(N, BLOCK_N), SPLITS). Program (i, s) owns rows [i * BLOCK_N, (i + 1) * BLOCK_N) and a
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from wmfast.kernels._launch import launcher, register, triton_interpret
+from wmfast.kernels._launch import fp32_dot_precision, launcher, register, triton_interpret
 
 MAX_V = 2**31 - 2**20  # column indices run in int32 (a tile's, up to 2**20 wide, included); pointers in int64
 
@@ -180,9 +180,7 @@ def _sm_count(index: int) -> int:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: fp32 follows torch's matmul precision (checked at each launch); 16-bit: mma."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"
 
 
 def _tiles(N: int, V: int, D: int, dtype: torch.dtype, precision: str) -> tuple[int, int, int, int, int]:

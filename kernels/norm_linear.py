@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from wmfast.kernels._launch import launcher, register, triton_interpret
+from wmfast.kernels._launch import fp32_dot_precision, launcher, register, triton_interpret
 from wmfast.kernels.layernorm import layer_norm_ref, residual_layer_norm_ref
 
 ACTIVATIONS = ("none", "gelu_tanh")
@@ -191,9 +191,7 @@ def _tile(M: int, N: int, D: int, dtype: torch.dtype, head_dim: int) -> tuple[in
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact products ("ieee") under torch's default "highest" matmul precision (what fp32 F.linear
     does), TF32 when the user allowed it; 16-bit inputs: the argument is ignored."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    return fp32_dot_precision() if dtype == torch.float32 else "ieee"
 
 
 def _norm_linear_fwd(x, residual, weight, bias, ln_weight, ln_bias, eps, activation, q_weight, q_bias, k_weight,

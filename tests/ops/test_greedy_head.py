@@ -212,7 +212,7 @@ def test_triton_path_allocates_only_the_partials(on_device):
 def test_fp32_dot_precision_follows_torch_setting():
     default = torch.get_float32_matmul_precision()
     try:
-        assert K._dot_precision(fp32) == "ieee" if default == "highest" else "tf32"
+        assert K._dot_precision(fp32) == ("ieee" if default == "highest" else "tf32")
         torch.set_float32_matmul_precision("high")
         assert K._dot_precision(fp32) == "tf32"
         torch.set_float32_matmul_precision("highest")

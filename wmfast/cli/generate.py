@@ -25,21 +25,31 @@ def _precisions(text: str) -> list[str]:
     return sorted(names, key=PRECISIONS.index)  # fp32 first: the others are compared with it
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
 def add_arguments(p):
     p.add_argument("--data", required=True, help="tokenized dataset root (train_v2.0/, val_v2.0/) or split dir")
     p.add_argument("--split", default="val", help="split to draw samples from ('' = DATA is the split dir)")
     p.add_argument("--checkpoint", default=None, help="training checkpoint dir, .pt or .safetensors")
     p.add_argument("--preset", default="1x-compression",
                    help="model preset (random weights without --checkpoint; the config if the checkpoint has none)")
-    p.add_argument("--samples", type=int, default=4, help="samples to score, evenly spaced over the split")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--samples", type=_positive, default=4, help="samples to score, evenly spaced over the split")
+    p.add_argument("--batch-size", type=_positive, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute every frame each step (the reference)")
     p.add_argument("--dtype", type=_precisions, default=["fp32"], metavar="fp32[,tf32,bf16]",
                    help="precision(s) to decode in: fp32 (full-precision matmuls), tf32, bf16 (a bf16 copy of the "
                         "weights); with several, each reports its greedy-token agreement with fp32")
     p.add_argument("--graph", action="store_true",
                    help="replay the whole rollout as one CUDA graph (captured at the first batch; GPU only)")
-    p.add_argument("--top-k", type=int, default=500, help="k of the top-k cross-entropy")
+    p.add_argument("--top-k", type=_positive, default=500, help="k of the top-k cross-entropy")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
@@ -78,11 +88,13 @@ def teacher_forced_scores(model, tokens, states, k: int, *, rows: int = 1024) ->
 
 
 def _decode(model, args, precision, tokens, states, torch, generators) -> tuple:
-    """(generated ids [B, 3, S], seconds) through this precision's Generator for the batch size."""
+    """(generated ids [B, 3, S], seconds, the Generator, whether it was made for this call) through this
+    precision's Generator for the batch size."""
     from wmfast.inference import Generator
 
     B = tokens.shape[0]
-    if (precision, B) not in generators:
+    new = (precision, B) not in generators
+    if new:
         generators[precision, B] = Generator(model, B, precision=precision, use_cache=not args.no_cache,
                                              graph=args.graph)
     gen = generators[precision, B]
@@ -92,18 +104,18 @@ def _decode(model, args, precision, tokens, states, torch, generators) -> tuple:
     out = gen(tokens[:, : model.config.context_frames], states)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return out.reshape(B, out.shape[1], -1), time.perf_counter() - t0, gen
+    return out.reshape(B, out.shape[1], -1), time.perf_counter() - t0, gen, new
 
 
 def _summary(c, n, per: dict, k: int) -> dict:
     n_tok, per_frame = per["tokens"], per["tokens"] / c.future_frames
-    times = per["seconds"][1:] or per["seconds"]  # the first call includes the set-up (graph capture)
+    times = per["seconds"] or per["setup"]  # calls of a Generator made earlier; else only first calls were timed
     out = {"cross_entropy": float(per["ce"]) / n_tok, f"top{k}_cross_entropy": float(per["topk_ce"]) / n_tok,
            "teacher_forced_accuracy": float(per["tf_correct"]) / n_tok,
            "greedy_accuracy_per_frame": [round(float(x) / per_frame, 4) for x in per["gen_correct"]],
            "ms_per_generation": 1e3 * statistics.median(times),
            "ms_per_generation_p90": 1e3 * statistics.quantiles(times, n=10)[-1] if len(times) > 1 else 1e3 * times[0],
-           "ms_first_generation": 1e3 * per["seconds"][0]}
+           "ms_first_generation": 1e3 * per["setup"][0], "timed_calls": len(per["seconds"])}
     if "agree" in per:
         out["greedy_agreement_with_fp32"] = round(float(per["agree"]) / n_tok, 4)
     return out
@@ -140,7 +152,7 @@ def run(args) -> int:
         raise ValueError(f"{ds.dir}: no samples")
     indices = [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]
     k = min(args.top_k, c.vocab_size)
-    per = {p: {"ce": 0, "topk_ce": 0, "tf_correct": 0, "gen_correct": 0, "seconds": [], "tokens": 0}
+    per = {p: {"ce": 0, "topk_ce": 0, "tf_correct": 0, "gen_correct": 0, "seconds": [], "setup": [], "tokens": 0}
            for p in args.dtype}
     generators: dict = {}
     with torch.no_grad():
@@ -151,13 +163,13 @@ def run(args) -> int:
             target = tokens[:, c.context_frames:].reshape(B, c.future_frames, -1)
             reference = None
             for p in args.dtype:
-                gen, seconds, generator = _decode(model, args, p, tokens, states, torch, generators)
+                gen, seconds, generator, new = _decode(model, args, p, tokens, states, torch, generators)
                 with precision_scope(p):
                     scores = teacher_forced_scores(generator.model, tokens, states, k)
                 acc = per[p]
                 for key, value in scores.items():
                     acc[key] += value
-                acc["seconds"].append(seconds)
+                acc["setup" if new else "seconds"].append(seconds)  # a first call includes the set-up
                 acc["tokens"] += target.numel()
                 acc["gen_correct"] += (gen == target).sum(dim=(0, 2))  # per future frame
                 if p == "fp32":

@@ -5,8 +5,8 @@ the [N, V] logits (greedy decoding through the tied embedding).
 
 Semantics: logits accumulate in fp32 from inputs in h.dtype; the FIRST maximal index wins on ties and NaN counts
 as larger than everything, exactly like torch.argmax (a NaN in h gives index 0, a NaN weight row wins from its
-index on unless an earlier row is NaN too). fp32 inputs follow torch.get_float32_matmul_precision(): "highest"
-(the default) is an exact fp32 dot, "high"/"medium" TF32.
+index on unless an earlier row is NaN too). fp32 inputs follow torch's fp32 matmul precision (legacy or
+per-backend API): "highest"/"ieee" (the default) is an exact fp32 dot, "high"/"medium"/"tf32" TF32.
 
 Backends: "triton" (wmfast.kernels.greedy_head: chunked over the vocabulary with a running max / first index in
 registers; only [N, SPLITS] partials besides the outputs) and "torch" (the reference, `greedy_head_ref`, chunk by

@@ -85,7 +85,7 @@ def norm_linear(x, weight, bias, ln_weight, ln_bias, *, residual=None, eps: floa
     ln_weight, ln_bias: [D]. eps: the LayerNorm's epsilon.
     out = round(x + residual) to x.dtype (fp32 add), or x itself (no copy) without a residual.
     y = round(LayerNorm(out) * ln_weight + ln_bias) @ weight^T + bias, fp32 statistics and accumulation
-    (fp32 inputs: exact products under torch.get_float32_matmul_precision() == "highest", else TF32), then:
+    (fp32 inputs: exact products under torch's default "highest" fp32 matmul precision, else TF32), then:
     - activation "gelu_tanh": GELU with the tanh approximation, in fp32 (None: no activation);
     - qk_norm (q_weight, q_bias, k_weight, k_bias), each [Dh], with num_heads H and N == 3 * H * Dh: y is a qkv
       projection laid out (q, k, v) x H x Dh; each head of q and k is LayerNormed over its Dh columns

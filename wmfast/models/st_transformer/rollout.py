@@ -67,7 +67,8 @@ def check_inputs(model, context_tokens, states, num_frames: int, use_cache: bool
     """ValueError naming the argument for context tokens, states or frame counts the model cannot take."""
     c = model.config
     if not isinstance(context_tokens, torch.Tensor) or context_tokens.ndim not in (3, 4) \
-            or context_tokens[0, 0].numel() != c.seq_len or context_tokens.is_floating_point():
+            or 0 in context_tokens.shape or context_tokens[0, 0].numel() != c.seq_len \
+            or context_tokens.is_floating_point() or context_tokens.dtype == torch.bool:
         got = tuple(context_tokens.shape) if isinstance(context_tokens, torch.Tensor) else type(context_tokens)
         raise ValueError(f"context_tokens: expected integer ids [B, C, {c.grid_size}, {c.grid_size}] or "
                          f"[B, C, {c.seq_len}], got {got}")
