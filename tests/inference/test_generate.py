@@ -9,22 +9,12 @@ from wmfast.models.st_transformer.rollout import rollout
 from wmfast.ops.dispatch import use_backend
 
 
-def _model(**kw):
-    torch.manual_seed(0)
-    return STTransformer(STTransformerConfig.from_name("tiny", **kw))
-
-
-def _inputs(B=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 512, (B, 3, 8, 8), generator=g), torch.randn(B, 34, 25, generator=g)
-
-
 @pytest.mark.parametrize("backend", ["default", "torch"])
-def test_cache_matches_recompute(monkeypatch, backend):
+def test_cache_matches_recompute(tiny_st, st_inputs, monkeypatch, backend):
     if backend == "torch":
         monkeypatch.setenv("WMFAST_BACKEND", "torch")
-    model = _model()
-    ctx, states = _inputs()
+    model = tiny_st()
+    ctx, states = st_inputs()
     tok_c, log_c = model.generate(ctx, states, num_frames=3, use_cache=True, return_logits=True)
     tok_r, log_r = model.generate(ctx, states, num_frames=3, use_cache=False, return_logits=True)
     assert tok_c.shape == (2, 3, 8, 8) and log_c.shape == (2, 3, 64, 512)
@@ -40,11 +30,11 @@ def test_cache_matches_recompute(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("qk_norm", [True, False], ids=["qk-norm", "no-qk-norm"])
-def test_inference_blocks_match_training_blocks(qk_norm):
+def test_inference_blocks_match_training_blocks(tiny_st, st_inputs, qk_norm):
     """Block.infer (eval, no grad: norm_linear, the MLP's add fused into the next block) computes what the training
     path (grad enabled) does, with and without QK-norm."""
-    model = _model(qk_norm=qk_norm).eval()
-    ctx, states = _inputs()
+    model = tiny_st(qk_norm=qk_norm).eval()
+    ctx, states = st_inputs()
     with torch.no_grad():
         fast = model.hidden(ctx, states)
     slow = model.hidden(ctx, states).detach()
@@ -56,33 +46,33 @@ def test_inference_blocks_match_training_blocks(qk_norm):
         assert torch.equal(fast, model.hidden(ctx, states).detach())
 
 
-def test_generate_restores_mode_and_is_deterministic():
-    model = _model(dropout=0.1).train()
-    ctx, states = _inputs(B=1)
+def test_generate_restores_mode_and_is_deterministic(tiny_st, st_inputs):
+    model = tiny_st(dropout=0.1).train()
+    ctx, states = st_inputs(B=1)
     a = generate(model, ctx, states)
     b = generate(model, ctx, states)
     assert model.training and torch.equal(a, b) and a.shape == (1, 3, 8, 8)
 
 
-def test_fewer_frames_and_flat_layout():
-    model = _model()
-    ctx, states = _inputs(B=1)
+def test_fewer_frames_and_flat_layout(tiny_st, st_inputs):
+    model = tiny_st()
+    ctx, states = st_inputs(B=1)
     three = model.generate(ctx, states)
     one = model.generate(ctx.flatten(2), states, num_frames=1)
     assert one.shape == (1, 1, 64) and torch.equal(one.view(1, 1, 8, 8), three[:, :1])
 
 
-def test_full_attention_generates_without_cache():
-    model = _model(attention="full")
-    ctx, states = _inputs(B=1)
+def test_full_attention_generates_without_cache(tiny_st, st_inputs):
+    model = tiny_st(attention="full")
+    ctx, states = st_inputs(B=1)
     assert model.generate(ctx, states, use_cache=False).shape == (1, 3, 8, 8)
     with pytest.raises(ValueError, match="use_cache=True needs attention='factorized'"):
         model.generate(ctx, states, use_cache=True)
 
 
-def test_bad_arguments():
-    model = _model()
-    ctx, states = _inputs(B=1)
+def test_bad_arguments(tiny_st, st_inputs):
+    model = tiny_st()
+    ctx, states = st_inputs(B=1)
     with pytest.raises(ValueError, match="C \\+ num_frames - 1 must be <= 5"):
         model.generate(ctx, states, num_frames=4)
     for bad in (torch.zeros(1, 3, 7, 7, dtype=torch.long), torch.zeros(0, 3, 8, 8, dtype=torch.long),
@@ -93,11 +83,11 @@ def test_bad_arguments():
         model.generate(ctx, states[:, :, :3].expand(2, -1, -1))
 
 
-def test_unwritten_cache_slots_are_never_read():
+def test_unwritten_cache_slots_are_never_read(tiny_st, st_inputs):
     """The cache is allocated uninitialised: slots after the current position may hold anything (NaN here), and
     the tokens must not change."""
-    model = _model().eval()
-    ctx, states = _inputs()
+    model = tiny_st().eval()
+    ctx, states = st_inputs()
     expected = model.generate(ctx, states)
     with torch.no_grad():
         cache = TemporalKVCache.for_model(model, 2)
@@ -107,10 +97,10 @@ def test_unwritten_cache_slots_are_never_read():
     assert torch.equal(tokens.view_as(expected), expected)
 
 
-def _decode_ops(layers: int, inference: bool) -> OpCounter:
+def _decode_ops(layers: int, inference: bool, st_inputs) -> OpCounter:
     torch.manual_seed(0)
     model = STTransformer(STTransformerConfig.from_name("tiny", num_layers=layers)).train(not inference)
-    ctx, states = _inputs(B=1)
+    ctx, states = st_inputs(B=1)
     ctx = ctx.flatten(2)
     with torch.no_grad():
         sg = model.state_encoder(states)
@@ -121,21 +111,21 @@ def _decode_ops(layers: int, inference: bool) -> OpCounter:
     return counter
 
 
-def test_decode_step_launches_halved():
+def test_decode_step_launches_halved(st_inputs):
     """Ops that write memory (a CPU proxy for kernel launches; a custom op counts once) in one eager decode step:
     the inference path (3 norm_linear, 2 attentions, 3 linears a layer; the greedy head) against the training-path
     blocks with full logits (19 a layer). At the 1x-compression depth (24 layers) the count is cut by more than
     half."""
     counts = {}
     for inference in (False, True):
-        n1, n2 = (_decode_ops(layers, inference).count for layers in (1, 2))
+        n1, n2 = (_decode_ops(layers, inference, st_inputs).count for layers in (1, 2))
         counts[inference] = (n2 - n1, n1 + 23 * (n2 - n1))  # per layer, at 24 layers
     assert counts[True][0] == 8, counts
     assert counts[True][1] <= counts[False][1] / 2, counts
 
 
 @pytest.mark.parametrize("backend", ["default", "torch"])
-def test_rollout_without_logits_allocates_no_logit_sized_tensor(monkeypatch, backend):
+def test_rollout_without_logits_allocates_no_logit_sized_tensor(tiny_st, monkeypatch, backend):
     """At the real grid (S = 1024) and vocabulary (V = 64,000): no tensor allocated during a rollout that returns
     no logits is larger than a quarter of the [B, S, V] fp32 logits (the greedy head works in vocabulary chunks;
     measured: 3.1 MB on the kernels, 16.6 MB on the torch reference, against 262 MB of logits)."""
@@ -150,7 +140,7 @@ def test_rollout_without_logits_allocates_no_logit_sized_tensor(monkeypatch, bac
     assert tokens.shape == (1, 3, 32, 32)
     assert counter.largest[0] <= 1024 * 64000 * 4 // 4, counter.largest
 
-    model = _model()
+    model = tiny_st()
     cache = TemporalKVCache.for_model(model, 3)
     c = model.config
     assert len(cache) == c.num_layers
@@ -158,13 +148,13 @@ def test_rollout_without_logits_allocates_no_logit_sized_tensor(monkeypatch, bac
     assert cache.nbytes == 2 * c.num_layers * 3 * c.seq_len * c.num_frames * c.d_model * 4
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_checkpoint_round_trip(tiny_st, st_inputs, tmp_path):
     import json
 
     from wmfast.models import load_checkpoint
 
-    model = _model(num_layers=1)
-    ctx, states = _inputs(B=1)
+    model = tiny_st(num_layers=1)
+    ctx, states = st_inputs(B=1)
     expected = model.generate(ctx, states)
     # a torch.save file with config, and a training-checkpoint directory (DeepSpeed weights under "module",
     # names as a compiled, activation-checkpointed model has them)
@@ -229,9 +219,9 @@ def test_generate_cli(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-def test_cuda_kernels_cache_matches_recompute():
-    model = _model().cuda()
-    ctx, states = (x.cuda() for x in _inputs(B=4))
+def test_cuda_kernels_cache_matches_recompute(tiny_st, st_inputs):
+    model = tiny_st().cuda()
+    ctx, states = (x.cuda() for x in st_inputs(B=4))
     tok_c, log_c = model.generate(ctx, states, return_logits=True)
     tok_r, log_r = model.generate(ctx, states, use_cache=False, return_logits=True)
     assert torch.equal(tok_c, tok_r)

@@ -4,18 +4,7 @@ import torch
 
 from wmfast.bench.memory import DispatchObserver
 from wmfast.inference import Generator, precision_scope
-from wmfast.models import STTransformer, STTransformerConfig
 from wmfast.ops.dispatch import use_backend
-
-
-def _model(**kw):
-    torch.manual_seed(0)
-    return STTransformer(STTransformerConfig.from_name("tiny", **kw))
-
-
-def _inputs(B=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 512, (B, 3, 8, 8), generator=g), torch.randn(B, 34, 25, generator=g)
 
 
 class _NewShapes(DispatchObserver):
@@ -31,11 +20,11 @@ class _NewShapes(DispatchObserver):
 
 
 @use_backend("torch")  # the Generator's bookkeeping; the kernels' tokens are test_cache_matches_recompute's
-def test_generator_matches_generate_and_allocates_once():
+def test_generator_matches_generate_and_allocates_once(tiny_st, st_inputs):
     """The Generator (no graph on the CPU): same tokens as generate(); its cache and input buffers are made once,
     so a second call allocates no cache-sized tensor (the eager generate() allocates a new cache every call)."""
-    model = _model()
-    ctx, states = _inputs()
+    model = tiny_st()
+    ctx, states = st_inputs()
     expected = model.generate(ctx, states)
     gen = Generator(model, 2)
     assert torch.equal(gen(ctx, states), expected)
@@ -54,9 +43,9 @@ def test_generator_matches_generate_and_allocates_once():
 
 
 @use_backend("torch")
-def test_generator_bf16_follows_the_model_weights():
-    model = _model()
-    ctx, states = _inputs()
+def test_generator_bf16_follows_the_model_weights(tiny_st, st_inputs):
+    model = tiny_st()
+    ctx, states = st_inputs()
     gen = Generator(model, 2, precision="bf16")
     assert gen.model is not model and next(gen.model.parameters()).dtype == torch.bfloat16
     first = gen(ctx, states)
@@ -68,11 +57,11 @@ def test_generator_bf16_follows_the_model_weights():
 
 
 @use_backend("torch")
-def test_generator_follows_data_writes_and_dtype_moves():
+def test_generator_follows_data_writes_and_dtype_moves(tiny_st, st_inputs):
     """A `.data` write moves no version counter: the bf16 copy keeps the old weights until sync_weights(). A model
     cast to another dtype is seen at the next call (the Generator rebuilds, here refusing float64)."""
-    model = _model()
-    ctx, states = _inputs()
+    model = tiny_st()
+    ctx, states = st_inputs()
     gen = Generator(model, 2, precision="bf16")
     before = gen(ctx, states)
     model.tok_emb.weight.data.copy_(torch.roll(model.tok_emb.weight.data, 1, 0))
@@ -88,9 +77,9 @@ def test_generator_follows_data_writes_and_dtype_moves():
 
 
 @use_backend("torch")
-def test_generator_ignores_callers_autocast_and_inference_mode():
-    model = _model()
-    ctx, states = _inputs()
+def test_generator_ignores_callers_autocast_and_inference_mode(tiny_st, st_inputs):
+    model = tiny_st()
+    ctx, states = st_inputs()
     expected = model.generate(ctx, states)
     with torch.inference_mode():
         gen = Generator(model, 2)  # buffers made here must stay writable outside inference mode
@@ -100,12 +89,12 @@ def test_generator_ignores_callers_autocast_and_inference_mode():
 
 
 @use_backend("torch")
-def test_cached_generators_are_not_copied_or_pickled(tmp_path):
+def test_cached_generators_are_not_copied_or_pickled(tiny_st, st_inputs, tmp_path):
     import copy
     import io
 
-    model = _model()
-    ctx, states = _inputs()
+    model = tiny_st()
+    ctx, states = st_inputs()
     model.generate(ctx, states, graph=True)
     assert len(model._wmfast_generators) == 1
     assert len(copy.deepcopy(model)._wmfast_generators) == 0
@@ -117,9 +106,9 @@ def test_cached_generators_are_not_copied_or_pickled(tmp_path):
     assert not hasattr(model, "_wmfast_generators")
 
 
-def test_generator_bad_arguments():
-    model = _model()
-    ctx, states = _inputs()
+def test_generator_bad_arguments(tiny_st, st_inputs):
+    model = tiny_st()
+    ctx, states = st_inputs()
     with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16"):
         Generator(model, 2, precision="fp16")
     with pytest.raises(ValueError, match="batch 2"):
@@ -170,11 +159,11 @@ def test_precision_scope_with_the_per_backend_api():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "recompute"])
-def test_cuda_graph_rollout_matches_eager_without_host_sync(use_cache):
+def test_cuda_graph_rollout_matches_eager_without_host_sync(tiny_st, st_inputs, use_cache):
     """generate(graph=True): the whole rollout captured once (first call) and replayed; in fp32 the tokens equal
     the eager path's, and a replay does not sync the host."""
-    model = _model().cuda()
-    ctx, states = (x.cuda() for x in _inputs())
+    model = tiny_st().cuda()
+    ctx, states = (x.cuda() for x in st_inputs())
     eager = model.generate(ctx, states, use_cache=use_cache)
     assert torch.equal(model.generate(ctx, states, use_cache=use_cache, graph=True), eager)  # captures
     gen = Generator.cached(model, 2, num_frames=3, context_frames=3, precision="fp32", use_cache=use_cache)
@@ -187,17 +176,17 @@ def test_cuda_graph_rollout_matches_eager_without_host_sync(use_cache):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(replayed, eager) and gen._graph is graph  # replayed, not captured again
-    ctx2, states2 = (x.cuda() for x in _inputs(seed=5))  # new inputs flow through the static buffers
+    ctx2, states2 = (x.cuda() for x in st_inputs(seed=5))  # new inputs flow through the static buffers
     assert torch.equal(model.generate(ctx2, states2, use_cache=use_cache, graph=True),
                        model.generate(ctx2, states2, use_cache=use_cache))
 
 
 @pytest.mark.gpu
-def test_cuda_graph_precisions_weight_updates_and_moves():
+def test_cuda_graph_precisions_weight_updates_and_moves(tiny_st, st_inputs):
     """tf32 and bf16 graphs run; a captured bf16 graph follows in-place weight updates; fp32 parameters moved to
     other memory are captured again."""
-    model = _model().cuda()
-    ctx, states = (x.cuda() for x in _inputs())
+    model = tiny_st().cuda()
+    ctx, states = (x.cuda() for x in st_inputs())
     eager = model.generate(ctx, states)
     for precision in ("tf32", "bf16"):
         out = model.generate(ctx, states, graph=True, precision=precision)
