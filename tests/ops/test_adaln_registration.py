@@ -153,26 +153,12 @@ def test_gpu_opcheck(name):
     torch.library.opcheck(op, args)
 
 
-def test_gpu_path_fake_pass_and_sm90_compile_without_gpu():
+def test_gpu_path_fake_pass_and_sm90_compile_without_gpu(sm90_compile_check):
     """The GPU path, checked where no GPU can run it (tests/ops/adaln_compile_check.py, in a subprocess without
     TRITON_INTERPRET): the triton_ops' fake pass (what torch.compile runs) gives the right output shapes and
     dtypes, and every kernel launch it records (Wan2.2, ST-Transformer and odd shapes) compiles, specialised as
     Triton's JIT would, to an sm_90a cubin without register spills."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    if not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")):
-        pytest.skip("this Triton has no NVIDIA backend binaries (ptxas) to compile for sm_90a")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "adaln_compile_check.py")
-    proc = subprocess.run([sys.executable, script, "--compile"], capture_output=True, text=True, timeout=600,
-                          env=env, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90_compile_check("adaln_compile_check.py", "--compile")
     bf_, f32 = "torch.bfloat16", "torch.float32"
     want = []
     for B, L, D, F_ in ((2, 12, 61, 3), (2, 1536, 3072, 6), (2, 5120, 512, 5)):

@@ -3,11 +3,6 @@ shapes, strided inputs, vocabulary splits, exact ties, NaN and inf, the memory b
 validation, opcheck, torch.compile, and the sm_90a compile check."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -281,19 +276,11 @@ def test_gpu_real_shapes(triton_backend, N, dtype):
     torch.testing.assert_close(value, top, atol=1e-3, rtol=1e-4)
 
 
-def test_gpu_path_fake_pass_and_sm90_compile_without_gpu():
+def test_gpu_path_fake_pass_and_sm90_compile_without_gpu(sm90_compile_check):
     """tests/ops/greedy_head_compile_check.py in a subprocess without TRITON_INTERPRET: the triton_op's fake pass at
     the model's shapes (N = 1024: 63 vocabulary splits and the reduction; N = 131072: one split) and every launch
     compiled for sm_90a without register spills, the bf16 and tf32 dots on the tensor cores (wgmma)."""
-    import triton
-
-    if not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")):
-        pytest.skip("this Triton has no NVIDIA backend binaries (ptxas) to compile for sm_90a")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "greedy_head_compile_check.py")
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, env=env, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90_compile_check("greedy_head_compile_check.py")
     want = []
     for N in (1024, 131072, 1024, 131072, 1024):
         want += [[[N], "torch.int64", "cuda"], [[N], "torch.float32", "cuda"]]

@@ -229,24 +229,11 @@ def test_gpu_real_shapes(triton_backend, op, shape):
         assert_2x_rule(grads[k], grads32[k], grads_lp[k], name=f"{op} d_{k}", dtype=bf)
 
 
-def test_gpu_path_fake_pass_and_sm90_compile_without_gpu():
+def test_gpu_path_fake_pass_and_sm90_compile_without_gpu(sm90_compile_check):
     """tests/ops/layernorm_compile_check.py in a subprocess without TRITON_INTERPRET: the triton_ops' fake pass gives
     the outputs' shapes and dtypes at the model's shapes, and every launch compiles for sm_90a without register
     spills, with vector global accesses."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    if not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")):
-        pytest.skip("this Triton has no NVIDIA backend binaries (ptxas) to compile for sm_90a")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "layernorm_compile_check.py")
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, env=env, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90_compile_check("layernorm_compile_check.py")
     want = []
     for shape, g in (([40960, 1, 512], 1), ([40960, 16, 64], 2), ([64, 1, 8192], 1)):
         want += [[shape, "torch.bfloat16", "cuda"], [shape, "torch.bfloat16", "cuda"], [[g, shape[-1]], "torch.float32",

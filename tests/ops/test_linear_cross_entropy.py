@@ -318,26 +318,12 @@ def test_compile_fullgraph(force_backend, name):
 
 
 # -------------------------------------------------------------------- the GPU path, with and without a GPU
-def test_gpu_path_fake_pass_and_sm90_compile_without_gpu():
+def test_gpu_path_fake_pass_and_sm90_compile_without_gpu(sm90_compile_check):
     """tests/ops/cross_entropy_compile_check.py in a subprocess without TRITON_INTERPRET: the triton_op's fake
     pass gives the outputs' shapes and dtypes, and each recorded launch (V=64000 bf16 / fp32 with the gradient,
     bf16 without; V=517 fp16) compiles for sm_90a without register spills, with vector accesses at the real
     width."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    if not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")):
-        pytest.skip("this Triton has no NVIDIA backend binaries (ptxas) to compile for sm_90a")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "cross_entropy_compile_check.py")
-    proc = subprocess.run([sys.executable, script, "--compile"], capture_output=True, text=True, timeout=600,
-                          env=env, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90_compile_check("cross_entropy_compile_check.py", "--compile")
     want = []
     for n in (4096, 4096, 37, 4096):
         want += [[[n], "torch.float32", "cuda"], [[n], "torch.bool", "cuda"]]

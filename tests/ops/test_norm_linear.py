@@ -58,15 +58,21 @@ CASES = [  # (lead dims, D, N, dtype, residual, bias, activation, qk (H, Dh), st
 ]
 
 
+def _three_ways(args, kw):
+    """(the op on the current backend, the torch backend in the same dtype, the fp32 reference): the 2x rule's
+    three results."""
+    kernel = norm_linear(*args, **kw)
+    with use_backend("torch"):
+        lowp = norm_linear(*args, **kw)
+    args32, kw32 = _fp32(args, kw)
+    return kernel, lowp, K.norm_linear_ref(*args32, **kw32)
+
+
 @pytest.mark.parametrize("lead, D, N, dtype, residual, bias, activation, qk, strided", CASES)
 def test_2x_rule(triton_backend, lead, D, N, dtype, residual, bias, activation, qk, strided):
     args, kw = _inputs(lead, D, N, dtype, residual=residual, bias=bias, qk=qk, strided=strided)
     kw["activation"] = activation
-    y, out = norm_linear(*args, **kw)
-    with use_backend("torch"):
-        y_lp, out_lp = norm_linear(*args, **kw)
-    args32, kw32 = _fp32(args, kw)
-    y32, out32 = K.norm_linear_ref(*args32, **kw32)
+    (y, out), (y_lp, out_lp), (y32, out32) = _three_ways(args, kw)
     assert y.shape == (*lead, N) and y.dtype == dtype and y.is_contiguous()
     assert out.shape == (*lead, D) and out.dtype == dtype
     if not residual:
@@ -228,34 +234,17 @@ def test_compiled_fullgraph_matches_eager(triton_backend):
 def test_gpu_real_shapes(triton_backend, M, N, qk, activation):
     args, kw = _inputs((M,), 512, N, bf, qk=qk)
     kw["activation"] = activation
-    y, out = norm_linear(*args, **kw)
-    with use_backend("torch"):
-        y_lp, out_lp = norm_linear(*args, **kw)
-    args32, kw32 = _fp32(args, kw)
-    y32, out32 = K.norm_linear_ref(*args32, **kw32)
+    (y, out), (y_lp, out_lp), (y32, out32) = _three_ways(args, kw)
     assert torch.equal(out, out_lp)
     assert_2x_rule(y, y32, y_lp, name="y", dtype=bf)
     assert_2x_rule(out, out32, out_lp, name="out", dtype=bf)
 
 
-def test_gpu_path_fake_pass_and_sm90_compile_without_gpu():
+def test_gpu_path_fake_pass_and_sm90_compile_without_gpu(sm90_compile_check):
     """tests/ops/norm_linear_compile_check.py in a subprocess without TRITON_INTERPRET: the triton_ops' fake pass
     gives the outputs' shapes and dtypes at the model's shapes, and every launch compiles for sm_90a without
     register spills."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    if not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")):
-        pytest.skip("this Triton has no NVIDIA backend binaries (ptxas) to compile for sm_90a")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "norm_linear_compile_check.py")
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, env=env, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90_compile_check("norm_linear_compile_check.py")
     want = []
     for dt in ("torch.bfloat16", "torch.float32"):
         for M in (1024, 131072):

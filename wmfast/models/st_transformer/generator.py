@@ -50,8 +50,8 @@ def precision_scope(precision: str):
     if precision == "bf16":
         yield
         return
-    tf32 = precision == "tf32"
-    if _legacy_precision_api():
+    tf32, legacy = precision == "tf32", _legacy_precision_api()
+    if legacy:
         old = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
         torch.backends.cudnn.allow_tf32 = tf32
@@ -62,7 +62,7 @@ def precision_scope(precision: str):
     try:
         yield
     finally:
-        if isinstance(old[1], bool):
+        if legacy:
             torch.set_float32_matmul_precision(old[0])
             torch.backends.cudnn.allow_tf32 = old[1]
         else:
