@@ -1,6 +1,8 @@
-"""wmfast.data: the 1X v2.0 tokenized reader on synthetic shards and on corrupted ones."""
+"""wmfast.data: the 1X v2.0 tokenized reader on synthetic shards (flat and nested layouts) and on corrupted
+ones."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from wmfast.data import DataFormatError, TokenizedDataset, make_dataloader, write_split, write_synthetic_dataset
 from wmfast.data.format import GRID_OF_FRAME, num_windows
+from wmfast.data.layout import FLAT, NESTED, detect_layout, shard_paths
 from wmfast.data.tokenized import valid_windows
 
 G, V = 8, 512
@@ -20,10 +23,42 @@ def synth(tmp_path_factory):
     return root
 
 
-def _split(tmp_path, frames=200):
+def _split(tmp_path, frames=200, layout=FLAT):
     d = str(tmp_path / "split")
-    write_split(d, 1, frames, seed=1, grid_size=G, vocab_size=V)
+    write_split(d, 1, frames, seed=1, grid_size=G, vocab_size=V, layout=layout)
     return d
+
+
+def _listing(d):
+    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, files in os.walk(d) for f in files)
+
+
+def test_synthetic_train_is_nested_and_val_flat_as_published(synth):
+    assert _listing(os.path.join(synth, "train_v2.0")) == [
+        "metadata.json", "metadata/metadata_0.json", "metadata/metadata_1.json", "robot_states/states_0.bin",
+        "robot_states/states_1.bin", "segment_indices/segment_idx_0.bin", "segment_indices/segment_idx_1.bin",
+        "videos/video_0.bin", "videos/video_1.bin"]
+    assert _listing(os.path.join(synth, "val_v2.0")) == [
+        "metadata.json", "metadata_0.json", "segment_idx_0.bin", "states_0.bin", "video_0.bin"]
+    for split, layout in (("train_v2.0", NESTED), ("val_v2.0", FLAT)):
+        assert detect_layout(os.path.join(synth, split)) == layout
+        with open(os.path.join(synth, split, "metadata.json")) as f:
+            meta = json.load(f)
+        assert meta["query"] is None and meta["hz"] == 30  # as in the real data
+
+
+def test_nested_and_flat_layouts_read_the_same_samples(tmp_path):
+    ds = {}
+    for layout in (NESTED, FLAT):
+        d = str(tmp_path / layout)
+        write_split(d, 2, 120, seed=3, grid_size=G, vocab_size=V, layout=layout)
+        ds[layout] = TokenizedDataset(d, None, vocab_size=V)
+        assert ds[layout].layout == layout
+        ds[layout].validate()
+    assert len(ds[NESTED]) == len(ds[FLAT]) > 0
+    for i in range(len(ds[FLAT])):
+        a, b = ds[NESTED][i], ds[FLAT][i]
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["states"], b["states"])
 
 
 def test_grid_of_frame_is_cosmos_8x_causal():
@@ -50,9 +85,10 @@ def test_samples_match_the_files(synth):
         assert s["states"].shape == (34, 25) and s["states"].dtype == torch.float32
         k, j = int(ds._shard_of[idx]), int(ds._window_of[idx])
         n = ds.shards[k].num_frames
-        video = np.fromfile(os.path.join(d, f"video_{k}.bin"), np.int32).reshape(-1, 3, G, G)
-        states = np.fromfile(os.path.join(d, f"states_{k}.bin"), np.float32).reshape(n, 25)
-        seg = np.fromfile(os.path.join(d, f"segment_idx_{k}.bin"), np.int32)
+        p = shard_paths(d, k)
+        video = np.fromfile(p.video, np.int32).reshape(-1, 3, G, G)
+        states = np.fromfile(p.states, np.float32).reshape(n, 25)
+        seg = np.fromfile(p.segment_idx, np.int32)
         np.testing.assert_array_equal(s["tokens"].numpy(), video[j: j + 2].reshape(6, G, G))
         np.testing.assert_array_equal(s["states"].numpy(), states[17 * j: 17 * j + 34])
         assert len(set(seg[17 * j: 17 * j + 34].tolist())) == 1
@@ -101,59 +137,70 @@ def test_dataloader_workers_and_distributed_sampler(synth):
 
 
 def _corrupt(d, what):
+    """Damage shard 0 of split `d` (either layout); returns the pattern of the error, naming the full path."""
+    p = shard_paths(d, 0)
     if what == "missing_video":
-        os.remove(os.path.join(d, "video_0.bin"))
-        return "video_0.bin: missing"
+        os.remove(p.video)
+        return re.escape(p.video) + ": missing"
     if what == "truncated_states":
-        p = os.path.join(d, "states_0.bin")
-        os.truncate(p, os.path.getsize(p) - 4)
-        return "states_0.bin: truncated"
+        os.truncate(p.states, os.path.getsize(p.states) - 4)
+        return re.escape(p.states) + ": truncated"
     if what == "metadata_frames":
-        with open(os.path.join(d, "metadata_0.json"), "w") as f:
+        with open(p.metadata, "w") as f:
             json.dump({"shard_num_frames": 150, "shard_ind": 0}, f)
-        return "video_0.bin: too long"
+        return re.escape(p.video) + ": too long"
     if what == "num_images":
-        p = os.path.join(d, "metadata.json")
-        with open(p) as f:
+        top = os.path.join(d, "metadata.json")
+        with open(top) as f:
             meta = json.load(f)
         meta["num_images"] += 1
-        with open(p, "w") as f:
+        with open(top, "w") as f:
             json.dump(meta, f)
-        return "metadata.json: num_images"
+        return re.escape(top) + ": num_images"
     if what == "missing_metadata":
-        os.remove(os.path.join(d, "metadata_0.json"))
-        return "metadata_0.json: missing"
+        os.remove(p.metadata)
+        return re.escape(p.metadata) + ": missing"
+    if what == "float_frames":
+        with open(p.metadata, "w") as f:
+            json.dump({"shard_num_frames": 200.0, "shard_ind": 0}, f)
+        return re.escape(p.metadata) + r": shard_num_frames=200.0 is not a non-negative integer"
     raise AssertionError(what)
 
 
-@pytest.mark.parametrize("what", ["missing_video", "truncated_states", "metadata_frames", "num_images",
-                                  "missing_metadata"])
-def test_corrupted_files_name_the_file(tmp_path, what):
-    d = _split(tmp_path)
+CORRUPTIONS = ["missing_video", "truncated_states", "metadata_frames", "num_images", "missing_metadata",
+               "float_frames"]
+
+
+@pytest.mark.parametrize("layout", [FLAT, NESTED])
+@pytest.mark.parametrize("what", CORRUPTIONS)
+def test_corrupted_files_name_the_file(tmp_path, what, layout):
+    d = _split(tmp_path, layout=layout)
     expected = _corrupt(d, what)
     with pytest.raises(DataFormatError, match=expected):
         TokenizedDataset(d, None, vocab_size=V)
 
 
+@pytest.mark.parametrize("layout", [FLAT, NESTED])
 @pytest.mark.parametrize("what", ["token_range", "nan_state"])
-def test_corrupted_values_name_the_file(tmp_path, what):
-    d = _split(tmp_path)
+def test_corrupted_values_name_the_file(tmp_path, what, layout):
+    d = _split(tmp_path, layout=layout)
+    p = shard_paths(d, 0)
     if what == "token_range":
-        v = np.memmap(os.path.join(d, "video_0.bin"), np.int32, "r+")
+        v = np.memmap(p.video, np.int32, "r+")
         v[3 * G * G + 5] = V  # window 1: one id past the vocabulary
         v.flush()
-        pattern = r"video_0.bin: window"
+        path, pattern = p.video, ": window 1 holds token ids"
     else:
-        s = np.memmap(os.path.join(d, "states_0.bin"), np.float32, "r+")
+        s = np.memmap(p.states, np.float32, "r+")
         s[20 * 25 + 7] = np.nan  # frame 20
         s.flush()
-        pattern = r"states_0.bin: non-finite state .* at frame 20"
+        path, pattern = p.states, r": non-finite state .* at frame 20"
     ds = TokenizedDataset(d, None, vocab_size=V)  # opens: sizes are right
-    with pytest.raises(DataFormatError, match=pattern):
+    with pytest.raises(DataFormatError, match=re.escape(path) + pattern):
         ds.validate(chunk_frames=40)
     bad = [i for i in range(len(ds)) if int(ds._window_of[i]) in (0, 1)]
     assert bad, "the corrupted window must belong to some sample"
-    with pytest.raises(DataFormatError, match=pattern.split(":")[0]):
+    with pytest.raises(DataFormatError, match=re.escape(path)):
         ds[bad[0]]
 
 
@@ -170,7 +217,13 @@ def test_cli_synth_and_check(tmp_path, capsys):
                  "--vocab-size", "512"]) == 0
     assert "train:" in capsys.readouterr().out
     assert main(["data", "check", out, "--split", "val", "--vocab-size", "512"]) == 0
-    assert ": ok" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"{out}/val_v2.0: tokenized, flat, 1 shards, 68 frames, 3 samples: ok\n"
+    with pytest.raises(ValueError, match="holds a nested split"):  # its subfolders would hide the flat files
+        write_split(os.path.join(out, "train_v2.0"), 1, 120, seed=0, grid_size=G, vocab_size=V, layout=FLAT)
+    flat = str(tmp_path / "flat")
+    assert main(["data", "synth", "--out", flat, "--shards", "1", "--frames", "120", "--grid-size", "8",
+                 "--vocab-size", "512", "--flat"]) == 0
+    assert detect_layout(os.path.join(flat, "train_v2.0")) == FLAT
 
 
 def test_pickles_without_its_maps(synth):

@@ -1,12 +1,16 @@
 """1X raw-format reader and synthetic writer: partial decode is exact, samples stay in one segment, states
-drive the pictures, corrupt and truncated files raise RawDataError."""
+drive the pictures, corrupt and truncated files raise RawDataError naming the file, in the flat and the nested
+layout alike."""
+import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from wmfast.data.layout import FLAT, NESTED, detect_layout, shard_paths
 from wmfast.data.raw import (
     SAMPLE_FRAMES,
     RawDataError,
@@ -14,8 +18,11 @@ from wmfast.data.raw import (
     decode_frames,
     render_frames,
     sample_starts,
+    write_raw_split,
     write_synthetic_raw_dataset,
 )
+
+SPLITS = ["train_v2.0_raw", "val_v2.0_raw"]  # nested and flat, as published
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +38,42 @@ def _psnr(a, b):
     return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
+def _listing(d):
+    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, files in os.walk(d) for f in files)
+
+
+def _copy(raw_root, split, dst):
+    shutil.copytree(os.path.join(raw_root, split), dst)
+    return dst, shard_paths(dst, 0, "mp4")
+
+
 def test_layout_and_sample_index(raw_root):
     split = os.path.join(raw_root, "train_v2.0_raw")
-    assert sorted(os.listdir(split)) == ["metadata.json", "metadata_0.json", "segment_idx_0.bin",
-                                         "states_0.bin", "video_0.mp4"]
+    assert _listing(split) == ["metadata.json", "metadata/metadata_0.json", "robot_states/states_0.bin",
+                               "segment_indices/segment_idx_0.bin", "videos/video_0.mp4"]
+    assert _listing(os.path.join(raw_root, "val_v2.0_raw")) == [
+        "metadata.json", "metadata_0.json", "segment_idx_0.bin", "states_0.bin", "video_0.mp4"]
+    for name, layout in zip(SPLITS, (NESTED, FLAT)):
+        assert detect_layout(os.path.join(raw_root, name)) == layout
+        with open(os.path.join(raw_root, name, "metadata.json")) as f:
+            assert json.load(f)["query"] is None  # as in the real data
     ds = RawVideoDataset(raw_root, "train", hop=16)
     seg = np.asarray(ds.shards[0].segment_idx)
     assert len(ds) > 0
     for _, start in ds.index:  # every sample inside one segment
         assert len(np.unique(seg[start:start + SAMPLE_FRAMES])) == 1
+
+
+def test_nested_and_flat_layouts_read_the_same_items(tmp_path):
+    pytest.importorskip("av", reason="the raw 1X videos are written and read with PyAV, which cannot be imported here")
+    ds = {}
+    for layout in (NESTED, FLAT):
+        d = write_raw_split(str(tmp_path / layout), 1, 160, seed=5, size=64, layout=layout)
+        ds[layout] = RawVideoDataset(d, frame_offsets=[0, 16, 76], hop=40)
+    assert [len(ds[NESTED].shards), len(ds[NESTED])] == [len(ds[FLAT].shards), len(ds[FLAT])] == [1, 3]
+    for i in range(len(ds[FLAT])):
+        a, b = ds[NESTED][i], ds[FLAT][i]
+        assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["states"], b["states"])
 
 
 def test_sample_starts_respect_segments():
@@ -79,33 +113,34 @@ def test_states_drive_the_square():
     assert frac_red[0] > 0.01 and frac_red[1] == 0 and frac_green[1] > 0.01
 
 
-def test_corrupt_video_raises(raw_root, tmp_path):
-    bad = str(tmp_path / "bad")
-    shutil.copytree(os.path.join(raw_root, "val_v2.0_raw"), bad)
-    video = os.path.join(bad, "video_0.mp4")
-    with open(video, "r+b") as f:  # garbage over the header: not a video any more
+@pytest.mark.parametrize("split", SPLITS)
+def test_corrupt_video_raises(raw_root, tmp_path, split):
+    bad, p = _copy(raw_root, split, str(tmp_path / "bad"))
+    with open(p.video, "r+b") as f:  # garbage over the header: not a video any more
         f.write(os.urandom(4096))
     ds = RawVideoDataset(bad, frame_offsets=[0, 76])
-    with pytest.raises(RawDataError, match="video_0.mp4"):
+    with pytest.raises(RawDataError, match=re.escape(p.video)):
         ds[0]
 
 
-def test_truncated_video_raises(raw_root, tmp_path):
-    bad = str(tmp_path / "trunc")
-    shutil.copytree(os.path.join(raw_root, "val_v2.0_raw"), bad)
-    video = os.path.join(bad, "video_0.mp4")
-    os.truncate(video, os.path.getsize(video) // 3)
+@pytest.mark.parametrize("split", SPLITS)
+def test_truncated_video_raises(raw_root, tmp_path, split):
+    bad, p = _copy(raw_root, split, str(tmp_path / "trunc"))
+    os.truncate(p.video, os.path.getsize(p.video) // 3)
     ds = RawVideoDataset(bad, frame_offsets=[0, 76])
-    with pytest.raises(RawDataError, match="video_0.mp4"):
+    with pytest.raises(RawDataError, match=re.escape(p.video)):
         ds[len(ds) - 1]
 
 
-def test_bad_sizes_raise(raw_root, tmp_path):
-    bad = str(tmp_path / "size")
-    shutil.copytree(os.path.join(raw_root, "val_v2.0_raw"), bad)
-    with open(os.path.join(bad, "states_0.bin"), "ab") as f:
+@pytest.mark.parametrize("split", SPLITS)
+def test_bad_sizes_and_missing_files_raise(raw_root, tmp_path, split):
+    bad, p = _copy(raw_root, split, str(tmp_path / "size"))
+    with open(p.states, "ab") as f:
         f.write(b"\0" * 8)
-    with pytest.raises(RawDataError, match="states_0.bin"):
+    with pytest.raises(RawDataError, match=re.escape(p.states)):
+        RawVideoDataset(bad)
+    os.remove(p.states)
+    with pytest.raises(RawDataError, match=re.escape(p.states)):
         RawVideoDataset(bad)
     with pytest.raises(RawDataError, match="no split"):
         RawVideoDataset(raw_root, "test")

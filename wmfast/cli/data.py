@@ -1,6 +1,10 @@
-"""Datasets in the real 1X formats: `wmfast data synth --out DIR` writes a synthetic tokenized set (v2.0),
-`wmfast data check DIR` validates one (every token id and state, shard by shard)."""
+"""Datasets in the real 1X formats: `wmfast data synth --out DIR` writes a synthetic set (v2.0; train nested,
+val flat, as published), `wmfast data check ROOT` checks every split under ROOT (tokenized or raw, flat or
+nested): one line per problem, naming the file, then one summary line per split; exit 0 when all is well,
+1 when a problem was found, 2 when ROOT holds no split."""
 from __future__ import annotations
+
+import os
 
 # sub-subcommand -> (add_arguments, run); other areas add theirs here (e.g. `synth --raw`, `encode`)
 SUBCOMMANDS: dict = {}
@@ -17,6 +21,8 @@ def _add_synth(p):
                    help="write the raw format instead (sampling track: video_{i}.mp4 + states + segments, "
                         "train_v2.0_raw/ and val_v2.0_raw/; moving shapes driven by the states)")
     p.add_argument("--size", type=int, default=512, help="--raw: frame side in pixels (real: 512; tiny Wan: 64)")
+    p.add_argument("--flat", action="store_true",
+                   help="write the train split in the flat layout too (default: nested, as published; val is flat)")
 
 
 def _run_synth(args) -> int:
@@ -25,32 +31,63 @@ def _run_synth(args) -> int:
     from wmfast.data import TokenizedDataset, write_synthetic_dataset
 
     paths = write_synthetic_dataset(args.out, args.shards, args.frames, args.seed, grid_size=args.grid_size,
-                                    vocab_size=args.vocab_size)
+                                    vocab_size=args.vocab_size, layout=_train_layout(args))
     for split, path in paths.items():
         n = len(TokenizedDataset(args.out, split, vocab_size=args.vocab_size))
         print(f"{split}: {path} ({n} samples)")
     return 0
 
 
+def _train_layout(args) -> str:
+    from wmfast.data.layout import FLAT, NESTED
+
+    return FLAT if args.flat else NESTED
+
+
 def _add_check(p):
-    p.add_argument("root", help="dataset root (with train_v2.0/ ...) or a split directory")
-    p.add_argument("--split", default=None, help="split name (default: ROOT is the split directory)")
-    p.add_argument("--vocab-size", type=int, default=64000)
+    p.add_argument("root", help="a split directory (with metadata.json) or a dataset root whose subdirectories "
+                                "are splits (train_v2.0/, val_v2.0/, train_v2.0_raw/, val_v2.0_raw/)")
+    p.add_argument("--split", default=None,
+                   help="check only this split: NAME, NAME_v2.0 or NAME_v2.0_raw under ROOT (default: all)")
+    p.add_argument("--vocab-size", type=int, default=64000, help="token ids must lie in [0, V) (real: 64000)")
+
+
+def _check_error(message: str) -> int:
+    import sys
+
+    print(f"wmfast data check: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _run_check(args) -> int:
-    from wmfast.data import TokenizedDataset
+    from tqdm import tqdm
 
-    ds = TokenizedDataset(args.root, args.split, vocab_size=args.vocab_size)
-    ds.validate(progress=True)
-    print(f"{ds.dir}: {len(ds.shards)} shards, {sum(s.num_frames for s in ds.shards)} frames, {len(ds)} samples: ok")
-    return 0
+    from wmfast.data.check import check_split, find_splits
+
+    if not os.path.exists(args.root):
+        return _check_error(f"argument root: {args.root} does not exist")
+    splits = find_splits(args.root)
+    if not splits:
+        return _check_error(f"argument root: {args.root} holds no split (no metadata.json in it or in a "
+                            f"subdirectory)")
+    if args.split is not None:
+        names = {args.split, f"{args.split}_v2.0", f"{args.split}_v2.0_raw"}
+        chosen = [d for d in splits if os.path.basename(os.path.normpath(d)) in names]
+        if not chosen:
+            found = ", ".join(os.path.basename(os.path.normpath(d)) for d in splits)
+            return _check_error(f"argument --split: no split {args.split!r} under {args.root} (found: {found})")
+        splits = chosen
+    reports = [check_split(d, vocab_size=args.vocab_size, progress=True, on_problem=tqdm.write) for d in splits]
+    for r in reports:
+        print(r.summary())
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def _run_synth_raw(args) -> int:
     from wmfast.data.raw import RawVideoDataset, write_synthetic_raw_dataset
 
-    paths = write_synthetic_raw_dataset(args.out, args.shards, args.frames, args.seed, size=args.size, progress=True)
+    paths = write_synthetic_raw_dataset(args.out, args.shards, args.frames, args.seed, size=args.size, progress=True,
+                                        layout=_train_layout(args))
     for split, path in paths.items():
         print(f"{split}: {path} ({len(RawVideoDataset(path))} disjoint 77-frame samples)")
     return 0
@@ -81,8 +118,8 @@ def _run_encode(args) -> int:
     return 0
 
 
-SUBCOMMANDS["synth"] = (_add_synth, _run_synth, "write a synthetic tokenized dataset (1X v2.0 format)")
-SUBCOMMANDS["check"] = (_add_check, _run_check, "validate a tokenized dataset (token ids, states, sizes)")
+SUBCOMMANDS["synth"] = (_add_synth, _run_synth, "write a synthetic dataset in the 1X v2.0 format (tokenized or --raw)")
+SUBCOMMANDS["check"] = (_add_check, _run_check, "check every split of a dataset, tokenized or raw, flat or nested")
 SUBCOMMANDS["encode"] = (_add_encode, _run_encode, "precompute the Wan VAE latents of a raw dataset (sampling track)")
 
 

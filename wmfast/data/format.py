@@ -5,7 +5,9 @@ Per shard `i` of a split directory:
   tokenized on its own by the Cosmos DV 8x8x8 tokenizer (FSQ levels [8,8,8,5,5,5] -> vocabulary 64,000).
 - `states_{i}.bin`: float32, (shard_num_frames, 25); `segment_idx_{i}.bin`: int32, (shard_num_frames,).
 - `metadata_{i}.json`: {"shard_num_frames", "shard_ind"}; the split has `metadata.json`
-  {"num_shards", "query", "hz", "num_images"}.
+  {"num_shards", "query", "hz", "num_images"} ("query" is null in the real data).
+Where these files sit (flat, as in the public val_v2.0, or nested in `metadata/`, `videos/`, `robot_states/`,
+`segment_indices/`, as in train_v2.0) is `wmfast.data.layout`'s business.
 
 wmfast extension: `metadata.json` may carry "grid_size" (default 32) so small synthetic sets for CPU tests
 can use 8x8 or 16x16 grids; the real data never has the key and reads with G = 32.

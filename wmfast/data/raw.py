@@ -4,7 +4,11 @@ Per shard `i` of a split directory:
 - `video_{i}.mp4`: H.264, 512x512, 30 Hz, `shard_num_frames` frames;
 - `states_{i}.bin`: float32 (shard_num_frames, 25); `segment_idx_{i}.bin`: int32 (shard_num_frames,);
 - `metadata_{i}.json` {"shard_num_frames", "shard_ind"}; the split has `metadata.json`
-  {"num_shards", "query", "hz", "num_images"}.
+  {"num_shards", "query", "hz", "num_images"} ("query" is null in the real data).
+Either layout of `wmfast.data.layout`, detected from the directory: flat (the public val_v2.0_raw: all files
+beside metadata.json) or nested (the public train_v2.0_raw: `videos/video_{i}.mp4`,
+`robot_states/states_{i}.bin`, `segment_indices/segment_idx_{i}.bin`, `metadata/metadata_{i}.json`). The
+synthetic writer writes train nested and val flat, as published.
 
 A sample is 77 consecutive frames inside one segment (17 context + up to the 77th, the scored one) and
 their 77 states. The reader decodes only the frames the sample needs (`frame_offsets`, e.g. the stride-3
@@ -26,13 +30,14 @@ import torch
 from torch.utils.data import Dataset
 
 from wmfast.data.format import STATE_DIM
+from wmfast.data.layout import FLAT, NESTED, SPLIT_METADATA, DataFormatError, make_dirs, read_metadata, shard_paths
 
 HZ = 30
 SAMPLE_FRAMES = 77
 
 
-class RawDataError(ValueError):
-    """A raw-format file is missing, has the wrong size, or cannot be decoded."""
+class RawDataError(DataFormatError):
+    """A raw-format file is missing, has the wrong size, or cannot be decoded (the message names it)."""
 
 
 @dataclass
@@ -69,25 +74,44 @@ def _memmap(path: str, dtype, cols: int | None, n: int | None) -> np.ndarray:
 
 
 def load_shards(split_dir: str) -> list[RawShard]:
-    meta_path = os.path.join(split_dir, "metadata.json")
-    if not os.path.isfile(meta_path):
-        raise RawDataError(f"missing {meta_path}")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    """The shards of a raw split (either layout): states and segments memory-mapped, sizes checked against
+    `metadata_{i}.json` (when present; without it the states file says how many frames there are)."""
+    meta = read_metadata(os.path.join(split_dir, SPLIT_METADATA), ("num_shards",), error=RawDataError)
     shards = []
-    for i in range(int(meta["num_shards"])):
+    for i in range(meta["num_shards"]):
+        p = shard_paths(split_dir, i, "mp4")
         n = None
-        shard_meta = os.path.join(split_dir, f"metadata_{i}.json")
-        if os.path.isfile(shard_meta):
-            with open(shard_meta) as f:
-                n = int(json.load(f)["shard_num_frames"])
-        states = _memmap(os.path.join(split_dir, f"states_{i}.bin"), np.float32, STATE_DIM, n)
-        seg = _memmap(os.path.join(split_dir, f"segment_idx_{i}.bin"), np.int32, None, states.shape[0])
-        video = os.path.join(split_dir, f"video_{i}.mp4")
-        if not os.path.isfile(video) or os.path.getsize(video) == 0:
-            raise RawDataError(f"missing or empty video {video}")
-        shards.append(RawShard(i, video, states, seg))
+        if os.path.isfile(p.metadata):
+            n = read_metadata(p.metadata, ("shard_num_frames",), error=RawDataError)["shard_num_frames"]
+        states = _memmap(p.states, np.float32, STATE_DIM, n)
+        seg = _memmap(p.segment_idx, np.int32, None, states.shape[0])
+        if not os.path.isfile(p.video) or os.path.getsize(p.video) == 0:
+            raise RawDataError(f"missing or empty video {p.video}")
+        shards.append(RawShard(i, p.video, states, seg))
     return shards
+
+
+def check_video(path: str, num_frames: int) -> None:
+    """`path` is a non-empty video PyAV opens, whose frame count (from the stream metadata, when the container
+    records it) is `num_frames` and whose first frame decodes. Decodes one frame, not the shard (real shards
+    are hours long). Raises RawDataError naming the file."""
+    import av
+
+    if not os.path.isfile(path):
+        raise RawDataError(f"{path}: missing")
+    if os.path.getsize(path) == 0:
+        raise RawDataError(f"{path}: empty")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise RawDataError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            if stream.frames and stream.frames != num_frames:
+                raise RawDataError(f"{path}: {stream.frames} frames, expected shard_num_frames={num_frames}")
+            if next(container.decode(stream), None) is None:
+                raise RawDataError(f"{path}: no frame decodes")
+    except (av.error.FFmpegError, OSError) as e:
+        raise RawDataError(f"{path}: cannot open or decode with PyAV ({e})") from e
 
 
 def sample_starts(seg: np.ndarray, length: int, hop: int) -> np.ndarray:
@@ -237,36 +261,40 @@ def write_video(path: str, frames: np.ndarray, fps: int = HZ, gop: int = 30, crf
 
 
 def write_raw_split(out_dir: str, shards: int, frames: int, seed: int, *, size: int = 512,
-                    first_segment: int = 0, progress: bool = False) -> str:
-    """One split directory in the raw format (moving shapes driven by the states); returns its path."""
+                    first_segment: int = 0, progress: bool = False, layout: str = FLAT) -> str:
+    """One split directory in the raw format (moving shapes driven by the states), in `layout` (NESTED or
+    FLAT); returns its path."""
     if shards < 1 or frames < SAMPLE_FRAMES:
         raise ValueError(f"shards={shards} must be >= 1 and frames={frames} >= {SAMPLE_FRAMES}")
     if size % 32:
         raise ValueError(f"size={size} must be a multiple of 32 (the Wan VAE and H.264 need it)")
     from tqdm import tqdm
 
-    os.makedirs(out_dir, exist_ok=True)
+    make_dirs(out_dir, layout)
     rng = np.random.default_rng(seed)
     for i in tqdm(range(shards), desc=f"raw {os.path.basename(out_dir)}", disable=not progress):
+        p = shard_paths(out_dir, i, "mp4", layout)
         states, seg = _synthetic_states(rng, frames, first_segment)
         first_segment = int(seg[-1]) + 1
-        write_video(os.path.join(out_dir, f"video_{i}.mp4"), render_frames(states, seg, size, seed + i))
-        states.tofile(os.path.join(out_dir, f"states_{i}.bin"))
-        seg.tofile(os.path.join(out_dir, f"segment_idx_{i}.bin"))
-        with open(os.path.join(out_dir, f"metadata_{i}.json"), "w") as f:
+        write_video(p.video, render_frames(states, seg, size, seed + i))
+        states.tofile(p.states)
+        seg.tofile(p.segment_idx)
+        with open(p.metadata, "w") as f:
             json.dump({"shard_num_frames": frames, "shard_ind": i}, f)
-    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
-        json.dump({"num_shards": shards, "query": "wmfast synthetic raw (state-driven shapes)", "hz": HZ,
-                   "num_images": shards * frames}, f, indent=1)
+    with open(os.path.join(out_dir, SPLIT_METADATA), "w") as f:
+        json.dump({"num_shards": shards, "query": None, "hz": HZ, "num_images": shards * frames,
+                   "generator": "wmfast synthetic raw (state-driven shapes)"}, f, indent=1)
     return out_dir
 
 
 def write_synthetic_raw_dataset(out_dir: str, shards: int = 1, frames: int = 1024, seed: int = 0, *,
-                                size: int = 512, val_frames: int | None = None, progress: bool = False) -> dict:
-    """`out_dir/train_v2.0_raw` and `out_dir/val_v2.0_raw`; returns {"train": path, "val": path}."""
+                                size: int = 512, val_frames: int | None = None, progress: bool = False,
+                                layout: str = NESTED) -> dict:
+    """`out_dir/train_v2.0_raw` (in `layout`: NESTED as published, or FLAT) and `out_dir/val_v2.0_raw` (always
+    FLAT, as published); returns {"train": path, "val": path}."""
     val_frames = val_frames or max(frames // 4, 3 * SAMPLE_FRAMES)
     train = write_raw_split(os.path.join(out_dir, "train_v2.0_raw"), shards, frames, seed, size=size,
-                            progress=progress)
+                            progress=progress, layout=layout)
     val = write_raw_split(os.path.join(out_dir, "val_v2.0_raw"), 1, val_frames, seed + 1_000_003, size=size,
                           first_segment=10**6, progress=progress)
     return {"train": train, "val": val}

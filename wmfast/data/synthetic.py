@@ -8,6 +8,9 @@ Each segment has its own random token texture (a G x G grid of ids). The robot s
 The other 22 joint angles are smooth random walks (informative of nothing, as distractors). 1% of the
 tokens are replaced by random ids (tokenizer noise). A model that copies the previous grid already beats
 chance by far; one that reads the velocities from the states and shifts the grid does better still.
+
+Written as published: train_v2.0 in the nested layout, val_v2.0 flat (see `wmfast.data.layout`), with
+"query": null in metadata.json like the real data (the generator is named under a wmfast-only key).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import numpy as np
 
 from wmfast.data.format import GRID_SIZE, HZ, STATE_DIM, VOCAB_SIZE, WINDOW, num_windows
+from wmfast.data.layout import FLAT, NESTED, SPLIT_METADATA, make_dirs, shard_paths
 
 LIN_VEL, ANG_VEL, LEFT_HAND = 23, 24, 21
 NOISE = 0.01
@@ -64,41 +68,44 @@ def _shard_video(rng, states, seg, shift, grid: int, vocab: int) -> np.ndarray:
 
 
 def write_split(out_dir: str, shards: int, frames: int, seed: int, *, grid_size: int = GRID_SIZE,
-                vocab_size: int = VOCAB_SIZE, first_segment: int = 0) -> str:
-    """Write one split directory (metadata.json + per-shard files) and return its path."""
+                vocab_size: int = VOCAB_SIZE, first_segment: int = 0, layout: str = FLAT) -> str:
+    """Write one split directory (metadata.json + per-shard files, `layout` NESTED or FLAT) and return its
+    path."""
     if shards < 1 or frames < 1:
         raise ValueError(f"shards={shards} and frames={frames} must be >= 1")
     if not 2 <= vocab_size <= VOCAB_SIZE:
         raise ValueError(f"vocab_size={vocab_size} must be in [2, {VOCAB_SIZE}]")
-    os.makedirs(out_dir, exist_ok=True)
+    make_dirs(out_dir, layout)
     rng = np.random.default_rng(seed)
     for i in range(shards):
+        p = shard_paths(out_dir, i, "bin", layout)
         states, seg, shift = _shard_states(rng, frames, first_segment)
         first_segment = int(seg[-1]) + 1
-        _shard_video(rng, states, seg, shift, grid_size, vocab_size).tofile(os.path.join(out_dir, f"video_{i}.bin"))
-        states.tofile(os.path.join(out_dir, f"states_{i}.bin"))
-        seg.tofile(os.path.join(out_dir, f"segment_idx_{i}.bin"))
-        with open(os.path.join(out_dir, f"metadata_{i}.json"), "w") as f:
+        _shard_video(rng, states, seg, shift, grid_size, vocab_size).tofile(p.video)
+        states.tofile(p.states)
+        seg.tofile(p.segment_idx)
+        with open(p.metadata, "w") as f:
             json.dump({"shard_num_frames": frames, "shard_ind": i}, f)
-    meta = {"num_shards": shards, "query": "wmfast synthetic (state-driven token textures)", "hz": HZ,
-            "num_images": shards * frames}
+    meta = {"num_shards": shards, "query": None, "hz": HZ, "num_images": shards * frames,
+            "generator": "wmfast synthetic (state-driven token textures)"}
     if grid_size != GRID_SIZE:  # wmfast extension, absent from the real data (see wmfast.data.format)
         meta["grid_size"] = grid_size
-    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+    with open(os.path.join(out_dir, SPLIT_METADATA), "w") as f:
         json.dump(meta, f, indent=1)
     return out_dir
 
 
 def write_synthetic_dataset(out_dir: str, shards: int = 2, frames: int = 2048, seed: int = 0, *,
                             grid_size: int = GRID_SIZE, vocab_size: int = VOCAB_SIZE,
-                            val_frames: int | None = None) -> dict[str, str]:
-    """Write `out_dir/train_v2.0` (`shards` shards of `frames` frames) and `out_dir/val_v2.0` (one shard of
-    `val_frames`, default max(frames // 4, 4 * 17)) in the 1X v2.0 tokenized format. Returns
-    {"train": path, "val": path}. Read them back with `TokenizedDataset(out_dir, "train")`.
+                            val_frames: int | None = None, layout: str = NESTED) -> dict[str, str]:
+    """Write `out_dir/train_v2.0` (`shards` shards of `frames` frames, in `layout`: NESTED as published, or
+    FLAT) and `out_dir/val_v2.0` (one shard of `val_frames`, default max(frames // 4, 4 * 17), always FLAT as
+    published) in the 1X v2.0 tokenized format. Returns {"train": path, "val": path}. Read them back with
+    `TokenizedDataset(out_dir, "train")`.
 
     grid_size / vocab_size < 32 / 64,000 make small sets for CPU tests (match the model config's)."""
     val_frames = val_frames or max(frames // 4, 4 * WINDOW)
     kw = {"grid_size": grid_size, "vocab_size": vocab_size}
-    train = write_split(os.path.join(out_dir, "train_v2.0"), shards, frames, seed, **kw)
+    train = write_split(os.path.join(out_dir, "train_v2.0"), shards, frames, seed, layout=layout, **kw)
     val = write_split(os.path.join(out_dir, "val_v2.0"), 1, val_frames, seed + 1_000_003, first_segment=10**6, **kw)
     return {"train": train, "val": val}

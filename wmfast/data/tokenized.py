@@ -1,15 +1,18 @@
 """Memory-mapped reader of the 1X v2.0 tokenized set (see `wmfast.data.format`).
 
+A split is read in either layout of `wmfast.data.layout`, detected from the directory: flat (the public
+val_v2.0: `video_{i}.bin` beside `metadata.json`) or nested (the public train_v2.0: `videos/video_{i}.bin`,
+`robot_states/states_{i}.bin`, `segment_indices/segment_idx_{i}.bin`, `metadata/metadata_{i}.json`).
+
 Nothing is loaded whole: `video_{i}.bin` and `states_{i}.bin` are `np.memmap`s opened lazily in each
 process (so DataLoader workers each map the files themselves instead of pickling maps); only
 `segment_idx_{i}.bin` (4 bytes a frame) is read once to find the valid samples. Every problem raises
-`DataFormatError` naming the file and what is wrong; no sample is silently skipped: file sizes and
-metadata are checked when the dataset opens, token ranges and NaN states when a sample is read (or for
-the whole split with `validate()`).
+`DataFormatError` naming the file (full path) and what is wrong; no sample is silently skipped: file sizes
+and metadata are checked when the dataset opens, token ranges and NaN states when a sample is read (or for
+the whole split with `validate()`, which shares its chunked scans with `wmfast data check`).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -17,10 +20,16 @@ import numpy as np
 import torch
 
 from wmfast.data.format import GRID_SIZE, GRIDS_PER_WINDOW, SAMPLE_FRAMES, STATE_DIM, VOCAB_SIZE, WINDOW, num_windows
-
-
-class DataFormatError(ValueError):
-    """The data on disk does not match the 1X v2.0 tokenized format (the message names the file)."""
+from wmfast.data.layout import (
+    SPLIT_METADATA,
+    DataFormatError,
+    check_size,
+    detect_layout,
+    read_metadata,
+    shard_paths,
+    state_problem,
+    token_problem,
+)
 
 
 def resolve_split_dir(root: str, split: str | None) -> str:
@@ -28,34 +37,9 @@ def resolve_split_dir(root: str, split: str | None) -> str:
     `root` itself when split is None."""
     candidates = [root] if split is None else [os.path.join(root, f"{split}_v2.0"), os.path.join(root, split)]
     for c in candidates:
-        if os.path.isfile(os.path.join(c, "metadata.json")):
+        if os.path.isfile(os.path.join(c, SPLIT_METADATA)):
             return c
     raise DataFormatError(f"no metadata.json for split {split!r} under {root} (looked in {', '.join(candidates)})")
-
-
-def _read_json(path: str, keys: tuple[str, ...]) -> dict:
-    if not os.path.isfile(path):
-        raise DataFormatError(f"{path}: missing")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}: not valid JSON ({e})") from e
-    missing = [k for k in keys if k not in meta]
-    if missing:
-        raise DataFormatError(f"{path}: missing keys {missing}")
-    return meta
-
-
-def _check_size(path: str, shape: tuple[int, ...], dtype) -> None:
-    if not os.path.isfile(path):
-        raise DataFormatError(f"{path}: missing")
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    actual = os.path.getsize(path)
-    if actual != expected:
-        kind = "truncated" if actual < expected else "too long"
-        raise DataFormatError(f"{path}: {kind}: {actual} bytes, expected {expected} for {np.dtype(dtype).name} "
-                              f"{shape} (from the shard's metadata)")
 
 
 @dataclass(frozen=True)
@@ -90,9 +74,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __init__(self, root: str, split: str | None = "train", *, vocab_size: int = VOCAB_SIZE):
         self.dir = resolve_split_dir(root, split)
         self.vocab_size = vocab_size
-        top = os.path.join(self.dir, "metadata.json")
-        meta = _read_json(top, ("num_shards", "num_images"))
-        self.grid_size = int(meta.get("grid_size", GRID_SIZE))
+        self.layout = detect_layout(self.dir)
+        top = os.path.join(self.dir, SPLIT_METADATA)
+        meta = read_metadata(top, ("num_shards", "num_images"))
+        self.grid_size = grid_size_of(top, meta)
         self.hz = meta.get("hz")
         self.shards = [self._open_shard(i) for i in range(int(meta["num_shards"]))]
         total = sum(s.num_frames for s in self.shards)
@@ -110,17 +95,11 @@ class TokenizedDataset(torch.utils.data.Dataset):
         self._pid = None
 
     def _open_shard(self, i: int) -> Shard:
-        meta_path = os.path.join(self.dir, f"metadata_{i}.json")
-        meta = _read_json(meta_path, ("shard_num_frames",))
-        n = int(meta["shard_num_frames"])
-        if n < 0:
-            raise DataFormatError(f"{meta_path}: shard_num_frames={n} is negative")
-        g = self.grid_size
-        paths = {name: os.path.join(self.dir, f"{name}_{i}.bin") for name in ("video", "states", "segment_idx")}
-        _check_size(paths["video"], (num_windows(n), GRIDS_PER_WINDOW, g, g), np.int32)
-        _check_size(paths["states"], (n, STATE_DIM), np.float32)
-        _check_size(paths["segment_idx"], (n,), np.int32)
-        return Shard(i, n, **paths)
+        p = shard_paths(self.dir, i, "bin", self.layout)
+        n = read_metadata(p.metadata, ("shard_num_frames",))["shard_num_frames"]
+        for path, shape, dtype in shard_file_shapes(p, n, self.grid_size):
+            check_size(path, shape, dtype)
+        return Shard(i, n, p.video, p.states, p.segment_idx)
 
     def __len__(self) -> int:
         return int(self._window_of.shape[0])
@@ -169,17 +148,24 @@ class TokenizedDataset(torch.utils.data.Dataset):
         for k in tqdm(range(len(self.shards)), desc="validate", disable=not progress):
             s = self.shards[k]
             video, states = self._map(k)
-            step = max(1, chunk_frames // WINDOW)
-            for r in range(0, video.shape[0], step):
-                v = np.asarray(video[r: r + step])
-                if v.size and (v.min() < 0 or v.max() >= self.vocab_size):
-                    row = r + int(np.argwhere((v < 0) | (v >= self.vocab_size))[0, 0])
-                    raise DataFormatError(f"{s.video}: window {row} holds token ids outside [0, {self.vocab_size})")
-            for f in range(0, states.shape[0], chunk_frames):
-                bad = ~np.isfinite(np.asarray(states[f: f + chunk_frames]))
-                if bad.any():
-                    raise DataFormatError(f"{s.states}: non-finite state (NaN or inf) at frame "
-                                          f"{f + int(np.argwhere(bad)[0, 0])}")
+            problem = (token_problem(s.video, video, self.vocab_size, max(1, chunk_frames // WINDOW))
+                       or state_problem(s.states, states, chunk_frames))
+            if problem:
+                raise DataFormatError(problem)
+
+
+def grid_size_of(path: str, meta: dict) -> int:
+    """The token grid side of a split: metadata.json's "grid_size" (a wmfast extension), else 32."""
+    g = meta.get("grid_size", GRID_SIZE)
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise DataFormatError(f"{path}: grid_size={g!r} is not a positive integer")
+    return g
+
+
+def shard_file_shapes(p, n: int, grid_size: int) -> list[tuple[str, tuple[int, ...], type]]:
+    """(path, shape, dtype) of the three binary files of a shard of `n` frames (`p`: its `ShardPaths`)."""
+    return [(p.video, (num_windows(n), GRIDS_PER_WINDOW, grid_size, grid_size), np.int32),
+            (p.states, (n, STATE_DIM), np.float32), (p.segment_idx, (n,), np.int32)]
 
 
 def make_dataloader(dataset, batch_size: int, *, shuffle: bool = True, num_workers: int = 0, distributed=False,

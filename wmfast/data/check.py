@@ -1,0 +1,167 @@
+"""Check a 1X dataset on disk without stopping at the first problem (the engine of `wmfast data check`).
+
+`find_splits(root)` lists the split directories (root itself when it holds metadata.json, else each of its
+subdirectories that does); `check_split(dir)` checks one, tokenized or raw (told apart by the extension of
+its `video_{i}` files), flat or nested (`wmfast.data.layout`), and returns a `SplitReport`: one line per
+problem, each naming the file and what is wrong, collected shard by shard. What is checked:
+- metadata.json and every metadata_{i}.json: present, valid JSON, the keys the readers need, non-negative
+  integers; num_images equal to the sum of shard_num_frames; shard_ind equal to i when present;
+- each binary file's size against shard_num_frames (video_{i}.bin, states_{i}.bin, segment_idx_{i}.bin);
+- tokenized: every token id inside [0, vocab_size); every state finite (both read in chunks, with the scans
+  `TokenizedDataset.validate()` uses);
+- raw: video_{i}.mp4 present, non-empty, opened by PyAV, its frame count (when the container records it)
+  equal to shard_num_frames, its first frame decodable (only the first: real shards are hours long).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wmfast.data.format import GRID_SIZE, STATE_DIM, VOCAB_SIZE, WINDOW
+from wmfast.data.layout import (
+    SPLIT_METADATA,
+    DataFormatError,
+    check_size,
+    count_shard_metadata,
+    detect_layout,
+    files_dir,
+    read_metadata,
+    shard_paths,
+    state_problem,
+    token_problem,
+    video_exts,
+)
+from wmfast.data.raw import SAMPLE_FRAMES as RAW_SAMPLE_FRAMES
+from wmfast.data.raw import check_video, sample_starts
+from wmfast.data.tokenized import grid_size_of, shard_file_shapes, valid_windows
+
+KINDS = {"bin": "tokenized", "mp4": "raw"}
+
+
+@dataclass
+class SplitReport:
+    dir: str
+    kind: str = "unknown"  # "tokenized", "raw" or "unknown" (no video files)
+    layout: str = "flat"
+    shards: int = 0
+    frames: int = 0
+    samples: int = 0  # tokenized: compression samples; raw: disjoint 77-frame samples
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        n = len(self.problems)
+        status = "ok" if self.ok else f"{n} problem{'s' if n > 1 else ''}"
+        return (f"{self.dir}: {self.kind}, {self.layout}, {self.shards} shards, {self.frames} frames, "
+                f"{self.samples} samples: {status}")
+
+
+def find_splits(root: str) -> list[str]:
+    """`root` when it holds metadata.json, else its subdirectories that do (sorted); [] when none."""
+    if os.path.isfile(os.path.join(root, SPLIT_METADATA)):
+        return [root]
+    if not os.path.isdir(root):
+        return []
+    subdirs = sorted(os.path.join(root, d) for d in os.listdir(root))
+    return [d for d in subdirs if os.path.isfile(os.path.join(d, SPLIT_METADATA))]
+
+
+def check_split(split_dir: str, *, vocab_size: int = VOCAB_SIZE, chunk_frames: int = 1 << 16,
+                progress: bool = False, on_problem: Callable[[str], None] | None = None) -> SplitReport:
+    """Check every file of one split; `on_problem(line)` is called as each problem is found (e.g. to print
+    it at once), and the report holds them all."""
+    from tqdm import tqdm
+
+    report = SplitReport(split_dir, layout=detect_layout(split_dir))
+
+    def problem(line: str) -> None:
+        report.problems.append(line)
+        if on_problem is not None:
+            on_problem(line)
+
+    top = os.path.join(split_dir, SPLIT_METADATA)
+    meta: dict = {}
+    try:
+        meta = read_metadata(top, ("num_shards", "num_images"))
+        report.shards = meta["num_shards"]
+    except DataFormatError as e:
+        problem(str(e))
+        report.shards = count_shard_metadata(split_dir, report.layout)  # still check the shards present
+    grid = GRID_SIZE
+    try:
+        grid = grid_size_of(top, meta)
+    except DataFormatError as e:
+        problem(str(e))
+
+    exts = video_exts(split_dir, report.layout)
+    if len(exts) == 1:
+        report.kind = KINDS[exts.pop()]
+    else:
+        found = "both video_{i}.bin and video_{i}.mp4" if exts else "no video_{i}.bin or video_{i}.mp4"
+        problem(f"{files_dir(split_dir, 'video', report.layout)}: {found} files, cannot tell a tokenized split from a raw one")
+
+    shard_metadata_ok = True
+    for i in tqdm(range(report.shards), desc=os.path.basename(split_dir.rstrip(os.sep)), disable=not progress):
+        try:
+            frames, samples = _check_shard(split_dir, i, report, grid, vocab_size, chunk_frames, problem)
+        except OSError as e:  # unreadable file (permissions, a network file system failing): go on
+            problem(f"{e.filename or split_dir}: cannot be read ({e.strerror or e})")
+            frames, samples = None, 0
+        shard_metadata_ok &= frames is not None
+        report.frames += frames or 0
+        report.samples += samples
+    if shard_metadata_ok and "num_images" in meta and meta["num_images"] != report.frames:
+        problem(f"{top}: num_images={meta['num_images']} but the shards' metadata sum to {report.frames}")
+    return report
+
+
+def _check_shard(split_dir: str, i: int, report: SplitReport, grid: int, vocab_size: int, chunk_frames: int,
+                 problem: Callable[[str], None]) -> tuple[int | None, int]:
+    """Check shard `i`, reporting each problem; returns (its frames per its metadata, None when that cannot be
+    read; its samples)."""
+    raw = report.kind == "raw"
+    p = shard_paths(split_dir, i, "mp4" if raw else "bin", report.layout)
+    try:
+        meta = read_metadata(p.metadata, ("shard_num_frames",))
+    except DataFormatError as e:
+        problem(str(e))
+        return None, 0
+    n = meta["shard_num_frames"]
+    if meta.get("shard_ind", i) != i:
+        problem(f"{p.metadata}: shard_ind={meta['shard_ind']!r}, expected {i}")
+    # the mp4 is checked by PyAV below; with no video files at all the split reported it once already
+    files = [f for f in shard_file_shapes(p, n, grid) if f[0] != p.video or report.kind == "tokenized"]
+    sized = {}
+    for path, shape, dtype in files:
+        try:
+            check_size(path, shape, dtype)
+            sized[path] = (shape, dtype)
+        except DataFormatError as e:
+            problem(str(e))
+    if n and p.video in sized:
+        video = np.memmap(p.video, np.int32, "r", shape=sized[p.video][0])
+        _report(problem, token_problem(p.video, video, vocab_size, max(1, chunk_frames // WINDOW)))
+    if n and p.states in sized:
+        states = np.memmap(p.states, np.float32, "r", shape=(n, STATE_DIM))
+        _report(problem, state_problem(p.states, states, chunk_frames))
+    if raw:
+        try:
+            check_video(p.video, n)
+        except DataFormatError as e:
+            problem(str(e))
+    samples = 0
+    if p.segment_idx in sized:
+        seg = np.fromfile(p.segment_idx, np.int32)
+        samples = len(sample_starts(seg, RAW_SAMPLE_FRAMES, RAW_SAMPLE_FRAMES) if raw else valid_windows(seg))
+    return n, samples
+
+
+def _report(problem: Callable[[str], None], line: str | None) -> None:
+    if line:
+        problem(line)
