@@ -12,7 +12,9 @@ Providers (op "ensemble_sample", one row per N; mode "fwd"):
 - sequential:        N runs of one member (max_batch=1), otherwise as batched;
 - batched-unfused:   diffusers' unfused DiT blocks (per-token fp32 modulation) and the unfused sampler update;
 - batched-no-reuse:  the state conditioning and text K/V recomputed every step with batch N (copies), the
-                     timestep fed per member: what a straightforward batched loop does.
+                     timestep fed per member: what a straightforward batched loop does;
+- batched-unipc:     as batched, with the UniPC solver (Wan2.2's default) instead of Euler, at the same steps: the
+                     cost of its unfused torch update and history buffers (full profile only).
 The ensemble_sample rows carry steps x the DiT forward FLOPs at batch N (the useful work of every provider).
 Without CUDA the kernels run under TRITON_INTERPRET=1 (set here unless already set): CPU rows compare the
 kernels' code paths, not speed.
@@ -112,9 +114,12 @@ def run(ctx) -> None:
                 "sequential": (model, cond, {"max_batch": 1}),
                 "batched-unfused": (_Unfused(model), cond, {"fused": False}),
                 "batched-no-reuse": (_NoReuse(model, states), cond, {}),
+                "batched-unipc": (model, cond, {"solver": "unipc"}),
             }
-            if ctx.lease:  # the per-sample cost and the batching gain; the other two are the full profile's
+            if ctx.lease:  # the per-sample cost and the batching gain; the others are the full profile's
                 variants = {k: variants[k] for k in ("batched", "sequential")}
+            elif ctx.quick:  # the CI smoke test: the solvers' own tests cover unipc
+                del variants["batched-unipc"]
             # Every provider does the same useful work: `steps` DiT forwards over N members (the no-reuse
             # provider's recomputed conditioning is overhead, not counted), so fraction_of_ceiling compares.
             flops = steps * dit_flops(model, n, F, h, w)
@@ -136,12 +141,13 @@ def run(ctx) -> None:
 
 def _summary(ctx, results, ns) -> None:
     """Per-sample cost relative to N=1 and the batched speed-up over sequential runs (the issue's targets)."""
-    lines = ["| N | batched ms | per-sample / N=1 | sequential ms | batched speed-up | unfused ms | no-reuse ms |",
-             "|---|---|---|---|---|---|---|"]
+    header = ("| N | batched ms | per-sample / N=1 | sequential ms | batched speed-up | unfused ms | no-reuse ms "
+              "| unipc ms |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     base = results["batched", 1]
     for n in ns:
         b, s = results["batched", n], results["sequential", n]
-        other = [results.get((k, n)) for k in ("batched-unfused", "batched-no-reuse")]
+        other = [results.get((k, n)) for k in ("batched-unfused", "batched-no-reuse", "batched-unipc")]
         lines.append(f"| {n} | {b:.1f} | {b / n / base:.3f} | {s:.1f} | {s / b:.2f}x | "
                      + " | ".join("-" if o is None else f"{o:.1f}" for o in other) + " |")
     text = "\n".join(lines)

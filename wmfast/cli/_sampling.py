@@ -18,7 +18,9 @@ TARGET_FRAME = 76  # the scored frame of a 77-frame sample (2 s after the last c
 def add_model_arguments(p):
     p.add_argument("--model", required=True,
                    help="a local Wan2.2-TI2V-5B diffusers directory, or 'tiny' (random tiny model, no download)")
-    p.add_argument("--lora", default=None, help="a LoRA adapter directory saved by `wmfast train` (optional)")
+    p.add_argument("--lora", default=None,
+                   help="the LoRA adapter of a `wmfast train` sampling run: its run directory (newest checkpoint), a "
+                        "checkpoint directory or an adapter directory (optional)")
     p.add_argument("--data", required=True, help="a 1X raw-format dataset (root or split directory)")
     p.add_argument("--split", default="val", help="split under --data (default: val)")
     p.add_argument("--max-batch", type=int, default=None,
@@ -50,18 +52,29 @@ def load_model(args):
     else:
         model = build_world_model("ti2v-5b", pretrained=args.model, device=device, dtype=dtype)
     if args.lora:
-        from wmfast.models.wan.lora import load_lora
+        from wmfast.models.wan.lora import load_lora, read_adapter_info, resolve_adapter_dir
 
-        load_lora(model.transformer, args.lora)
+        try:
+            directory = resolve_adapter_dir(args.lora)
+        except ValueError as e:
+            raise ValueError(f"--lora: {e}") from None
+        trained_on = read_adapter_info(directory).get("preset")
+        wanted = "tiny" if args.model == "tiny" else "ti2v-5b"
+        if trained_on and trained_on != wanted:
+            raise ValueError(f"--lora {args.lora}: the adapter was trained on the {trained_on} model, --model "
+                             f"{args.model} is the {wanted} model")
+        load_lora(model.transformer, directory)
         model.transformer.to(device)  # the adapter loads on the CPU; dtypes stay as loaded (fp32 modules kept)
+        logger.info(f"wmfast: LoRA adapter {directory}")
     return model.eval()
 
 
-def ensemble_config(args, n: int, steps: int):
+def ensemble_config(args, n: int, steps: int, solver: str = "euler"):
+    """The EnsembleConfig of one run; `solver` is passed explicitly (eval-psnr's --solver is a list)."""
     from wmfast.inference.ensemble import EnsembleConfig
 
     return EnsembleConfig(n=n, steps=steps, seed=args.seed, max_batch=args.max_batch,
-                          graph=False if args.no_graph else None, progress=not args.no_progress)
+                          graph=False if args.no_graph else None, progress=not args.no_progress, solver=solver)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -1,39 +1,57 @@
-"""PSNR of the ensemble prediction against ensemble size N and denoising steps, over a split.
+"""PSNR of the ensemble prediction against ensemble size N, denoising steps and solver, over a split.
 
-For each sample and each step count, one ensemble of the largest N is sampled; the ensemble of size n is its
-first n members (member i is seeded seed + i, so that is exactly what `wmfast sample --ensemble n` draws).
+For each sample, solver and step count, one ensemble of the largest N is sampled; the ensemble of size n is
+its first n members (member i is seeded seed + i, so that is exactly what `wmfast sample --ensemble n` draws).
 Both averagings are scored: pixel (decode every member, average the frames) and latent (average the latents,
 decode once). PSNR: uint8 frames, per frame over all pixels and channels, mean over samples
-(wmfast.metrics.psnr). Writes psnr.csv, psnr.md and psnr.png under --out and prints the table.
+(wmfast.metrics.psnr). Time: the denoising loop's wall time per sample (device synchronized) of that largest
+ensemble, shared by the rows of its solver and step count; the mean leaves out the first sample when there are
+more (it pays one-time compilation and warm-up). Writes psnr.csv, psnr.md and psnr.png (one panel per solver)
+under --out and prints the table.
 """
 from __future__ import annotations
 
 import csv
 import os
+import sys
 
 from wmfast.cli import _sampling as common
 
+SOLVERS = ("euler", "unipc")  # wmfast.inference.solvers.SOLVERS, without importing the sampler for --help
 
-def _int_list(text: str) -> list[int]:
+
+def _int_list(flag: str, text: str) -> list[int]:
     try:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError as e:
-        raise ValueError(f"expected a comma-separated list of integers, got {text!r}") from e
+        raise ValueError(f"{flag}: expected a comma-separated list of integers, got {text!r}") from e
     if not values or values[0] < 1:
-        raise ValueError(f"expected positive integers, got {text!r}")
+        raise ValueError(f"{flag}: expected positive integers, got {text!r}")
     return values
+
+
+def _solver_list(text: str) -> list[str]:
+    names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))  # in order, once each
+    bad = [n for n in names if n not in SOLVERS]
+    if bad or not names:
+        raise ValueError(f"--solver: expected a comma-separated list of {', '.join(SOLVERS)}, got {text!r}")
+    return names
 
 
 def add_arguments(p):
     common.add_model_arguments(p)
     p.add_argument("--ensemble", default="1,2,4,8,16", help="ensemble sizes N, comma-separated")
     p.add_argument("--steps", default="10,25,50", help="denoising step counts, comma-separated")
+    p.add_argument("--solver", default="euler",
+                   help="solvers, comma-separated: euler (default), unipc (Wan2.2's default sampler); each is scored "
+                        "and timed at every step count")
     p.add_argument("--limit", type=int, default=None, help="score only the first K samples of the split")
     p.add_argument("--out", default=None, help="output directory (default: eval_psnr_<split>)")
 
 
-def score_sample(model, sample, cfg, ns: list[int]) -> dict[tuple[str, int], float]:
-    """{(mode, n): PSNR} for one sample: one ensemble of max(ns) members, scored on its first n members."""
+def score_sample(model, sample, cfg, ns: list[int]) -> tuple[dict[tuple[str, int], float], float]:
+    """({(mode, n): PSNR}, denoising seconds) for one sample: one ensemble of max(ns) members, scored on its
+    first n members."""
     import torch
 
     from wmfast import ops
@@ -50,27 +68,43 @@ def score_sample(model, sample, cfg, ns: list[int]) -> dict[tuple[str, int], flo
             latent_frame = model.decode_latents(latent_mean[None])[0, -1]
             scores["pixel", n] = psnr(to_uint8(pixel_mean), sample.target)
             scores["latent", n] = psnr(to_uint8(latent_frame), sample.target)
-    return scores
+    return scores, pred.denoise_s
 
 
 def run(args) -> int:
+    try:
+        ns, steps_list = _int_list("--ensemble", args.ensemble), _int_list("--steps", args.steps)
+        solvers = _solver_list(args.solver)
+        return evaluate(args, ns, steps_list, solvers)
+    except ValueError as e:
+        print(f"wmfast eval-psnr: error: {e}", file=sys.stderr)
+        return 2
+
+
+def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str]) -> int:
     from tqdm.auto import tqdm
 
-    ns, steps_list = _int_list(args.ensemble), _int_list(args.steps)
     model = common.load_model(args)
     dataset = common.open_split(args.data, args.split, model)
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     if count == 0:
         raise ValueError(f"the {args.split} split of {args.data} has no samples")
-    totals: dict[tuple[int, str, int], float] = {}
+    totals: dict[tuple[str, int, str, int], float] = {}
+    seconds: dict[tuple[str, int], float] = {}
+    timed = range(1, count) if count > 1 else range(count)  # the first sample pays compilation and warm-up
     for index in tqdm(range(count), desc="samples", disable=args.no_progress):
         sample = common.load_sample(dataset, index)
-        for steps in steps_list:
-            cfg = common.ensemble_config(args, max(ns), steps)
-            for (mode, n), value in score_sample(model, sample, cfg, ns).items():
-                totals[steps, mode, n] = totals.get((steps, mode, n), 0.0) + value
-    rows = [{"steps": s, "ensemble": n, "psnr_pixel": totals[s, "pixel", n] / count,
-             "psnr_latent": totals[s, "latent", n] / count, "samples": count} for s in steps_list for n in ns]
+        for solver in solvers:
+            for steps in steps_list:
+                cfg = common.ensemble_config(args, max(ns), steps, solver)
+                scores, denoise_s = score_sample(model, sample, cfg, ns)
+                for (mode, n), value in scores.items():
+                    totals[solver, steps, mode, n] = totals.get((solver, steps, mode, n), 0.0) + value
+                if index in timed:
+                    seconds[solver, steps] = seconds.get((solver, steps), 0.0) + denoise_s / len(timed)
+    rows = [{"solver": solver, "steps": s, "ensemble": n, "psnr_pixel": totals[solver, s, "pixel", n] / count,
+             "psnr_latent": totals[solver, s, "latent", n] / count, "seconds_per_sample": seconds[solver, s],
+             "samples": count} for solver in solvers for s in steps_list for n in ns]
     out = args.out or f"eval_psnr_{args.split}"
     os.makedirs(out, exist_ok=True)
     write_tables(rows, out)
@@ -81,9 +115,13 @@ def run(args) -> int:
 
 
 def markdown_table(rows) -> str:
-    lines = ["| steps | N | PSNR pixel avg (dB) | PSNR latent avg (dB) | samples |", "|---|---|---|---|---|"]
-    lines += [f"| {r['steps']} | {r['ensemble']} | {r['psnr_pixel']:.3f} | {r['psnr_latent']:.3f} | {r['samples']} |"
-              for r in rows]
+    """One row per (solver, steps, N); the time is of the largest N's ensemble, shared by its rows."""
+    n_max = max(r["ensemble"] for r in rows)
+    header = (f"| solver | steps | N | PSNR pixel avg (dB) | PSNR latent avg (dB) | denoise s/sample (N={n_max}) "
+              "| samples |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['solver']} | {r['steps']} | {r['ensemble']} | {r['psnr_pixel']:.3f} | {r['psnr_latent']:.3f} | "
+              f"{r['seconds_per_sample']:.3f} | {r['samples']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -97,23 +135,31 @@ def write_tables(rows, out: str) -> None:
 
 
 def plot(rows, path: str) -> None:
-    """PSNR against N (log2 axis), one colour per step count; solid = pixel averaging, dashed = latent."""
+    """PSNR against N (log2 axis), one panel per solver (shared y axis), one colour per step count (the legend
+    gives the denoising time); solid = pixel averaging, dashed = latent."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, steps in enumerate(sorted({r["steps"] for r in rows})):
-        sel = [r for r in rows if r["steps"] == steps]
-        ns = [r["ensemble"] for r in sel]
-        ax.plot(ns, [r["psnr_pixel"] for r in sel], "o-", color=f"C{i}", label=f"{steps} steps, pixel avg")
-        ax.plot(ns, [r["psnr_latent"] for r in sel], "s--", color=f"C{i}", label=f"{steps} steps, latent avg")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("ensemble size N")
-    ax.set_ylabel("PSNR of frame 76 (dB)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    all_steps = sorted({r["steps"] for r in rows})
+    fig, axes = plt.subplots(1, len(solvers), figsize=(6 * len(solvers), 4), sharey=True, squeeze=False)
+    for ax, solver in zip(axes[0], solvers):
+        for i, steps in enumerate(all_steps):
+            sel = [r for r in rows if r["solver"] == solver and r["steps"] == steps]
+            if not sel:
+                continue
+            ns, secs = [r["ensemble"] for r in sel], sel[0]["seconds_per_sample"]
+            ax.plot(ns, [r["psnr_pixel"] for r in sel], "o-", color=f"C{i}",
+                    label=f"{steps} steps ({secs:.2f} s), pixel avg")
+            ax.plot(ns, [r["psnr_latent"] for r in sel], "s--", color=f"C{i}", label=f"{steps} steps, latent avg")
+        ax.set_xscale("log", base=2)
+        ax.set_title(solver)
+        ax.set_xlabel("ensemble size N")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("PSNR of frame 76 (dB)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

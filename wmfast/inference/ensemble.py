@@ -13,16 +13,20 @@ The winning sampling-track team generates N samples and averages them: PSNR rise
   step is captured once in a CUDA graph and replayed; the graph stays on the model, so later calls with the
   same conditioning (more seeds, benchmark repeats) replay it without capturing or verifying again.
 
-Solver: flow-matching Euler (first order) is the default and only solver. Reasons: it is stateless (UniPC
-keeps its last model outputs: one extra ensemble-sized latent buffer per order, and a history that CUDA-graph
-replay must carry), it is exactly the ODE the flow-matching loss trains (x_t = (1 - s) x0 + s * noise,
-v = noise - x0), and the team reports its gains from more steps and larger N, which Euler scales with
-directly. UniPC's fewer-step advantage could not be measured here (no trained weights, no GPU).
-Schedule: s_i = 1 - i / steps, shifted like Wan2.2 TI2V (shift 5: s' = 5 s / (1 + 4 s)), timestep 1000 s'.
+Solvers (`EnsembleConfig.solver`, wmfast.inference.solvers): "euler" (default) and "unipc". Euler is first
+order and stateless, exactly the ODE the flow-matching loss trains (x_t = (1 - s) x0 + s * noise, v = noise - x0);
+its update is one fused op. Schedule: s_i = 1 - i / steps, shifted like Wan2.2 TI2V (shift 5: s' = 5 s / (1 + 4 s)),
+timestep 1000 s'. UniPC is Wan2.2's default sampler (diffusers' UniPCMultistepScheduler, flow_prediction,
+flow_shift 5, order 2, bh2): a predictor-corrector multistep method that reuses the last two x0-predictions
+(higher order, meant for fewer steps; whether it gets there on this model is not measured here: no trained
+weights). It samples on diffusers' schedule (s from 1 to 1/1000, the same shift, integer timesteps), so it
+matches Wan, and runs the same batched, graph-captured step: its per-step coefficients are a device table like
+Euler's step sizes, its history three preallocated buffers updated in place.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wmfast import ops
-from wmfast.kernels.ensemble_sampler import ensemble_euler_step_ref
+from wmfast.inference.solvers import EulerUpdate, UniPCUpdate, check_solver, unipc_tables
 
 logger = logging.getLogger("wmfast")
 
@@ -50,13 +54,17 @@ class Denoiser(Protocol):
 @dataclass
 class EnsembleConfig:
     n: int = 8                     # ensemble size N
-    steps: int = 50                # Euler steps
+    steps: int = 50                # denoising steps (model evaluations)
     shift: float = 5.0             # Wan2.2 TI2V flow shift
     seed: int = 0                  # member i uses seed + i unless seeds are given
     max_batch: int | None = None   # members per forward; None: all N, halved automatically on OOM
     graph: bool | None = None      # CUDA-graph capture of the step; None: on when the latents are on a GPU
-    fused: bool = True             # the fused sampler op (False: unfused torch update, for benchmarks)
+    fused: bool = True             # Euler: the fused sampler op (False: unfused torch update, for benchmarks)
     progress: bool = True          # tqdm bar over steps
+    solver: str = "euler"          # "euler" (wmfast's schedule) or "unipc" (Wan2.2's default, diffusers' schedule)
+
+    def __post_init__(self):
+        check_solver(self.solver, "EnsembleConfig.solver")
 
 
 def flow_schedule(steps: int, shift: float, num_frames: int, num_context: int, device) -> tuple[torch.Tensor, ...]:
@@ -83,49 +91,68 @@ def member_noise(shape: Sequence[int], seeds: Sequence[int], device, dtype) -> t
     return out
 
 
-def _unfused_step(x, v, dt, context):
-    return ensemble_euler_step_ref(x, v, dt, context)
+def solver_tables(cfg: EnsembleConfig, num_frames: int, num_context: int, device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps [steps, F'], per-step rows: Euler's step sizes [steps], UniPC's coefficients [steps, 9])."""
+    if cfg.solver == "unipc":
+        return unipc_tables(cfg.steps, cfg.shift, num_frames, num_context, device, UniPCUpdate.compute_dtype(dtype))
+    return flow_schedule(cfg.steps, cfg.shift, num_frames, num_context, device)
+
+
+def _make_update(cfg: EnsembleConfig):
+    return UniPCUpdate() if cfg.solver == "unipc" else EulerUpdate(cfg.fused)
 
 
 class _StepRunner:
-    """One denoising step for a micro-batch: eager, or captured once in a CUDA graph and replayed."""
+    """One denoising step for a micro-batch: eager, or captured once in a CUDA graph and replayed.
 
-    def __init__(self, model: Denoiser, cond, context, fused: bool, graph: bool):
-        self.model, self.cond, self.context = model, cond, context
-        self.update = ops.ensemble_euler_step if fused else _unfused_step
+    `update` is the solver's step (wmfast.inference.solvers): `row` is its per-step table row (Euler: dt;
+    UniPC: the coefficients), and a stateful solver's history lives in buffers the update owns, so the graph
+    reads and writes them in place."""
+
+    def __init__(self, model: Denoiser, cond, context, update, graph: bool):
+        self.model, self.cond, self.context, self.update = model, cond, context, update
         self.graph_enabled, self.graph = graph, None
 
-    def eager(self, x, t_row, dt):
+    def reset(self, x):
+        """Before the first step of a chunk: the solver's history starts empty (a device op, no sync)."""
+        self.update.reset(x)
+
+    def eager(self, x, t_row, row):
         # t_row: [1, F'], passed with batch 1: the model computes the per-frame timestep modulation once and
         # broadcasts it to the members (as it does the batch-1 conditioning).
         v = self.model.velocity(x, t_row, self.cond)
-        return self.update(x, v, dt, self.context)
+        return self.update(x, v, row, self.context)
 
-    def __call__(self, x, t_row, dt):
+    def __call__(self, x, t_row, row):
         if not self.graph_enabled:
-            return self.eager(x, t_row, dt)
+            return self.eager(x, t_row, row)
         if self.graph is None:
-            return self._warm_up_and_capture(x, t_row, dt)
+            return self._warm_up_and_capture(x, t_row, row)
         self.static_x.copy_(x)  # device-to-device copies into the graph's input buffers: no host sync
         self.static_t.copy_(t_row)
-        self.static_dt.copy_(dt)
+        self.static_row.copy_(row)
         self.graph.replay()
         return self.static_y  # the next call copies it into static_x; the caller copies the last one out
 
-    def _warm_up_and_capture(self, x, t_row, dt):
+    def _warm_up_and_capture(self, x, t_row, row):
         """Run this step eagerly (its result is the step's output: warm-up costs nothing extra), capture it,
-        and replay once on the same inputs to check the graph against the eager result (one host sync per
-        micro-batch size, before the graph is used). Any failure falls back to eager, logged once."""
-        self.static_x, self.static_t, self.static_dt = x.clone(), t_row.clone(), dt.clone()
+        and replay once on the same inputs and the same solver state to check the graph against the eager
+        result (one host sync per micro-batch size, before the graph is used); the solver's state is then the
+        eager step's. Any failure falls back to eager, logged once."""
+        self.static_x, self.static_t, self.static_row = x.clone(), t_row.clone(), row.clone()
+        before = self.update.state()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graphs recommends
-            y = self.eager(self.static_x, self.static_t, self.static_dt)
+            y = self.eager(self.static_x, self.static_t, self.static_row)
         torch.cuda.current_stream().wait_stream(stream)
+        after = self.update.state()
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.static_y = self.eager(self.static_x, self.static_t, self.static_dt)
+                self.static_y = self.eager(self.static_x, self.static_t, self.static_row)
+            self.update.load_state(before)
             graph.replay()
             tol = 1e-4 if y.dtype == torch.float32 else 3e-2  # same kernels; bf16 only rounds differently
             if not torch.allclose(self.static_y.float(), y.float(), atol=tol, rtol=tol):
@@ -134,22 +161,24 @@ class _StepRunner:
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly, and say why
             logger.info(f"wmfast: CUDA-graph capture of the sampling step failed ({e}); running eagerly")
             self.graph_enabled, self.graph = False, None
+        finally:
+            self.update.load_state(after)
         return y
 
 
 _RUNNERS_ATTR = "_wmfast_step_runners"
 
 
-def _cached_runners(model, cond, context, shape, dtype, fused: bool, graph: bool) -> dict:
+def _cached_runners(model, cond, context, shape, dtype, options: tuple) -> dict:
     """The step runners (one per micro-batch size) kept on the model between calls, so a CUDA graph is captured
     and verified once per key, not once per call. A captured graph reads the conditioning, the context and the
     weights at their addresses, so the key holds the identities of cond and context (the runners keep both
     alive: an id cannot be reused while cached), the first parameter's address (model.to() moves the weights)
-    and the shapes, dtype and options. Only the latest key is kept: a new conditioning (the next sample) drops
-    the old graphs and their memory."""
+    and the shapes, dtype and options (solver, fused, graph). Only the latest key is kept: a new conditioning (the
+    next sample) drops the old graphs and their memory."""
     params = getattr(model, "parameters", None)
     first = next(params(), None) if callable(params) else None
-    key = (id(cond), id(context), tuple(shape), dtype, context.device, fused, graph,
+    key = (id(cond), id(context), tuple(shape), dtype, context.device, options,
            first.data_ptr() if first is not None else None)
     cache = getattr(model, _RUNNERS_ATTR, None)
     if cache is None or cache[0] != key:
@@ -182,14 +211,15 @@ def sample_ensemble(model: Denoiser, context_latents: torch.Tensor, cond: Any, n
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(cfg.n)]
     if len(seeds) != cfg.n:
         raise ValueError(f"seeds has {len(seeds)} entries for an ensemble of n={cfg.n}")
+    check_solver(cfg.solver, "EnsembleConfig.solver")  # again: a config can be changed after construction
     device, dtype = context_latents.device, context_latents.dtype
-    timesteps, dts = flow_schedule(cfg.steps, cfg.shift, num_latent_frames, Fc, device)
+    timesteps, rows = solver_tables(cfg, num_latent_frames, Fc, device, dtype)
     graph = device.type == "cuda" if cfg.graph is None else cfg.graph
     batch = min(cfg.max_batch or cfg.n, cfg.n)
     while True:
         try:
             return _sample_in_chunks(model, context_latents, cond, (C, num_latent_frames, H, W), seeds, batch,
-                                     timesteps, dts, cfg, graph, dtype)
+                                     timesteps, rows, cfg, graph, dtype)
         except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise
@@ -198,22 +228,23 @@ def sample_ensemble(model: Denoiser, context_latents: torch.Tensor, cond: Any, n
             logger.info(f"wmfast: ensemble of {cfg.n} does not fit; retrying with micro-batches of {batch}")
 
 
-def _sample_in_chunks(model, context, cond, shape, seeds, batch, timesteps, dts, cfg, graph, dtype):
+def _sample_in_chunks(model, context, cond, shape, seeds, batch, timesteps, rows, cfg, graph, dtype):
     device = context.device
     out = torch.empty((len(seeds), *shape), device=device, dtype=dtype)
     chunks = _chunks(len(seeds), batch)
     bar = tqdm(total=cfg.steps * len(chunks), desc=f"ensemble N={len(seeds)} (micro-batch {batch})",
                disable=not cfg.progress, leave=False)
-    runners = _cached_runners(model, cond, context, shape, dtype, cfg.fused, graph)  # one per micro-batch size
+    runners = _cached_runners(model, cond, context, shape, dtype, (cfg.solver, cfg.fused, graph))  # per batch size
     for idx in chunks:
         members = [seeds[i] for i in idx]
         x = member_noise(shape, members, device, dtype)
         x[:, :, : context.shape[2]] = context  # start from clean context + pure noise
         if len(members) not in runners:
-            runners[len(members)] = _StepRunner(model, cond, context, cfg.fused, graph)
+            runners[len(members)] = _StepRunner(model, cond, context, _make_update(cfg), graph)
         runner = runners[len(members)]
+        runner.reset(x)
         for i in range(cfg.steps):
-            x = runner(x, timesteps[i : i + 1], dts[i])
+            x = runner(x, timesteps[i : i + 1], rows[i])
             bar.update(1)
         out[idx.start : idx.stop] = x
     bar.close()
@@ -269,6 +300,7 @@ def average_frames(latents: torch.Tensor, decode_frame: Callable[[torch.Tensor],
 class Prediction:
     frames: EnsembleFrames
     latents: torch.Tensor  # [N, C, F', H', W'] final member latents
+    denoise_s: float = float("nan")  # wall time of the denoising loop (sample_ensemble), device synchronized
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -292,10 +324,19 @@ def predict_sample(model, context_frames: torch.Tensor, states: torch.Tensor, cf
     with torch.no_grad():
         context = model.encode_frames(context_frames[None].to(device)).to(dtype)  # [1, C, Fc, H', W']
         cond = model.prepare_conditioning(states[None].to(device, dtype))            # batch 1, computed once
+        _synchronize(device)  # the timing below covers the denoising loop alone, not the encode before it
+        start = time.perf_counter()
         latents = sample_ensemble(model, context, cond, sched.num_latents, cfg, seeds)
+        _synchronize(device)  # after the loop: the decode needs the latents anyway
+        denoise_s = time.perf_counter() - start
 
         def decode_frame(z):  # the causal VAE decodes the whole clip; frame 76 is its last frame
             return model.decode_latents(z)[:, -1]
 
         frames = average_frames(latents, decode_frame, modes, decode_batch)
-    return Prediction(frames, latents)
+    return Prediction(frames, latents, denoise_s)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
