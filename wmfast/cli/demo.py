@@ -6,9 +6,14 @@ needed; a few minutes on 2 CPU cores):
   2. data      a synthetic tokenized dataset in the real 1X v2.0 format
   3. train     the tiny ST-Transformer with DeepSpeed (single process), checkpointed
   4. generate  greedy 3-frame generation from the trained checkpoint, with the temporal KV cache and without
-  5. raw       a synthetic raw (mp4) dataset in the real 1X format
-  6. sample    a tiny Wan2.2-style world model (random weights): a batched ensemble sample, PSNR, a strip PNG
-  7. plot      loss and throughput curves of the training run
+  5. raw       a synthetic raw (mp4) dataset in the real 1X format (train split nested, val flat, as published)
+  6. lora      LoRA + state AdaLN-Zero post-training of the tiny Wan2.2-architecture world model on it, writing
+               the adapter (loadable by stock diffusers and peft) at every checkpoint and at the end
+  7. sample    that trained adapter: a batched ensemble sample of the val split, PSNR, a strip PNG
+  8. plot      loss and throughput curves of the training run
+
+A second run in the same --out resumes the training runs (finished ones have nothing left to do) instead of
+failing on their checkpoints; each stage says which.
 
 Each stage prints what it ran; every output lands under --out.
 """
@@ -19,13 +24,14 @@ import subprocess
 import sys
 import time
 
-STAGES = ("kernels", "data", "train", "generate", "raw", "sample", "plot")
+STAGES = ("kernels", "data", "train", "generate", "raw", "lora", "sample", "plot")
 
 
 def add_arguments(p):
     p.add_argument("--out", default="wmfast_demo", help="directory for every output of the demo")
     p.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
     p.add_argument("--train-steps", type=int, default=60, help="optimizer steps of the tiny training run")
+    p.add_argument("--lora-steps", type=int, default=30, help="optimizer steps of the tiny LoRA post-training run")
 
 
 def _kernels_check() -> None:
@@ -72,7 +78,7 @@ def _kernels_check() -> None:
 
 def _stage_commands(args) -> dict[str, list[str]]:
     out = args.out
-    run_dir = os.path.join(out, "run")
+    run_dir, lora_dir = os.path.join(out, "run"), os.path.join(out, "lora_run")
     return {
         # the tiny preset: 8x8 token grids, vocabulary 512 (the real data: 32x32, 64,000)
         "data": ["data", "synth", "--out", os.path.join(out, "tokens"), "--shards", "2", "--frames", "1020",
@@ -83,10 +89,27 @@ def _stage_commands(args) -> dict[str, list[str]]:
                      "--samples", "2", "--json", os.path.join(out, "generate.json")],
         "raw": ["data", "synth", "--raw", "--out", os.path.join(out, "raw"), "--shards", "1", "--frames", "154",
                 "--size", "64"],
-        "sample": ["sample", "--model", "tiny", "--data", os.path.join(out, "raw"), "--ensemble", "4", "--steps", "4",
-                   "--strip", "--out", os.path.join(out, "sample")],
+        "lora": ["train", "--config", "tiny-sampling", "--data", os.path.join(out, "raw"), "--steps",
+                 str(args.lora_steps), "--out", lora_dir],
+        "sample": ["sample", "--model", "tiny", "--lora", lora_dir, "--data", os.path.join(out, "raw"), "--ensemble",
+                   "4", "--steps", "4", "--strip", "--out", os.path.join(out, "sample")],
         "plot": ["plot", run_dir],
     }
+
+
+def _resuming(argv: list[str]) -> list[str]:
+    """A training stage whose run directory already holds a checkpoint (an earlier demo) resumes it."""
+    from wmfast.data.checkpoints import latest_checkpoint
+
+    if argv[0] != "train":
+        return argv
+    run_dir = argv[argv.index("--out") + 1]
+    found = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if found is None:
+        print(f"{run_dir}: a fresh run")
+        return argv
+    print(f"{run_dir}: resuming the previous demo run from its step {found[0]} (delete the directory to start over)")
+    return [*argv, "--resume"]
 
 
 def _run_cli(argv: list[str]) -> None:
@@ -116,7 +139,7 @@ def run(args) -> int:
                 subprocess.run([sys.executable, "-c", "from wmfast.cli.demo import _kernels_check as k; k()"],
                                env=env, check=True)
         else:
-            argv = commands[stage]
+            argv = _resuming(commands[stage])
             print("$ wmfast " + " ".join(argv), flush=True)
             _run_cli(argv)
         print(f"--- {stage}: {time.perf_counter() - t0:.1f} s", flush=True)

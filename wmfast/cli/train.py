@@ -28,7 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (default runs/<config>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--task", help="override the preset's task: a registered name or 'package.module:factory'")
-    p.add_argument("--model", help="override the task's model preset")
+    p.add_argument("--model", help="override the task's model preset; sampling task: a local Wan2.2-TI2V-5B diffusers "
+                   "directory (1x-sampling needs one), 'tiny' or 'ti2v-5b'")
+    p.add_argument("--random-weights", action="store_true", default=None,
+                   help="allow a real-size model without pretrained weights (random init; 1x-sampling: ~20 GB)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage")
     p.add_argument("--micro-batch", type=_micro_batch, help="per-rank micro-batch, or 'auto' (largest that fits)")
     p.add_argument("--global-batch", type=int, help="samples per optimizer step over all ranks")
@@ -53,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
-_FIELDS = {"task": "task", "model": "model", "zero": "zero_stage", "micro_batch": "micro_batch",
+_FIELDS = {"task": "task", "model": "model", "random_weights": "random_weights", "zero": "zero_stage", "micro_batch": "micro_batch",
            "global_batch": "global_batch", "steps": "steps", "lr": "lr", "warmup": "warmup_steps",
            "precision": "precision", "activation_checkpointing": "activation_checkpointing",
            "compile": "compile", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints", "val_every": "val_every",

@@ -67,10 +67,19 @@ class SamplingTask(Task):
     def __init__(self, data_dir: str | None, model: str = "tiny", lora_rank: int = 32, hop: int = 16):
         self.data_dir, self.model_name, self.lora_rank, self.hop = data_dir, model, lora_rank, hop
         self.pretrained = None if model in ("tiny", "ti2v-5b") else model
-        from wmfast.models.wan import get_preset
+        from wmfast.models.wan import check_pretrained_dir, get_preset
+
+        if self.pretrained is not None:
+            check_pretrained_dir(self.pretrained)
 
         self.preset = get_preset("tiny" if model == "tiny" else "ti2v-5b")
         self._vae = None
+
+    def configure(self, cfg) -> None:
+        if self.pretrained is None and self.preset.name != "tiny" and not getattr(cfg, "random_weights", False):
+            raise ValueError(f"the {cfg.name} preset trains LoRA on pretrained Wan2.2-TI2V-5B weights: pass --model "
+                             "/path/to/Wan2.2-TI2V-5B-Diffusers (a local diffusers directory; nothing is downloaded), "
+                             "or --random-weights to train on a randomly initialised 5B model (~20 GB of fp32 weights)")
 
     # ---------------------------------------------------------------- model
     def build_model(self):
@@ -93,6 +102,18 @@ class SamplingTask(Task):
 
     def blocks(self, model):
         return list(getattr(model, "module", model).transformer.blocks)
+
+    export_dir = "adapter"
+
+    def export(self, model, directory, *, is_main_process, step):
+        """The LoRA adapter directory (wmfast.models.wan.lora): loadable by stock diffusers and peft, with the
+        state modules beside it for wmfast."""
+        from wmfast.models.wan import TINY_BASE_SEED
+        from wmfast.models.wan.lora import save_lora
+
+        info = {"preset": self.preset.name, "pretrained": self.pretrained, "step": step,
+                "base_seed": TINY_BASE_SEED if self.pretrained is None else None}
+        save_lora(model.transformer, directory, is_main_process=is_main_process, info=info)
 
     def model_config(self):
         return {"preset": self.preset.name, "pretrained": self.pretrained, "lora_rank": self.lora_rank,

@@ -56,6 +56,14 @@ class Task(abc.ABC):
         """The repeated blocks, each wrapped in activation checkpointing when that is enabled."""
         return []
 
+    # Name of the directory `export` writes inside every checkpoint and, at the end of the run, inside the run
+    # directory (None: the task exports nothing).
+    export_dir: str | None = None
+
+    def export(self, model: nn.Module, directory: str, *, is_main_process: bool, step: int) -> None:
+        """Write what users take away from a checkpoint (e.g. a LoRA adapter) into `directory`. Collective: every
+        rank calls it (a ZeRO-3 gather needs them all); only `is_main_process` writes. `model` is unwrapped."""
+
     def model_config(self) -> dict[str, Any]:
         """JSON-able model configuration, stored in every checkpoint."""
         return {}

@@ -8,6 +8,7 @@ Layout of `RUN_DIR/checkpoints/`:
                               weights from the optimizer shards with deepspeed.utils.zero_to_fp32)
         trainer_state.json    step, data position, LR schedule, TrainConfig, model config, world size
         rng_rank{r}.pt        python/numpy/torch(/cuda) RNG states of rank r
+        adapter/              what the task exports (Task.export_dir; the sampling task: its LoRA adapter)
     .tmp/step_00000060/       a checkpoint being written (ignored on resume, removed by the next save)
 
 Protocol: every rank writes into `.tmp/<tag>`; barrier; rank 0 fsyncs every file and the directory, then
@@ -23,6 +24,7 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,8 +91,11 @@ def _has_frozen(engine) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
-def save(engine, ckpt_dir: str, step: int, trainer_state: dict[str, Any], keep: int) -> str:
-    """Write checkpoint `step` atomically (collective: every rank calls it). Returns the final path."""
+def save(engine, ckpt_dir: str, step: int, trainer_state: dict[str, Any], keep: int,
+         export: Callable[[str], None] | None = None) -> str:
+    """Write checkpoint `step` atomically (collective: every rank calls it). `export(tmp_checkpoint_dir)`, called
+    on every rank, adds the task's own files (an adapter) inside it before it becomes visible. Returns the final
+    path."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp_root = os.path.join(ckpt_dir, ".tmp")
     tag = tag_of(step)
@@ -103,6 +108,8 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict[str, Any], keep: 
     # frozen parameters (e.g. a pretrained base under LoRA) are rebuilt by the task, not checkpointed
     engine.save_checkpoint(tmp_root, tag=tag, save_latest=False, exclude_frozen_parameters=_has_frozen(engine))
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if export is not None:
+        export(tmp)
     if rank == 0:
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(trainer_state, f, indent=1)
@@ -137,3 +144,22 @@ def load(engine, path: str) -> dict[str, Any]:
         logger.warning("wmfast train: %s has no RNG state for rank %d: dropout masks will differ from the "
                        "uninterrupted run", path, rank)
     return state
+
+
+def publish_export(checkpoint: str, run_dir: str, name: str) -> str | None:
+    """Copy `<checkpoint>/<name>` to `<run_dir>/<name>`, replacing the previous copy only once the new one is
+    complete (copied beside it, then renamed; a kill leaves one of the two whole). Rank 0 only."""
+    src, dst = os.path.join(checkpoint, name), os.path.join(run_dir, name)
+    if not os.path.isdir(src):
+        return None
+    tmp, old = f"{dst}.tmp", f"{dst}.old"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    _fsync_tree(tmp)
+    if os.path.exists(dst):
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_path(run_dir)
+    return dst

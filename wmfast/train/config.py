@@ -29,6 +29,9 @@ class TrainConfig:
     name: str = "custom"
     task: str = "compression"  # key of wmfast.tasks.TASKS
     model: str = "tiny"  # model preset inside the task (e.g. STTransformerConfig.from_name(model))
+    # a real-size preset without pretrained weights trains from random weights only when this is set (a task that
+    # needs weights, like the sampling task's 5B Wan, refuses otherwise)
+    random_weights: bool = False
     # batch: global = micro_batch * grad_accum * world_size; micro_batch "auto" searches the largest that fits
     global_batch: int = 8
     micro_batch: int | str = 4

@@ -166,6 +166,14 @@ def _warn_if_validation_off(task: Task, cfg: TrainConfig, micro_batch: int, worl
                        len(dataset), micro_batch, world, micro_batch * world)
 
 
+def _exporter(task: Task, engine, rank: int, step: int):
+    """The checkpoint's export callback: the task's files into `<checkpoint>/<task.export_dir>` (every rank)."""
+    name = getattr(task, "export_dir", None)
+    if not name:
+        return None
+    return lambda tmp: task.export(engine.module, os.path.join(tmp, name), is_main_process=rank == 0, step=step)
+
+
 def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precision, run_dir, start_step, last_ckpt):
     from tqdm.auto import tqdm
 
@@ -220,13 +228,16 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
                         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
                 last_ckpt = ckpt.save(engine, ckpt_dir, step, _trainer_state(cfg, task, step, world, micro_batch),
-                                      cfg.keep_checkpoints)
+                                      cfg.keep_checkpoints, _exporter(task, engine, rank, step))
             paused += time.perf_counter() - t_pause
     finally:
         bar.close()
         log.close()
     if rank == 0:
+        name = getattr(task, "export_dir", None)
+        exported = ckpt.publish_export(last_ckpt, run_dir, name) if last_ckpt and name else None
         print(f"wmfast train: done at step {step}; run dir {run_dir}; checkpoint {last_ckpt}; "
+              f"{f'{name} {exported}; ' if exported else ''}"
               f"metrics {os.path.join(run_dir, 'metrics.jsonl')}", flush=True)
     if loss is not None and math.isnan(loss):
         loss = None

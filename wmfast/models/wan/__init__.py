@@ -16,7 +16,7 @@ WanConditioning), blocks (fused AdaLN blocks, cached text K/V), transformer (WmW
 build_world_model), lora (peft adapters in diffusers' format). Importing this package imports diffusers.
 """
 from wmfast.models.wan.conditioning import StateEmbedder, WanConditioning, attach_state_modules
-from wmfast.models.wan.model import WanWorldModel, build_world_model
+from wmfast.models.wan.model import WanWorldModel, build_world_model, check_pretrained_dir
 from wmfast.models.wan.presets import PRESETS, TINY_BASE_SEED, VAE_SEED, WanPreset, get_preset
 from wmfast.models.wan.schedule import FrameSchedule
 from wmfast.models.wan.text_encoder import default_text_cache, empty_prompt_embedding
@@ -37,6 +37,7 @@ __all__ = [
     "build_transformer",
     "build_vae",
     "build_world_model",
+    "check_pretrained_dir",
     "default_text_cache",
     "empty_prompt_embedding",
     "get_preset",

@@ -2,9 +2,12 @@
 randomly initialised weights, and the dtype cast both the transformer and VAE builders use."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
+
+logger = logging.getLogger("wmfast")
 
 TI2V_5B_TRANSFORMER = {
     "patch_size": (1, 2, 2), "num_attention_heads": 24, "attention_head_dim": 128, "in_channels": 48,
@@ -52,6 +55,21 @@ PRESETS = {
     "ti2v-5b": WanPreset("ti2v-5b", TI2V_5B_TRANSFORMER, TI2V_5B_VAE),
     "tiny": WanPreset("tiny", TINY_TRANSFORMER, TINY_VAE, height=64, width=64, state_embed_dim=16, text_len=8),
 }
+
+
+# Image cross-attention (Wan2.1 I2V / FLF2V: CLIP image tokens through extra K/V projections in every block). TI2V
+# conditions on images through the latents instead, and some published TI2V-5B configs still carry these keys.
+IMAGE_CONDITIONING_KEYS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+
+
+def without_image_conditioning(config: dict, source: str) -> dict:
+    """The config overrides that drop the image cross-attention (the world model never passes image tokens, so
+    those layers would be unused weights), with one warning line naming what was dropped; {} when unset."""
+    found = {k: config[k] for k in IMAGE_CONDITIONING_KEYS if config.get(k) is not None}
+    if found:
+        logger.warning("wmfast: %s sets %s: the image cross-attention is unused by the world model (no image tokens) "
+                       "and is left out", source, ", ".join(f"{k}={v}" for k, v in found.items()))
+    return dict.fromkeys(found)
 
 
 def get_preset(name: str) -> WanPreset:

@@ -2,6 +2,7 @@
 (per-latent-frame timesteps, state modulation, cached text K/V, fused AdaLN blocks) and its builder."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -11,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from wmfast import ops
 from wmfast.models.wan.blocks import patch_blocks
 from wmfast.models.wan.conditioning import attach_state_modules
-from wmfast.models.wan.presets import WanPreset, cast_keeping_fp32
+from wmfast.models.wan.presets import WanPreset, cast_keeping_fp32, without_image_conditioning
 from wmfast.models.wan.schedule import FrameSchedule
 from wmfast.ops.dispatch import forced_backend
 
@@ -90,6 +91,19 @@ class WmWanTransformer(WanTransformer3DModel):
         return unpatchify(x, B, n_frames, H, W, self.config.patch_size)
 
 
+@contextlib.contextmanager
+def _quiet_diffusers(quiet: bool):
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    if quiet:
+        diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def build_transformer(preset: WanPreset, pretrained: str | None = None, device="cpu", dtype=torch.float32):
     """A WmWanTransformer (fused blocks, zero-init state modules). `pretrained`: a diffusers transformer
     directory (or a pipeline directory with transformer/); never downloads. device="meta" builds without
@@ -97,11 +111,15 @@ def build_transformer(preset: WanPreset, pretrained: str | None = None, device="
     if pretrained is not None:
         sub = os.path.join(pretrained, "transformer")
         path = sub if os.path.isdir(sub) else pretrained
-        transformer = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        overrides = without_image_conditioning(WanTransformer3DModel.load_config(path), path)
+        with _quiet_diffusers(bool(overrides)):  # its unused-weights list of the dropped layers, key by key
+            transformer = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                                **overrides)
         transformer.to(device)
     else:
+        config = {**preset.transformer, **without_image_conditioning(preset.transformer, f"preset {preset.name!r}")}
         with torch.device(device):
-            transformer = cast_keeping_fp32(WanTransformer3DModel(**preset.transformer), dtype)
+            transformer = cast_keeping_fp32(WanTransformer3DModel(**config), dtype)
     # from_pretrained and the config constructor build diffusers' class; switching the class in place adds the
     # world-model forward without copying the weights or renaming a parameter
     transformer.__class__ = WmWanTransformer
