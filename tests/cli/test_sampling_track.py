@@ -185,3 +185,18 @@ def test_random_5b_weights_only_when_asked_for():
         task.configure(TrainConfig.from_name("1x-sampling"))
     task.configure(TrainConfig.from_name("1x-sampling", random_weights=True))  # allowed on purpose
     SamplingTask(None, "tiny").configure(TrainConfig.from_name("tiny-sampling"))  # tiny: always seeded random
+
+
+def test_a_broken_val_split_is_an_error_and_a_missing_one_turns_validation_off(trained_run, tmp_path):
+    import shutil
+
+    from wmfast.data.layout import DataFormatError
+    from wmfast.tasks.sampling import SamplingTask
+
+    data, _ = trained_run
+    shutil.copytree(data / "train_v2.0_raw", tmp_path / "train_v2.0_raw")
+    assert SamplingTask(str(tmp_path)).val_dataset() is None  # no val split
+    (tmp_path / "val_v2.0_raw").mkdir()
+    (tmp_path / "val_v2.0_raw" / "metadata.json").write_text('{"num_shards": 1, "num_images": 77, "query": null}')
+    with pytest.raises(DataFormatError, match="states_0.bin"):
+        SamplingTask(str(tmp_path)).val_dataset()

@@ -12,7 +12,7 @@ import sys
 COMMANDS = {
     "demo": ("demo", "the quick start: runs the main job on the embedded synthetic default"),
     "env": ("env", "versions, GPU, and which backends are usable and why not"),
-    "data": ("data", "write synthetic datasets in the real 1X formats; encode VAE latents"),
+    "data": ("data", "synthetic datasets in the real 1X formats; check every split of a dataset; encode VAE latents"),
     "train": ("train", "train a model with DeepSpeed ZeRO"),
     "generate": ("generate", "greedy token generation with the ST-Transformer"),
     "sample": ("sample", "ensemble sampling with the Wan2.2 world model"),

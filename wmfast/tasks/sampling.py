@@ -144,17 +144,17 @@ class SamplingTask(Task):
             return LatentDataset(self.data_dir) if split == "train" else None
         if is_latent_dir(latent_dir):
             return LatentDataset(latent_dir)
-        from wmfast.data.raw import RawDataError, RawVideoDataset
+        from wmfast.data.raw import RawDataError, RawVideoDataset, resolve_split_dir
         from wmfast.models.wan import FrameSchedule
 
-        try:
-            raw = RawVideoDataset(self.data_dir, split, frame_offsets=FrameSchedule(self.preset.frame_stride)
-                                  .frame_indices, hop=self.hop if split == "train" else 77,
-                                  size=(self.preset.height, self.preset.width))
-        except RawDataError:
-            if split == "train":
-                raise
-            return None
+        if split != "train":  # no val split: no validation; a val split that is there but broken is an error
+            try:
+                resolve_split_dir(self.data_dir, split)
+            except RawDataError:
+                return None
+        raw = RawVideoDataset(self.data_dir, split, frame_offsets=FrameSchedule(self.preset.frame_stride)
+                              .frame_indices, hop=self.hop if split == "train" else 77,
+                              size=(self.preset.height, self.preset.width))
         return FramesDataset(raw)
 
     def train_dataset(self):
