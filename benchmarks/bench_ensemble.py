@@ -3,7 +3,7 @@ the conditioning reuse, and the MFU of the DiT forward.
 
 Shapes: the real-size Wan2.2 TI2V-5B DiT (random weights: timing only) at 512x512 with the default frame schedule
 (stride 3: 7 latent frames = 2 clean context + 5 denoised, 32x32 latents, 1792 tokens per member), N in
-{1, 2, 4, 8, 16}, a fixed number of Euler steps. `--quick`: the tiny preset on the CPU (CI smoke test).
+{1, 2, 4, 8, 16}, a fixed number of denoising steps (Euler; UniPC for batched-unipc). `--quick`: the tiny preset on the CPU (CI smoke test).
 
 Providers (op "ensemble_sample", one row per N; mode "fwd"):
 - batched:           N members per forward, fused sampler op + fused DiT blocks, conditioning computed once

@@ -82,9 +82,7 @@ def test_sample_solver_flag_reaches_the_config(capsys):
     with pytest.raises(SystemExit) as e:
         parse("--solver", "heun")
     assert e.value.code == 2 and "invalid choice: 'heun'" in capsys.readouterr().err
-    from wmfast.cli import eval_psnr
-
-    assert eval_psnr.SOLVERS == SOLVERS  # the CLI's copy (kept so --help does not import the sampler)
+    assert _sampling.SOLVERS == SOLVERS  # the CLI's copy (kept so --help does not import the sampler)
 
 
 def test_eval_psnr_bad_solver_is_one_line_exit_2(capsys, tmp_path):

@@ -24,7 +24,7 @@ def trained_run(tmp_path_factory):
         mp.setenv("WMFAST_PROGRESS", "0")
         mp.setenv("WMFAST_BACKEND", "torch")  # the pipeline is under test here, not the kernels (20x faster)
         code = main(["train", "--config", "tiny-sampling", "--data", str(data), "--out", str(run), "--steps", "4",
-                     "--ckpt-every", "2", "--global-batch", "2", "--micro-batch", "2"])
+                     "--ckpt-every", "2", "--keep", "2", "--global-batch", "2", "--micro-batch", "2"])
     assert code == 0
     return data, run
 
@@ -37,17 +37,37 @@ def test_the_train_split_is_in_the_published_nested_layout(trained_run):
 
 
 def test_training_writes_the_adapter_at_every_checkpoint_and_at_the_end(trained_run):
-    from wmfast.models.wan.lora import PEFT_CONFIG, STATE_WEIGHTS, WEIGHT_NAME, read_adapter_info
+    from wmfast.models.wan.lora import ADAPTER_DIR, PEFT_CONFIG, STATE_WEIGHTS, WEIGHT_NAME, read_adapter_info
+    from wmfast.tasks.sampling import SamplingTask
 
     _, run = trained_run
     checkpoints = sorted((run / "checkpoints").glob("step_*"))
-    assert [c.name for c in checkpoints] == ["step_00000004"]  # keep_checkpoints=1: step 2 was pruned
-    for adapter in (checkpoints[-1] / "adapter", run / "adapter"):
+    assert [c.name for c in checkpoints] == ["step_00000002", "step_00000004"]
+    for adapter, step in ((checkpoints[0] / "adapter", 2), (checkpoints[1] / "adapter", 4), (run / "adapter", 4)):
         assert {WEIGHT_NAME, PEFT_CONFIG, STATE_WEIGHTS} <= set(os.listdir(adapter))
         info = read_adapter_info(str(adapter))
-        assert (info["preset"], info["step"], info["rank"]) == ("tiny", 4, 32)
-    a = (checkpoints[-1] / "adapter" / WEIGHT_NAME).read_bytes()
-    assert a == (run / "adapter" / WEIGHT_NAME).read_bytes()
+        assert (info["preset"], info["step"], info["rank"]) == ("tiny", step, 32)
+    newest = (checkpoints[1] / "adapter" / WEIGHT_NAME).read_bytes()
+    assert newest == (run / "adapter" / WEIGHT_NAME).read_bytes()
+    assert newest != (checkpoints[0] / "adapter" / WEIGHT_NAME).read_bytes()  # trained between the two
+    assert SamplingTask.export_dir == ADAPTER_DIR  # where wmfast.models.wan.lora.resolve_adapter_dir looks
+
+
+def test_resuming_a_finished_run_exits_0_and_republishes_the_adapter(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    from wmfast.cli import main
+
+    data, run = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "adapter")
+    monkeypatch.setenv("WMFAST_PROGRESS", "0")
+    monkeypatch.setenv("WMFAST_BACKEND", "torch")
+    assert main(["train", "--config", "tiny-sampling", "--data", str(data), "--out", str(copy), "--steps", "4",
+                 "--global-batch", "2", "--micro-batch", "2", "--resume"]) == 0
+    assert (copy / "adapter" / "pytorch_lora_weights.safetensors").read_bytes() == (
+        run / "adapter" / "pytorch_lora_weights.safetensors").read_bytes()
 
 
 def test_sample_an_ensemble_with_the_adapter_of_the_run_directory(trained_run, tmp_path, monkeypatch):
@@ -133,8 +153,8 @@ def test_user_errors_are_one_line_and_exit_2(trained_run, tmp_path, capsys):
     cases = [
         (["train", "--config", "1x-sampling", "--data", str(data), "--out", str(tmp_path / "r")],
          "pass --model /path/to/Wan2.2-TI2V-5B-Diffusers"),
-        (["train", "--config", "1x-sampling", "--data", str(data), "--model", str(tmp_path / "nowhere")],
-         "no such directory"),
+        (["train", "--config", "1x-sampling", "--data", str(data), "--model", str(tmp_path / "nowhere"), "--out",
+          str(tmp_path / "r")], "no such directory"),
         ([*sample, "--model", "tiny", "--lora", str(tmp_path / "nowhere")], "--lora: "),
         ([*sample, "--model", "tiny", "--lora", str(data)], "holds no LoRA adapter"),
         ([*sample, "--model", str(tmp_path / "nowhere")], "no such directory"),

@@ -12,6 +12,8 @@ logger = logging.getLogger("wmfast")
 # Spread maps use a fixed scale (std 0.25 of the [0, 1] range = full colour), so strips of different samples and
 # ensemble sizes compare by eye; a per-image max would stretch noise into apparent certainty differences.
 SPREAD_FULL_SCALE = 0.25
+SOLVERS = ("euler", "unipc")  # wmfast.inference.solvers.SOLVERS (a test keeps them equal), without importing the
+# sampler when a parser is built
 TARGET_FRAME = 76  # the scored frame of a 77-frame sample (2 s after the last context frame)
 
 
@@ -45,28 +47,36 @@ def load_model(args):
     is downloaded."""
     from wmfast.models.wan import TINY_BASE_SEED, build_world_model
 
+    adapter = _adapter_dir(args) if args.lora else None  # before the (possibly minutes-long) weight load
     device = device_of(args)
     dtype = torch.bfloat16 if device.type == "cuda" and args.model != "tiny" else torch.float32
     if args.model == "tiny":
         model = build_world_model("tiny", device=device, dtype=dtype, base_seed=TINY_BASE_SEED)
     else:
         model = build_world_model("ti2v-5b", pretrained=args.model, device=device, dtype=dtype)
-    if args.lora:
-        from wmfast.models.wan.lora import load_lora, read_adapter_info, resolve_adapter_dir
+    if adapter:
+        from wmfast.models.wan.lora import load_lora
 
-        try:
-            directory = resolve_adapter_dir(args.lora)
-        except ValueError as e:
-            raise ValueError(f"--lora: {e}") from None
-        trained_on = read_adapter_info(directory).get("preset")
-        wanted = "tiny" if args.model == "tiny" else "ti2v-5b"
-        if trained_on and trained_on != wanted:
-            raise ValueError(f"--lora {args.lora}: the adapter was trained on the {trained_on} model, --model "
-                             f"{args.model} is the {wanted} model")
-        load_lora(model.transformer, directory)
+        load_lora(model.transformer, adapter)
         model.transformer.to(device)  # the adapter loads on the CPU; dtypes stay as loaded (fp32 modules kept)
-        logger.info(f"wmfast: LoRA adapter {directory}")
+        logger.info(f"wmfast: LoRA adapter {adapter}")
     return model.eval()
+
+
+def _adapter_dir(args) -> str:
+    """The adapter directory --lora names, checked against --model (the preset it was trained on)."""
+    from wmfast.models.wan.lora import read_adapter_info, resolve_adapter_dir
+
+    try:
+        directory = resolve_adapter_dir(args.lora)
+    except ValueError as e:
+        raise ValueError(f"--lora: {e}") from None
+    trained_on = read_adapter_info(directory).get("preset")
+    wanted = "tiny" if args.model == "tiny" else "ti2v-5b"
+    if trained_on and trained_on != wanted:
+        raise ValueError(f"--lora {args.lora}: the adapter was trained on the {trained_on} model, --model "
+                         f"{args.model} is the {wanted} model")
+    return directory
 
 
 def ensemble_config(args, n: int, steps: int, solver: str = "euler"):

@@ -132,4 +132,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    return int(args._data_run(args) or 0)
+    import sys
+
+    try:
+        return int(args._data_run(args) or 0)
+    except ValueError as e:  # user errors (arguments, a directory in the way, a broken dataset): one line, exit 2
+        print(f"wmfast data {args.data_command}: error: {e}", file=sys.stderr)
+        return 2

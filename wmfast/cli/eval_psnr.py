@@ -17,8 +17,6 @@ import sys
 
 from wmfast.cli import _sampling as common
 
-SOLVERS = ("euler", "unipc")  # wmfast.inference.solvers.SOLVERS, without importing the sampler for --help
-
 
 def _int_list(flag: str, text: str) -> list[int]:
     try:
@@ -32,9 +30,9 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 def _solver_list(text: str) -> list[str]:
     names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))  # in order, once each
-    bad = [n for n in names if n not in SOLVERS]
+    bad = [n for n in names if n not in common.SOLVERS]
     if bad or not names:
-        raise ValueError(f"--solver: expected a comma-separated list of {', '.join(SOLVERS)}, got {text!r}")
+        raise ValueError(f"--solver: expected a comma-separated list of {', '.join(common.SOLVERS)}, got {text!r}")
     return names
 
 

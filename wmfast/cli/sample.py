@@ -22,7 +22,7 @@ def add_arguments(p):
     p.add_argument("--index", type=int, default=0, help="which sample of the split to predict")
     p.add_argument("--ensemble", type=int, default=8, help="ensemble size N")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (model evaluations)")
-    p.add_argument("--solver", choices=("euler", "unipc"), default="euler",
+    p.add_argument("--solver", choices=common.SOLVERS, default="euler",
                    help="euler (default: first order, fused update) or unipc (Wan2.2's default sampler: 2nd-order "
                         "predictor-corrector on diffusers' schedule)")
     p.add_argument("--average", choices=("pixel", "latent"), default="pixel",

@@ -7,8 +7,8 @@ problem, each naming the file and what is wrong, collected shard by shard. What 
 - metadata.json and every metadata_{i}.json: present, valid JSON, the keys the readers need, non-negative
   integers; num_images equal to the sum of shard_num_frames; shard_ind equal to i when present;
 - each binary file's size against shard_num_frames (video_{i}.bin, states_{i}.bin, segment_idx_{i}.bin);
-- tokenized: every token id inside [0, vocab_size); every state finite (both read in chunks, with the scans
-  `TokenizedDataset.validate()` uses);
+- every state finite, read in chunks (raw and tokenized); tokenized: every token id inside [0, vocab_size)
+  (with the scans `TokenizedDataset.validate()` uses);
 - raw: video_{i}.mp4 present, non-empty, opened by PyAV, its frame count (when the container records it)
   equal to shard_num_frames, its first frame decodable (only the first: real shards are hours long).
 """
@@ -23,6 +23,7 @@ import numpy as np
 from wmfast.data.format import GRID_SIZE, STATE_DIM, VOCAB_SIZE, WINDOW
 from wmfast.data.layout import (
     SPLIT_METADATA,
+    VIDEO_EXT,
     DataFormatError,
     check_size,
     count_shard_metadata,
@@ -38,7 +39,7 @@ from wmfast.data.raw import SAMPLE_FRAMES as RAW_SAMPLE_FRAMES
 from wmfast.data.raw import check_video, sample_starts
 from wmfast.data.tokenized import grid_size_of, shard_file_shapes, valid_windows
 
-KINDS = {"bin": "tokenized", "mp4": "raw"}
+KINDS = {ext: kind for kind, ext in VIDEO_EXT.items()}  # video extension -> kind of split
 
 
 @dataclass

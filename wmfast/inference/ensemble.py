@@ -224,6 +224,8 @@ def sample_ensemble(model: Denoiser, context_latents: torch.Tensor, cond: Any, n
             if batch == 1:
                 raise
             batch = (batch + 1) // 2
+            if getattr(model, _RUNNERS_ATTR, None) is not None:  # their buffers and half-captured graphs
+                setattr(model, _RUNNERS_ATTR, None)
             torch.cuda.empty_cache()
             logger.info(f"wmfast: ensemble of {cfg.n} does not fit; retrying with micro-batches of {batch}")
 

@@ -76,10 +76,14 @@ class SamplingTask(Task):
         self._vae = None
 
     def configure(self, cfg) -> None:
+        """Refuse a random 5B model unless asked for; open the val split on every rank before any collective (a
+        broken split then stops every rank, not only rank 0, which is the first to read it in the loop)."""
         if self.pretrained is None and self.preset.name != "tiny" and not getattr(cfg, "random_weights", False):
-            raise ValueError(f"the {cfg.name} preset trains LoRA on pretrained Wan2.2-TI2V-5B weights: pass --model "
+            raise ValueError(f"the {self.preset.name} model has no weights here: pass --model "
                              "/path/to/Wan2.2-TI2V-5B-Diffusers (a local diffusers directory; nothing is downloaded), "
                              "or --random-weights to train on a randomly initialised 5B model (~20 GB of fp32 weights)")
+        if getattr(cfg, "val_every", 0) and self.data_dir is not None:
+            self.val_dataset()
 
     # ---------------------------------------------------------------- model
     def build_model(self):

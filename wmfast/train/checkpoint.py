@@ -148,7 +148,8 @@ def load(engine, path: str) -> dict[str, Any]:
 
 def publish_export(checkpoint: str, run_dir: str, name: str) -> str | None:
     """Copy `<checkpoint>/<name>` to `<run_dir>/<name>`, replacing the previous copy only once the new one is
-    complete (copied beside it, then renamed; a kill leaves one of the two whole). Rank 0 only."""
+    complete (copied beside it, then two renames: a kill leaves the old or the new copy whole, or, between the
+    renames, `<name>.old` and `<name>.tmp` whole and the checkpoint's own copy). Rank 0 only."""
     src, dst = os.path.join(checkpoint, name), os.path.join(run_dir, name)
     if not os.path.isdir(src):
         return None

@@ -70,12 +70,15 @@ def _gathered(params):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
-def adapter_state_dicts(transformer, adapter_name: str | None = None) -> tuple[dict, dict]:
+def adapter_state_dicts(transformer, adapter_name: str | None = None, keep: bool = True) -> tuple[dict, dict]:
     """(LoRA tensors keyed like peft's `blocks.0.attn1.to_q.lora_A.weight`, state-module tensors keyed by their
-    module names), on the CPU and full-size on every rank even under ZeRO-3."""
+    module names), on the CPU and full-size even under ZeRO-3, in the module's dtype (bf16 when DeepSpeed trains
+    in bf16; export_adapter reads the fp32 master copies). keep=False: take part in the gather, copy nothing."""
     name = adapter_name or _active_adapter(transformer)
     adapter = [p for n, p in transformer.named_parameters() if "lora_" in n or is_state_parameter(n)]
     with _gathered(adapter):
+        if not keep:
+            return {}, {}
         lora = {k: v.detach().clone().cpu() for k, v in get_peft_model_state_dict(transformer, adapter_name=name)
                 .items()}
         state = {n: p.detach().clone().cpu() for n, p in transformer.named_parameters() if is_state_parameter(n)}
@@ -97,15 +100,20 @@ def save_lora(transformer, directory: str, adapter_name: str | None = None, is_m
               info: dict | None = None) -> str:
     """Writes the adapter directory (module docstring); `info` goes into wmfast_adapter.json. Every rank must call
     it under ZeRO-3 (the gather is collective); only `is_main_process` writes. Returns the directory."""
+    name = adapter_name or _active_adapter(transformer)
+    lora, state = adapter_state_dicts(transformer, name, keep=is_main_process)
+    if is_main_process:
+        write_adapter(directory, lora, state, transformer.peft_config[name], info)
+    return directory
+
+
+def write_adapter(directory: str, lora: dict, state: dict, config: LoraConfig, info: dict | None = None) -> None:
+    """The files of an adapter directory (module docstring) from its tensors: `lora` keyed like peft's state dict
+    (`blocks.0.attn1.to_q.lora_A.weight`), `state` by module name."""
     from diffusers import WanPipeline
     from safetensors.torch import save_file
 
-    name = adapter_name or _active_adapter(transformer)
-    lora, state = adapter_state_dicts(transformer, name)
-    if not is_main_process:
-        return directory
     os.makedirs(directory, exist_ok=True)
-    config = transformer.peft_config[name]
     WanPipeline.save_lora_weights(directory, transformer_lora_layers=lora, weight_name=WEIGHT_NAME,
                                   transformer_lora_adapter_metadata=config.to_dict())
     # transformer.load_lora_adapter(dir) with default arguments reads only pytorch_lora_weights.bin, which has no
@@ -121,7 +129,6 @@ def save_lora(transformer, directory: str, adapter_name: str | None = None, is_m
     with open(os.path.join(directory, ADAPTER_INFO), "w") as f:
         json.dump({"rank": config.r, "alpha": config.lora_alpha, "state_modules": sorted(state), **(info or {})},
                   f, indent=1)
-    return directory
 
 
 def resolve_adapter_dir(path: str) -> str:
@@ -139,11 +146,11 @@ def resolve_adapter_dir(path: str) -> str:
     for c in candidates:
         if os.path.isfile(os.path.join(c, WEIGHT_NAME)):
             return c
-    kind = ("a checkpoint directory" if os.path.isfile(os.path.join(path, TRAINER_STATE)) else
-            "a run directory" if newest is not None else "an adapter, checkpoint or run directory")
-    raise ValueError(f"{path} holds no LoRA adapter (looked for {WEIGHT_NAME} in {', '.join(candidates)}); as "
-                     f"{kind} it was written before training saved adapters: export one with "
-                     "wmfast.models.wan.lora.export_adapter(CHECKPOINT, OUT)")
+    hint = ""
+    if newest is not None or os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        hint = (": a checkpoint written before training saved adapters; export one with "
+                "wmfast.models.wan.lora.export_adapter(CHECKPOINT_DIR, OUT_DIR)")
+    raise ValueError(f"{path} holds no LoRA adapter (looked for {WEIGHT_NAME} in {', '.join(candidates)}){hint}")
 
 
 def read_adapter_info(directory: str) -> dict:
@@ -189,24 +196,32 @@ def _load_state_modules(transformer, state_file: str) -> None:
             params[name].copy_(value)
 
 
-def export_adapter(checkpoint: str, out_dir: str, model: str = "tiny", rank: int = 32) -> str:
-    """A `wmfast train` checkpoint directory (…/checkpoints/step_N, any ZeRO stage) -> an adapter directory, for
-    checkpoints written without one.
+def export_adapter(checkpoint: str, out_dir: str) -> str:
+    """A `wmfast train` checkpoint directory (…/checkpoints/step_N, any ZeRO stage) -> an adapter directory of its
+    fp32 master weights, for checkpoints written without one or when the run trained in bf16.
 
     DeepSpeed's ZeRO checkpoint holds fp32 master copies of exactly the trainable parameters (LoRA + state
-    modules); they are consolidated on the CPU, loaded into a fresh model with the adapter and saved."""
+    modules); they are consolidated on the CPU and written with the rank and preset of the run's
+    trainer_state.json. No model is built."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from wmfast.models.wan.model import build_world_model
-
+    state_file = os.path.join(checkpoint, TRAINER_STATE)
+    if not os.path.isfile(state_file):
+        raise ValueError(f"{checkpoint} is not a complete `wmfast train` checkpoint (no {TRAINER_STATE})")
+    with open(state_file) as f:
+        trainer_state = json.load(f)
+    model = trainer_state.get("model_config", {})
+    if "lora_rank" not in model:
+        raise ValueError(f"{checkpoint} is not a checkpoint of the sampling task (no LoRA rank in {TRAINER_STATE})")
     root, tag = os.path.split(os.path.abspath(checkpoint).rstrip("/"))
     sd = get_fp32_state_dict_from_zero_checkpoint(root, tag)
-    preset = "tiny" if model == "tiny" else "ti2v-5b"
-    world = build_world_model(preset, None if model in ("tiny", "ti2v-5b") else model, vae=False)
-    add_lora(world.transformer, rank=rank)
-    trainable = {n for n, p in world.named_parameters() if p.requires_grad}
-    missing = trainable - set(sd)
-    if missing:
-        raise ValueError(f"export_adapter: {checkpoint} lacks {len(missing)} adapter tensors (e.g. {min(missing)})")
-    world.load_state_dict({k: v for k, v in sd.items() if k in trainable}, strict=False)
-    return save_lora(world.transformer, out_dir, info={"preset": preset, "source": os.path.abspath(checkpoint)})
+    # module names (transformer.blocks.0.attn1.to_q.lora_A.default.weight) -> peft state-dict keys
+    lora = {k.removeprefix("transformer.").replace(".default.", "."): v for k, v in sd.items() if ".lora_" in k}
+    state = {k.removeprefix("transformer."): v for k, v in sd.items()
+             if is_state_parameter(k.removeprefix("transformer."))}
+    if not lora or not state:
+        raise ValueError(f"export_adapter: {checkpoint} holds no LoRA or no state-module tensors")
+    info = {"preset": model.get("preset"), "pretrained": model.get("pretrained"), "step": trainer_state.get("step"),
+            "source": os.path.abspath(checkpoint), "dtype": "float32"}
+    write_adapter(out_dir, lora, state, lora_config(model["lora_rank"]), info)
+    return out_dir
