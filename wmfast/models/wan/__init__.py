@@ -16,11 +16,11 @@ WanConditioning), blocks (fused AdaLN blocks, cached text K/V), transformer (WmW
 build_world_model), lora (peft adapters in diffusers' format). Importing this package imports diffusers.
 """
 from wmfast.models.wan.conditioning import StateEmbedder, WanConditioning, attach_state_modules
-from wmfast.models.wan.model import WanWorldModel, build_world_model, check_pretrained_dir
+from wmfast.models.wan.model import WanWorldModel, build_world_model
 from wmfast.models.wan.presets import PRESETS, TINY_BASE_SEED, VAE_SEED, WanPreset, get_preset
 from wmfast.models.wan.schedule import FrameSchedule
 from wmfast.models.wan.text_encoder import default_text_cache, empty_prompt_embedding
-from wmfast.models.wan.transformer import WmWanTransformer, build_transformer
+from wmfast.models.wan.transformer import WmWanTransformer, build_transformer, check_pretrained_dir
 from wmfast.models.wan.vae import build_vae, vae_decode, vae_encode
 
 __all__ = [

@@ -2,8 +2,6 @@
 velocity, encode / decode), and `build_world_model`."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
@@ -142,17 +140,6 @@ def _check_velocity_args(latents, timestep, cond, tr):
                          f"(batch 1 or {B}, {n_frames} latent frames)")
 
 
-def check_pretrained_dir(path: str) -> None:
-    """A local diffusers Wan directory: a pipeline (with transformer/) or a transformer directory (config.json).
-    Checked before diffusers sees the path: given a name that is not a directory, it would look for a hub repo."""
-    if not os.path.isdir(path):
-        raise ValueError(f"--model {path!r}: no such directory (a local Wan2.2-TI2V-5B diffusers directory; nothing "
-                         "is downloaded)")
-    if not any(os.path.isfile(os.path.join(path, *sub, "config.json")) for sub in ((), ("transformer",))):
-        raise ValueError(f"--model {path!r}: neither a diffusers pipeline directory (transformer/config.json) nor a "
-                         "transformer directory (config.json)")
-
-
 def build_world_model(preset: str | WanPreset = "tiny", pretrained: str | None = None, *, vae: bool = True,
                       device="cpu", dtype=torch.float32, text_encoder: str | None = None,
                       text_cache: str | None = None, base_seed: int | None = None) -> WanWorldModel:
@@ -166,8 +153,6 @@ def build_world_model(preset: str | WanPreset = "tiny", pretrained: str | None =
     base_seed: random (not pretrained) weights drawn from this seed apart from the global RNG (which is left
     as it was); None: from the global RNG."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    if pretrained is not None:
-        check_pretrained_dir(pretrained)
     if base_seed is not None and pretrained is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(base_seed)

@@ -91,6 +91,17 @@ class WmWanTransformer(WanTransformer3DModel):
         return unpatchify(x, B, n_frames, H, W, self.config.patch_size)
 
 
+def check_pretrained_dir(path: str) -> None:
+    """A local diffusers Wan directory: a pipeline (with transformer/) or a transformer directory (config.json).
+    Checked before diffusers sees the path: given a name that is not a directory, it would look for a hub repo."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--model {path!r}: no such directory (a local Wan2.2-TI2V-5B diffusers directory; nothing "
+                         "is downloaded)")
+    if not any(os.path.isfile(os.path.join(path, *sub, "config.json")) for sub in ((), ("transformer",))):
+        raise ValueError(f"--model {path!r}: neither a diffusers pipeline directory (transformer/config.json) nor a "
+                         "transformer directory (config.json)")
+
+
 @contextlib.contextmanager
 def _quiet_diffusers(quiet: bool):
     from diffusers.utils import logging as diffusers_logging
@@ -109,6 +120,7 @@ def build_transformer(preset: WanPreset, pretrained: str | None = None, device="
     directory (or a pipeline directory with transformer/); never downloads. device="meta" builds without
     memory (parameter counting)."""
     if pretrained is not None:
+        check_pretrained_dir(pretrained)
         sub = os.path.join(pretrained, "transformer")
         path = sub if os.path.isdir(sub) else pretrained
         overrides = without_image_conditioning(WanTransformer3DModel.load_config(path), path)
