@@ -11,14 +11,9 @@ from wmfast.tasks.toy import ToyLM, ToyTask
 from wmfast.train import TrainConfig, train
 from wmfast.train import engine as engine_mod
 from wmfast.train.engine import compile_blocks, compile_fullgraph, enable_activation_checkpointing
-from wmfast.train.runlog import read_jsonl
+from wmfast.train.runlog import train_losses
 
 os.environ.setdefault("WMFAST_PROGRESS", "0")
-
-
-def _losses(run_dir):
-    by_step = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"}
-    return [by_step[s] for s in sorted(by_step)]
 
 
 @pytest.mark.parametrize("ac", [False, True], ids=["plain", "activation-checkpointing"])
@@ -78,7 +73,7 @@ def test_compile_composes_with_activation_checkpointing_and_zero(tmp_path, monke
     out = capsys.readouterr().out
     assert "torch.compile: 2 blocks compiled on their own" in out and "activation checkpointing inside" in out
     assert ("one graph each" in out) == (zero < 3)
-    torch.testing.assert_close(torch.tensor(_losses(compiled.run_dir)), torch.tensor(_losses(eager.run_dir)),
+    torch.testing.assert_close(torch.tensor(train_losses(compiled.run_dir)), torch.tensor(train_losses(eager.run_dir)),
                                rtol=1e-4, atol=1e-5)
     resumed = train(cfg.replace(compile=True, steps=4), str(tmp_path), str(tmp_path / "compiled"), resume=True,
                     task=_NoDropout())
@@ -117,7 +112,7 @@ def test_cli_compile_trains_the_tiny_preset_end_to_end(tmp_path, capsys):
     assert main([*args, "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "torch.compile: 2 blocks compiled on their own, one graph each (fullgraph)" in out
-    losses = _losses(str(run))
+    losses = train_losses(str(run))
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     with open(run / "config.json") as f:
         assert json.load(f)["train"]["compile"] is True
@@ -130,5 +125,5 @@ def test_cli_compile_trains_the_tiny_preset_end_to_end(tmp_path, capsys):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, saved[name].to(tensor.dtype))
     assert main([*args, "--steps", "4", "--resume"]) == 0  # and a compiled run resumes from it
-    assert len(_losses(str(run))) == 4
+    assert len(train_losses(str(run))) == 4
     torch._dynamo.reset()

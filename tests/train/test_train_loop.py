@@ -12,7 +12,7 @@ from wmfast.data.checkpoints import list_checkpoints
 from wmfast.tasks.toy import ToyTask
 from wmfast.train import TrainConfig, train
 from wmfast.train.checkpoint import FAULT_ENV
-from wmfast.train.runlog import read_jsonl
+from wmfast.train.runlog import read_jsonl, train_losses
 
 os.environ.setdefault("WMFAST_PROGRESS", "0")
 
@@ -28,17 +28,12 @@ def _json(path):
         return json.load(f)
 
 
-def _losses(run_dir):
-    by_step = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"}
-    return [by_step[s] for s in sorted(by_step)]
-
-
 @pytest.mark.requires("deepspeed")
 def test_trains_checkpoints_and_logs(tmp_path):
     run = str(tmp_path / "run")
     result = train(_cfg(steps=12, ckpt_every=5, keep_checkpoints=2), str(tmp_path), run, task=ToyTask())
     assert result.status == "done" and result.step == 12
-    losses = _losses(run)
+    losses = train_losses(run)
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.3, losses
     # periodic (5, 10) and final (12) checkpoints, the oldest pruned (keep 2); each complete
     steps = [s for s, _ in list_checkpoints(os.path.join(run, "checkpoints"))]
@@ -125,7 +120,7 @@ def test_activation_checkpointing_matches(tmp_path):
     a = train(_cfg(steps=3, ckpt_every=0, val_every=0), str(tmp_path), str(tmp_path / "a"), task=ToyTask())
     b = train(_cfg(steps=3, ckpt_every=0, val_every=0, activation_checkpointing=True), str(tmp_path),
               str(tmp_path / "b"), task=ToyTask())
-    la, lb = _losses(a.run_dir), _losses(b.run_dir)
+    la, lb = train_losses(a.run_dir), train_losses(b.run_dir)
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)
 
 
@@ -134,7 +129,7 @@ def test_activation_checkpointing_matches(tmp_path):
 def test_bf16_modes_train(tmp_path, precision, zero):
     result = train(_cfg(steps=4, ckpt_every=0, val_every=0, precision=precision, zero_stage=zero), str(tmp_path),
                    str(tmp_path / precision), task=ToyTask())
-    losses = _losses(result.run_dir)
+    losses = train_losses(result.run_dir)
     assert result.status == "done" and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
@@ -148,7 +143,7 @@ def test_gpu_compression_auto_micro_batch_bf16(tmp_path):
     result = train(TrainConfig.from_name("tiny", micro_batch="auto", steps=20, val_every=20), str(tmp_path / "data"),
                    run)
     assert result.status == "done"
-    losses = _losses(run)
+    losses = train_losses(run)
     assert losses[-1] < losses[0] - 0.2
     rec = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["kind"] == "train"][-1]
     assert rec["peak_mem_gb"] > 0 and "gpu_util" in rec and rec["mfu"] is not None
@@ -164,7 +159,7 @@ def test_resume_restores_dropout_rng_and_data_order(tmp_path):
     shutil.copytree(tmp_path / "ref" / "checkpoints" / "step_00000003", run / "checkpoints" / "step_00000003")
     res = train(_cfg(steps=6, ckpt_every=3, val_every=0), str(tmp_path), str(run), resume=True, task=ToyTask())
     assert res.step == 6
-    la, lb = _losses(ref.run_dir)[3:], _losses(str(run))
+    la, lb = train_losses(ref.run_dir)[3:], train_losses(str(run))
     assert len(lb) == 3
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-6, atol=1e-6)
     # without the RNG states the resumed losses differ (dropout masks change): the check above is not vacuous
@@ -173,7 +168,7 @@ def test_resume_restores_dropout_rng_and_data_order(tmp_path):
     shutil.copytree(tmp_path / "ref" / "checkpoints" / "step_00000003", run2 / "checkpoints" / "step_00000003")
     (run2 / "checkpoints" / "step_00000003" / "rng_rank0.pt").unlink()
     train(_cfg(steps=6, ckpt_every=0, val_every=0), str(tmp_path), str(run2), resume=True, task=ToyTask())
-    assert _losses(str(run2)) != la
+    assert train_losses(str(run2)) != la
 
 
 class _FrozenFirstBlock(ToyTask):

@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from wmfast.train import TrainConfig, train
-from wmfast.train.runlog import read_jsonl
+from wmfast.train.runlog import read_jsonl, train_losses
 
 os.environ.setdefault("WMFAST_PROGRESS", "0")
-
-
-def _losses(run_dir):
-    by_step = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"}
-    return [by_step[s] for s in sorted(by_step)]
 
 
 @pytest.mark.requires("deepspeed")
@@ -44,7 +39,7 @@ def test_zero0_trains_checkpoints_and_resumes_the_tiny_preset(tmp_path):
     shutil.copytree(ckpt, run / "step_00000002")
     res = train(cfg, data, str(tmp_path / "resumed"), resume=True)
     assert res.status == "done" and res.step == 4
-    torch.testing.assert_close(torch.tensor(_losses(res.run_dir)), torch.tensor(_losses(ref.run_dir)[2:]),
+    torch.testing.assert_close(torch.tensor(train_losses(res.run_dir)), torch.tensor(train_losses(ref.run_dir)[2:]),
                                rtol=1e-6, atol=1e-6)
     model = load_checkpoint(ref.run_dir)  # the newest checkpoint, as generation and evaluation load it
     final = torch.load(os.path.join(ref.checkpoint, "mp_rank_00_model_states.pt"), weights_only=False)["module"]

@@ -74,6 +74,7 @@ class SamplingTask(Task):
 
         self.preset = get_preset("tiny" if model == "tiny" else "ti2v-5b")
         self._vae = None
+        self._datasets: dict = {}  # split -> dataset (or None): opened once, not at every validation
 
     def configure(self, cfg) -> None:
         """Refuse a random 5B model unless asked for; open the val split on every rank before any collective (a
@@ -162,10 +163,15 @@ class SamplingTask(Task):
         return FramesDataset(raw)
 
     def train_dataset(self):
-        return self._dataset("train")
+        return self._opened("train")
 
     def val_dataset(self):
-        return self._dataset("val")
+        return self._opened("val")
+
+    def _opened(self, split: str):
+        if split not in self._datasets:
+            self._datasets[split] = self._dataset(split)
+        return self._datasets[split]
 
     # ---------------------------------------------------------------- accounting
     def tokens_per_sample(self) -> int:

@@ -117,6 +117,13 @@ class RunLog:
             self.tb.close()
 
 
+def train_losses(run_dir: str) -> list[float]:
+    """The training loss of every logged step of a run, in step order (a step logged twice, as after a resume
+    that repeats it, counts once: its last record)."""
+    by_step = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"}
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     out = []
     with open(path) as f:
