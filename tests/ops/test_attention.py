@@ -254,11 +254,12 @@ def test_empty_batch():
     assert o.shape == q.shape and q.grad.shape == q.shape
 
 
-@pytest.mark.gpu
-def test_compile_dynamic_shapes_gpu():
-    """Generation without a cache grows T frame by frame: with dynamic shapes the block sizes specialise on T."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compile_dynamic_shapes(device):
+    """Generation without a cache grows T frame by frame: with dynamic shapes the block sizes specialise on T,
+    and the backend choice (made while tracing) specialises on Dh, which dynamic=True makes symbolic too."""
     torch._dynamo.reset()
     f = torch.compile(lambda a, b, c: temporal_attention(a, b, c, causal=True), fullgraph=True, dynamic=True)
     for B, T in ((1, 3), (2, 4), (3, 5)):
-        q, k, v = torch.randn(3, B, T, 16, 2, 32, device="cuda").unbind(0)
+        q, k, v = torch.randn(3, B, T, 16, 2, 32, device=device).unbind(0)
         torch.testing.assert_close(f(q, k, v), temporal_attention_ref(q, k, v))

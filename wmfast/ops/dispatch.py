@@ -377,6 +377,20 @@ def _constant_choice(op: str, device: torch.device, dtype: torch.dtype, width: i
                           shape_key=shape_key or None)
 
 
+def _traced_int(n) -> int:
+    """A dimension as a Python int while dynamo traces. Under dynamic=True even the last dimension is symbolic,
+    int() keeps it symbolic, and assume_constant_result refuses it; branching on it is what dynamo turns into
+    guards, so a bisection pins it to its value (about 31 guards of the form n <= m; other sizes recompile)."""
+    lo, hi = 0, 1 << 31
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if n <= mid:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def traceable_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[str, ...] | None = None,
                       shape_key: str | None = None, runners: Mapping[str, Callable[[], object]] | None = None) -> str:
     """select_backend for code that torch.compile traces: while it traces, the choice is evaluated once and baked
@@ -387,6 +401,6 @@ def traceable_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[
     if isinstance(inputs, torch.device):
         inputs = OpInputs(inputs)
     if torch.compiler.is_compiling():
-        return _constant_choice(op, inputs.device, inputs.dtype, int(inputs.shape[-1]) if inputs.shape else 0,
+        return _constant_choice(op, inputs.device, inputs.dtype, _traced_int(inputs.shape[-1]) if inputs.shape else 0,
                                 bool(inputs.backward), tuple(order or ()), shape_key or "")
     return select_backend(op, inputs, order=order, shape_key=shape_key, runners=runners)
