@@ -5,12 +5,12 @@ import torch
 from wmfast import ops
 from wmfast.inference.ensemble import (
     EnsembleConfig,
-    average_frames,
     flow_schedule,
     member_noise,
     run_sequential,
     sample_ensemble,
 )
+from wmfast.inference.predict import average_frames
 
 
 class ToyDenoiser:

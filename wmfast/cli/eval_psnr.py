@@ -53,7 +53,7 @@ def score_sample(model, sample, cfg, ns: list[int]) -> tuple[dict[tuple[str, int
     import torch
 
     from wmfast import ops
-    from wmfast.inference.ensemble import predict_sample
+    from wmfast.inference.predict import predict_sample
     from wmfast.metrics.psnr import psnr, to_uint8
 
     pred = predict_sample(model, sample.context, sample.states, cfg, modes=("pixel",))

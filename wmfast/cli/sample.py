@@ -41,7 +41,7 @@ def run(args) -> int:
 
 
 def predict(args) -> int:
-    from wmfast.inference.ensemble import predict_sample
+    from wmfast.inference.predict import predict_sample
     from wmfast.metrics.psnr import psnr, to_uint8
 
     model = common.load_model(args)

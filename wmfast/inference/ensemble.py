@@ -26,15 +26,13 @@ Euler's step sizes, its history three preallocated buffers updated in place.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from wmfast import ops
 from wmfast.inference.solvers import EulerUpdate, UniPCUpdate, check_solver, unipc_tables
 
 logger = logging.getLogger("wmfast")
@@ -190,7 +188,7 @@ def _cached_runners(model, cond, context, shape, dtype, options: tuple) -> dict:
     return cache[1]
 
 
-def _chunks(n: int, size: int) -> list[range]:
+def chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -233,11 +231,11 @@ def sample_ensemble(model: Denoiser, context_latents: torch.Tensor, cond: Any, n
 def _sample_in_chunks(model, context, cond, shape, seeds, batch, timesteps, rows, cfg, graph, dtype):
     device = context.device
     out = torch.empty((len(seeds), *shape), device=device, dtype=dtype)
-    chunks = _chunks(len(seeds), batch)
-    bar = tqdm(total=cfg.steps * len(chunks), desc=f"ensemble N={len(seeds)} (micro-batch {batch})",
+    parts = chunks(len(seeds), batch)
+    bar = tqdm(total=cfg.steps * len(parts), desc=f"ensemble N={len(seeds)} (micro-batch {batch})",
                disable=not cfg.progress, leave=False)
     runners = _cached_runners(model, cond, context, shape, dtype, (cfg.solver, cfg.fused, graph))  # per batch size
-    for idx in chunks:
+    for idx in parts:
         members = [seeds[i] for i in idx]
         x = member_noise(shape, members, device, dtype)
         x[:, :, : context.shape[2]] = context  # start from clean context + pure noise
@@ -259,86 +257,3 @@ def run_sequential(model: Denoiser, context_latents, cond, num_latent_frames: in
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(cfg.n)]
     one = EnsembleConfig(**{**cfg.__dict__, "n": 1, "max_batch": 1})
     return torch.cat([sample_ensemble(model, context_latents, cond, num_latent_frames, one, [s]) for s in seeds])
-
-
-@dataclass
-class EnsembleFrames:
-    """The predicted frame under both averagings, plus what the strip shows. Pixel tensors: [3, H, W] in [0, 1]
-    (members: [N, 3, H, W])."""
-    members: torch.Tensor | None     # each member's decoded frame (pixel averaging decodes them anyway)
-    pixel_mean: torch.Tensor | None  # decode every member, then average (the team's way)
-    pixel_std: torch.Tensor | None   # per-pixel spread over members (uncertainty map)
-    latent_mean: torch.Tensor | None  # average the latents, decode once (N - 1 fewer VAE decodes)
-
-
-@torch.no_grad()
-def average_frames(latents: torch.Tensor, decode_frame: Callable[[torch.Tensor], torch.Tensor],
-                   modes: Sequence[str] = ("pixel", "latent"), decode_batch: int = 1) -> EnsembleFrames:
-    """Average N members' final latents [N, C, F', H', W'] in pixel space and/or latent space.
-
-    decode_frame: latents [B, C, F', H', W'] -> the target frame [B, 3, H, W] in [0, 1]. Members are decoded
-    decode_batch at a time (the VAE decode of a full clip dominates memory at 512x512)."""
-    bad = set(modes) - {"pixel", "latent"}
-    if bad or not modes:
-        raise ValueError(f"modes must be a non-empty subset of ('pixel', 'latent'), got {tuple(modes)}")
-    members = pixel_mean = pixel_std = latent_mean = None
-    if "pixel" in modes:
-        members = torch.cat([decode_frame(latents[r.start : r.stop]).float()
-                             for r in _chunks(latents.shape[0], decode_batch)])
-        pixel_mean, var = ops.ensemble_mean_var(members)
-        pixel_std = var.clamp_min(0).sqrt()
-    if "latent" in modes:
-        mean_latents, _ = ops.ensemble_mean_var(latents)
-        latent_mean = decode_frame(mean_latents[None])[0].float()
-    return EnsembleFrames(members, pixel_mean, pixel_std, latent_mean)
-
-
-# --------------------------------------------------------------------------------------------------------
-# the world model end to end (wmfast.models.wan.WanWorldModel: encode_frames, decode_latents, schedule)
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prediction:
-    frames: EnsembleFrames
-    latents: torch.Tensor  # [N, C, F', H', W'] final member latents
-    denoise_s: float = float("nan")  # wall time of the denoising loop (sample_ensemble), device synchronized
-
-
-def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    p = next(model.transformer.parameters())
-    return p.device, p.dtype
-
-
-def predict_sample(model, context_frames: torch.Tensor, states: torch.Tensor, cfg: EnsembleConfig,
-                   modes: Sequence[str] = ("pixel", "latent"), decode_batch: int = 1,
-                   seeds: Sequence[int] | None = None) -> Prediction:
-    """One 1X sample -> the ensemble's predicted target frame (frame 76), both averagings.
-
-    context_frames: [c, 3, H, W] uint8, the context frames the model's FrameSchedule encodes
-    (model.schedule.frame_indices[:model.schedule.context_count]: 30 Hz frames 4, 7, .., 16 with stride 3), at
-    the model's resolution; states: [77, 25] robot states. Frame 76 is the last frame of the last latent."""
-    sched = model.schedule
-    if context_frames.dim() != 4 or context_frames.shape[0] != sched.context_count:
-        raise ValueError(f"context_frames must be [{sched.context_count}, 3, H, W] (the schedule's context frames "
-                         f"{sched.frame_indices[: sched.context_count]}), got shape {tuple(context_frames.shape)}")
-    device, dtype = model_device_dtype(model)
-    with torch.no_grad():
-        context = model.encode_frames(context_frames[None].to(device)).to(dtype)  # [1, C, Fc, H', W']
-        cond = model.prepare_conditioning(states[None].to(device, dtype))            # batch 1, computed once
-        _synchronize(device)  # the timing below covers the denoising loop alone, not the encode before it
-        start = time.perf_counter()
-        latents = sample_ensemble(model, context, cond, sched.num_latents, cfg, seeds)
-        _synchronize(device)  # after the loop: the decode needs the latents anyway
-        denoise_s = time.perf_counter() - start
-
-        def decode_frame(z):  # the causal VAE decodes the whole clip; frame 76 is its last frame
-            return model.decode_latents(z)[:, -1]
-
-        frames = average_frames(latents, decode_frame, modes, decode_batch)
-    return Prediction(frames, latents, denoise_s)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

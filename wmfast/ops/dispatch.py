@@ -371,23 +371,17 @@ def select_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[str
 @torch.compiler.assume_constant_result
 def _constant_choice(op: str, device: torch.device, dtype: torch.dtype, width: int, backward: bool,
                      order: tuple[str, ...], shape_key: str) -> str:
-    # only the last dimension (D, Dh) reaches here: the backends' limits read nothing else, and a batch or
-    # sequence dimension that dynamo has made dynamic cannot become a constant argument
+    # only the last dimension (D, Dh) reaches here: the backends' limits read nothing else
     return select_backend(op, OpInputs(device, dtype, (width,) if width else (), backward), order=order or None,
                           shape_key=shape_key or None)
 
 
 def _traced_int(n) -> int:
-    """A dimension as a Python int while dynamo traces. Under dynamic=True even the last dimension is symbolic,
-    int() keeps it symbolic, and assume_constant_result refuses it; branching on it is what dynamo turns into
-    guards, so a bisection pins it to its value (about 31 guards of the form n <= m; other sizes recompile)."""
+    """A dimension as a Python int while dynamo traces: under dynamic=True int() keeps it symbolic (refused by
+    assume_constant_result); branches become guards, so a bisection pins it (other sizes recompile)."""
     lo, hi = 0, 1 << 31
     while lo < hi:
-        mid = (lo + hi) // 2
-        if n <= mid:
-            hi = mid
-        else:
-            lo = mid + 1
+        lo, hi = (lo, (lo + hi) // 2) if n <= (lo + hi) // 2 else ((lo + hi) // 2 + 1, hi)
     return lo
 
 
