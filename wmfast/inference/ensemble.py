@@ -60,9 +60,20 @@ class EnsembleConfig:
     fused: bool = True             # Euler: the fused sampler op (False: unfused torch update, for benchmarks)
     progress: bool = True          # tqdm bar over steps
     solver: str = "euler"          # "euler" (wmfast's schedule) or "unipc" (Wan2.2's default, diffusers' schedule)
+    # Steps whose DiT body is skipped (the first block runs, the rest reuses the last full step's residual;
+    # calibrate_skip_steps picks them). Needs a denoiser with step_cache() (the Wan world model).
+    skip_steps: tuple[int, ...] = ()
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Checked at construction and again by sample_ensemble (a config can be changed after construction)."""
         check_solver(self.solver, "EnsembleConfig.solver")
+        bad = [s for s in self.skip_steps if not 0 < s < self.steps]
+        if bad:
+            raise ValueError(f"EnsembleConfig.skip_steps: steps {bad} out of range (1..{self.steps - 1}: the first step "
+                             "always runs the whole DiT)")
 
 
 def flow_schedule(steps: int, shift: float, num_frames: int, num_context: int, device) -> tuple[torch.Tensor, ...]:
@@ -108,37 +119,55 @@ class _StepRunner:
     UniPC: the coefficients), and a stateful solver's history lives in buffers the update owns, so the graph
     reads and writes them in place."""
 
-    def __init__(self, model: Denoiser, cond, context, update, graph: bool):
-        self.model, self.cond, self.context, self.update = model, cond, context, update
-        self.graph_enabled, self.graph = graph, None
+    def __init__(self, model: Denoiser, cond, context, update, graph: bool, cache=None):
+        self.model, self.cond, self.context, self.update, self.cache = model, cond, context, update, cache
+        self.graph_enabled, self.graphs = graph, {}  # one graph per kind of step: full, skipped (cache.skip)
+        self.static_x = self.static_t = self.static_row = None
+
+    @property
+    def graph(self):
+        return self.graphs.get(False)
 
     def reset(self, x):
         """Before the first step of a chunk: the solver's history starts empty (a device op, no sync)."""
         self.update.reset(x)
+        if self.cache is not None:
+            self.cache.reset()
 
     def eager(self, x, t_row, row):
         # t_row: [1, F'], passed with batch 1: the model computes the per-frame timestep modulation once and
         # broadcasts it to the members (as it does the batch-1 conditioning).
-        v = self.model.velocity(x, t_row, self.cond)
+        if self.cache is None:
+            v = self.model.velocity(x, t_row, self.cond)
+        else:
+            v = self.model.velocity(x, t_row, self.cond, cache=self.cache)
         return self.update(x, v, row, self.context)
 
-    def __call__(self, x, t_row, row):
+    def __call__(self, x, t_row, row, skip: bool = False):
+        if self.cache is not None:
+            self.cache.skip = skip
         if not self.graph_enabled:
             return self.eager(x, t_row, row)
-        if self.graph is None:
-            return self._warm_up_and_capture(x, t_row, row)
+        if skip not in self.graphs:
+            return self._warm_up_and_capture(x, t_row, row, skip)
         self.static_x.copy_(x)  # device-to-device copies into the graph's input buffers: no host sync
         self.static_t.copy_(t_row)
         self.static_row.copy_(row)
-        self.graph.replay()
+        self.graphs[skip].replay()
         return self.static_y  # the next call copies it into static_x; the caller copies the last one out
 
-    def _warm_up_and_capture(self, x, t_row, row):
+    def _warm_up_and_capture(self, x, t_row, row, skip):
         """Run this step eagerly (its result is the step's output: warm-up costs nothing extra), capture it,
         and replay once on the same inputs and the same solver state to check the graph against the eager
-        result (one host sync per micro-batch size, before the graph is used); the solver's state is then the
-        eager step's. Any failure falls back to eager, logged once."""
-        self.static_x, self.static_t, self.static_row = x.clone(), t_row.clone(), row.clone()
+        result (one host sync per micro-batch size and kind of step, before the graph is used); the solver's
+        state is then the eager step's. Every graph of the runner reads the same input buffers and writes the
+        same output. Any failure falls back to eager, logged once."""
+        if self.static_x is None:
+            self.static_x, self.static_t, self.static_row = x.clone(), t_row.clone(), row.clone()
+        else:
+            self.static_x.copy_(x)
+            self.static_t.copy_(t_row)
+            self.static_row.copy_(row)
         before = self.update.state()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -149,16 +178,20 @@ class _StepRunner:
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.static_y = self.eager(self.static_x, self.static_t, self.static_row)
+                out = self.eager(self.static_x, self.static_t, self.static_row)
+                if self.graphs:  # a second kind of step: its output lands where the first graph's does
+                    self.static_y.copy_(out)
+            if not self.graphs:
+                self.static_y = out
             self.update.load_state(before)
             graph.replay()
             tol = 1e-4 if y.dtype == torch.float32 else 3e-2  # same kernels; bf16 only rounds differently
             if not torch.allclose(self.static_y.float(), y.float(), atol=tol, rtol=tol):
                 raise RuntimeError("the replayed step differs from the eager step")
-            self.graph = graph
+            self.graphs[skip] = graph
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly, and say why
             logger.info(f"wmfast: CUDA-graph capture of the sampling step failed ({e}); running eagerly")
-            self.graph_enabled, self.graph = False, None
+            self.graph_enabled, self.graphs = False, {}
         finally:
             self.update.load_state(after)
         return y
@@ -209,7 +242,9 @@ def sample_ensemble(model: Denoiser, context_latents: torch.Tensor, cond: Any, n
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(cfg.n)]
     if len(seeds) != cfg.n:
         raise ValueError(f"seeds has {len(seeds)} entries for an ensemble of n={cfg.n}")
-    check_solver(cfg.solver, "EnsembleConfig.solver")  # again: a config can be changed after construction
+    cfg.validate()  # again: a config can be changed after construction
+    if cfg.skip_steps:
+        _need_step_cache(model)
     device, dtype = context_latents.device, context_latents.dtype
     timesteps, rows = solver_tables(cfg, num_latent_frames, Fc, device, dtype)
     graph = device.type == "cuda" if cfg.graph is None else cfg.graph
@@ -234,17 +269,20 @@ def _sample_in_chunks(model, context, cond, shape, seeds, batch, timesteps, rows
     parts = chunks(len(seeds), batch)
     bar = tqdm(total=cfg.steps * len(parts), desc=f"ensemble N={len(seeds)} (micro-batch {batch})",
                disable=not cfg.progress, leave=False)
-    runners = _cached_runners(model, cond, context, shape, dtype, (cfg.solver, cfg.fused, graph))  # per batch size
+    cached = bool(cfg.skip_steps)
+    runners = _cached_runners(model, cond, context, shape, dtype, (cfg.solver, cfg.fused, graph, cached))
+    skip = [i in set(cfg.skip_steps) for i in range(cfg.steps)]
     for idx in parts:
         members = [seeds[i] for i in idx]
         x = member_noise(shape, members, device, dtype)
         x[:, :, : context.shape[2]] = context  # start from clean context + pure noise
         if len(members) not in runners:
-            runners[len(members)] = _StepRunner(model, cond, context, _make_update(cfg), graph)
+            runners[len(members)] = _StepRunner(model, cond, context, _make_update(cfg), graph,
+                                                model.step_cache() if cached else None)
         runner = runners[len(members)]
         runner.reset(x)
         for i in range(cfg.steps):
-            x = runner(x, timesteps[i : i + 1], rows[i])
+            x = runner(x, timesteps[i : i + 1], rows[i], skip[i])
             bar.update(1)
         out[idx.start : idx.stop] = x
     bar.close()
@@ -257,3 +295,49 @@ def run_sequential(model: Denoiser, context_latents, cond, num_latent_frames: in
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(cfg.n)]
     one = EnsembleConfig(**{**cfg.__dict__, "n": 1, "max_batch": 1})
     return torch.cat([sample_ensemble(model, context_latents, cond, num_latent_frames, one, [s]) for s in seeds])
+
+
+@torch.no_grad()
+def calibrate_skip_steps(model, context_latents: torch.Tensor, cond, num_latent_frames: int, cfg: EnsembleConfig,
+                         threshold: float, seed: int | None = None) -> tuple[int, ...]:
+    """The steps a first-block cache skips at `threshold`, measured on one member (seed: cfg.seed) denoised
+    eagerly with `cfg`'s solver and steps; the schedule then serves the whole ensemble (cfg.skip_steps).
+
+    TeaCache's rule on ParaAttention's probe: the relative L1 change of the first block's residual since the
+    previous step accumulates over the steps; a step whose accumulated change is below `threshold` skips the
+    rest of the DiT, a step at or above it runs every block and resets the sum. The first and the last step
+    always run every block. threshold 0 skips nothing. One host read per step: calibration only."""
+    if threshold < 0:
+        raise ValueError(f"the step-cache threshold must be >= 0, got {threshold}")
+    _need_step_cache(model)
+    _, C, Fc, H, W = context_latents.shape
+    device, dtype = context_latents.device, context_latents.dtype
+    timesteps, rows = solver_tables(cfg, num_latent_frames, Fc, device, dtype)
+    x = member_noise((C, num_latent_frames, H, W), [cfg.seed if seed is None else seed], device, dtype)
+    x[:, :, :Fc] = context_latents
+    update = _make_update(cfg)
+    update.reset(x)
+    skipped, total = [], 0.0
+
+    def decide(change) -> bool:  # reads the loop's step i
+        nonlocal total
+        if change is None or i in (0, cfg.steps - 1):
+            total = 0.0
+            return False
+        total += float(change)
+        if total < threshold:
+            skipped.append(i)
+            return True
+        total = 0.0
+        return False
+
+    cache = model.step_cache(decide)
+    for i in range(cfg.steps):
+        v = model.velocity(x, timesteps[i : i + 1], cond, cache=cache)
+        x = update(x, v, rows[i], context_latents)
+    return tuple(skipped)
+
+
+def _need_step_cache(model) -> None:
+    if not callable(getattr(model, "step_cache", None)):
+        raise TypeError(f"step skipping needs a denoiser with step_cache(); {type(model).__name__} has none")

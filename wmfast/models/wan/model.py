@@ -11,6 +11,7 @@ from wmfast.models.wan.blocks import text_kv
 from wmfast.models.wan.conditioning import WanConditioning
 from wmfast.models.wan.presets import WanPreset, get_preset
 from wmfast.models.wan.schedule import FrameSchedule
+from wmfast.models.wan.step_cache import BodyCache
 from wmfast.models.wan.text_encoder import default_text_cache, empty_prompt_embedding, has_umt5
 from wmfast.models.wan.transformer import WmWanTransformer, build_transformer
 from wmfast.models.wan.vae import build_vae, vae_decode, vae_encode
@@ -95,13 +96,18 @@ class WanWorldModel(nn.Module):
 
     # ------------------------------------------------------------------ denoiser
     def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, cond: WanConditioning,
-                 fused: bool | None = None) -> torch.Tensor:
+                 fused: bool | None = None, cache: BodyCache | None = None) -> torch.Tensor:
         """latents [B, C, F', H', W'] (noisy future, clean context), timestep [Bt, F'] (1000 * sigma per latent
         frame, 0 on context frames; Bt in {1, B}), cond (batch 1 or B) -> velocity [B, C, F', H', W'].
 
-        fused=None: the fused path unless WMFAST_BACKEND=torch; False: diffusers' unfused blocks."""
+        fused=None: the fused path unless WMFAST_BACKEND=torch; False: diffusers' unfused blocks.
+        cache: a step cache (`step_cache()`): on a step it marks skipped, only the first block runs."""
         _check_velocity_args(latents, timestep, cond, self.transformer)
-        return self.transformer(latents, timestep, cond=cond, fused=fused)
+        return self.transformer(latents, timestep, cond=cond, fused=fused, cache=cache)
+
+    def step_cache(self, decide=None) -> BodyCache:
+        """A first-block step cache for one micro-batch size (wmfast.models.wan.step_cache)."""
+        return BodyCache(decide)
 
     forward = velocity
 

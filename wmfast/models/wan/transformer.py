@@ -14,6 +14,7 @@ from wmfast.models.wan.blocks import patch_blocks
 from wmfast.models.wan.conditioning import attach_state_modules
 from wmfast.models.wan.presets import WanPreset, cast_keeping_fp32, without_image_conditioning
 from wmfast.models.wan.schedule import FrameSchedule
+from wmfast.models.wan.step_cache import BodyCache
 from wmfast.ops.dispatch import forced_backend
 
 
@@ -29,14 +30,22 @@ class WmWanTransformer(WanTransformer3DModel):
     state modules); called without `cond` it is diffusers' forward, unchanged."""
 
     def forward(self, hidden_states, timestep=None, encoder_hidden_states=None, *args, cond=None, fused=None,
-                **kwargs):
+                cache: BodyCache | None = None, **kwargs):
         if cond is None:
             return super().forward(hidden_states, timestep, encoder_hidden_states, *args, **kwargs)
         if fused is None:
             fused = forced_backend() != "torch"
         if fused:
-            return self._fused_forward(hidden_states, timestep, cond)
-        return self._reference_forward(hidden_states, timestep, cond)
+            return self._fused_forward(hidden_states, timestep, cond, cache)
+        return self._reference_forward(hidden_states, timestep, cond, cache)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation: every transformer block compiled in place (fullgraph). The blocks share one
+        code object and dynamo passes their parameters as graph inputs, so the 30 blocks reuse one compiled
+        graph; the rest of the forward (embeddings, the step cache's branch, the output head) stays eager.
+        compile_kwargs go to torch.compile (backend, mode, dynamic)."""
+        for block in self.blocks:
+            block.compile(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
 
     def frame_time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype):
         """timestep [Bt, F'] -> (temb [Bt, F', D], timestep_proj [Bt, F', 6, D]); diffusers' arithmetic,
@@ -47,26 +56,33 @@ class WmWanTransformer(WanTransformer3DModel):
         temb = ce.time_embedder(t).to(dtype)
         return temb, ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))
 
-    def _fused_forward(self, latents, timestep, cond):
+    def _fused_forward(self, latents, timestep, cond, cache=None):
         B, _, n_frames, H, W = latents.shape
         _, p_h, p_w = self.config.patch_size
         rotary = self.rope(latents)
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()   # [B, L, D]
         frame_len = (H // p_h) * (W // p_w)
         temb, tproj = self.frame_time_embedding(timestep, x.dtype)                  # [Bt, F', D], [Bt, F', 6, D]
-        for block, state, kv in zip(self.blocks, cond.state_temb, cond.text_kv):
-            temb_i = tproj + state.to(tproj.dtype)                                   # [max(Bt, Bc), F', 6, D]
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = checkpoint(block, x, None, temb_i, rotary, frame_len=frame_len, kv=kv, use_reentrant=False)
-            else:
-                x = block(x, None, temb_i, rotary, frame_len=frame_len, kv=kv)
+        layers = list(zip(self.blocks, cond.state_temb, cond.text_kv))
+
+        def run(h, part):
+            for block, state, kv in part:
+                temb_i = tproj + state.to(tproj.dtype)                               # [max(Bt, Bc), F', 6, D]
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    h = checkpoint(block, h, None, temb_i, rotary, frame_len=frame_len, kv=kv, use_reentrant=False)
+                else:
+                    h = block(h, None, temb_i, rotary, frame_len=frame_len, kv=kv)
+            return h
+
+        # with a step cache the first block always runs, and the cache decides whether the others do
+        x = run(x, layers) if cache is None else cache.body(x, run(x, layers[:1]), lambda h: run(h, layers[1:]))
         mod = self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)                # [Bt, F', 2, D] fp32
         shift, scale = (m.expand(B, -1, -1) for m in mod.unbind(2))                   # views, no copies
         x = ops.layernorm_modulate(x, shift, scale, eps=self.norm_out.eps, frame_len=frame_len)
         x = self.proj_out(x)
         return unpatchify(x, B, n_frames, H, W, self.config.patch_size)
 
-    def _reference_forward(self, latents, timestep, cond):
+    def _reference_forward(self, latents, timestep, cond, cache=None):
         """diffusers' forward, op for op (per-token timesteps, diffusers' unfused block forward), plus the state
         term added to each block's per-token temb: the unfused reference and the WMFAST_BACKEND=torch path.
         With zero state projections it is bit-identical to WanTransformer3DModel.forward."""
@@ -79,12 +95,18 @@ class WmWanTransformer(WanTransformer3DModel):
         temb, tproj, text, _ = self.condition_embedder(
             t_tok.flatten(), cond.text.to(latents.dtype).expand(B, -1, -1), None, timestep_seq_len=t_tok.shape[1])
         tproj = tproj.unflatten(2, (6, -1))                                          # [B, L, 6, D]
-        for block, state in zip(self.blocks, cond.state_temb):
-            temb_i = tproj + state.expand(B, -1, -1, -1).repeat_interleave(frame_len, dim=1).to(tproj.dtype)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = checkpoint(block, x, text, temb_i, rotary, use_reentrant=False)
-            else:
-                x = block(x, text, temb_i, rotary)
+        layers = list(zip(self.blocks, cond.state_temb))
+
+        def run(h, part):
+            for block, state in part:
+                temb_i = tproj + state.expand(B, -1, -1, -1).repeat_interleave(frame_len, dim=1).to(tproj.dtype)
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    h = checkpoint(block, h, text, temb_i, rotary, use_reentrant=False)
+                else:
+                    h = block(h, text, temb_i, rotary)
+            return h
+
+        x = run(x, layers) if cache is None else cache.body(x, run(x, layers[:1]), lambda h: run(h, layers[1:]))
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
         x = (self.norm_out(x.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(x)
         x = self.proj_out(x)
