@@ -92,23 +92,31 @@ def test_eval_psnr_bad_solver_is_one_line_exit_2(capsys, tmp_path):
     assert main(["eval-psnr", "--model", "tiny", "--data", str(tmp_path / "none"), "--solver", "euler,heun"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("wmfast eval-psnr: error: --solver: ") and "'euler,heun'" in err and err.count("\n") == 1
+    assert main(["eval-psnr", "--model", "tiny", "--data", str(tmp_path / "none"), "--cache-threshold", "0,-1"]) == 2
+    assert capsys.readouterr().err == "wmfast eval-psnr: error: --cache-threshold: expected numbers >= 0, got '0,-1'\n"
 
 
 def test_eval_psnr_tables_and_plot_per_solver(tmp_path):
     import csv
 
-    from wmfast.cli.eval_psnr import _solver_list, markdown_table, plot, write_tables
+    from wmfast.cli.eval_psnr import _solver_list, _threshold_list, markdown_table, plot, plot_cache, write_tables
 
     assert _solver_list(" unipc,euler,unipc ") == ["unipc", "euler"]
-    rows = [{"solver": s, "steps": k, "ensemble": n, "psnr_pixel": 20.0 + n, "psnr_latent": 19.0 + n,
-             "seconds_per_sample": 0.5 * k, "samples": 3} for s in ("euler", "unipc") for k in (2, 4) for n in (1, 2)]
+    rows = [{"solver": s, "steps": k, "cache_threshold": th, "skipped_steps": int(th * k), "ensemble": n,
+             "psnr_pixel": 20.0 + n - th, "psnr_latent": 19.0 + n, "seconds_per_sample": 0.5 * k * (1 - th / 2),
+             "samples": 3} for s in ("euler", "unipc") for k in (2, 4) for th in (0.0, 0.5) for n in (1, 2)]
     write_tables(rows, str(tmp_path))
     table = (tmp_path / "psnr.md").read_text().splitlines()
-    assert table[0] == ("| solver | steps | N | PSNR pixel avg (dB) | PSNR latent avg (dB) | denoise s/sample (N=2) "
-                        "| samples |")
-    assert table[-1] == "| unipc | 4 | 2 | 22.000 | 21.000 | 2.000 | 3 |" and table == markdown_table(rows).splitlines()
+    assert table[0] == ("| solver | steps | cache threshold | skipped steps | N | PSNR pixel avg (dB) | "
+                        "PSNR latent avg (dB) | denoise s/sample (N=2) | samples |")
+    assert table[-1] == "| unipc | 4 | 0.5 | 2 | 2 | 21.500 | 21.000 | 1.500 | 3 |"
+    assert table == markdown_table(rows).splitlines()
+    plot_cache(rows, str(tmp_path / "psnr_cache.png"))
+    assert (tmp_path / "psnr_cache.png").stat().st_size > 0
+    assert _threshold_list("0.1, 0,0.1") == [0.0, 0.1]
+    rows = [r for r in rows if r["cache_threshold"] == 0]
     saved = list(csv.DictReader((tmp_path / "psnr.csv").read_text().splitlines()))
-    assert saved[0]["solver"] == "euler" and float(saved[-1]["seconds_per_sample"]) == 2.0
+    assert saved[0]["solver"] == "euler" and float(saved[-1]["seconds_per_sample"]) == 1.5
     plot(rows, str(tmp_path / "psnr.png"))
     from PIL import Image
 

@@ -282,7 +282,8 @@ def test_cli_sample_and_eval_psnr(raw_data, tmp_path):
     assert [(r["solver"], r["steps"], r["ensemble"]) for r in rows] == [
         ("euler", "2", "1"), ("euler", "2", "2"), ("unipc", "2", "1"), ("unipc", "2", "2")]
     assert all(float(r["seconds_per_sample"]) > 0 for r in rows)
-    assert (ev / "psnr.md").read_text().startswith("| solver | steps | N |") and (ev / "psnr.png").stat().st_size > 0
+    assert (ev / "psnr.md").read_text().startswith("| solver | steps | cache threshold |")
+    assert (ev / "psnr.png").stat().st_size > 0 and not (ev / "psnr_cache.png").exists()
     # The N=2 ensemble of eval-psnr is the first 2 members of its larger run: the same as `sample --ensemble 2`.
     n2 = rows[1]
     assert float(n2["psnr_pixel"]) == pytest.approx(report["psnr_pixel"], abs=1e-6)
@@ -294,6 +295,13 @@ def test_cli_sample_and_eval_psnr(raw_data, tmp_path):
     assert unipc["solver"] == "unipc" and unipc["denoise_s"] > 0
     assert float(rows[3]["psnr_latent"]) == pytest.approx(unipc["psnr_latent"], abs=1e-6)
     assert float(rows[3]["psnr_latent"]) != pytest.approx(float(n2["psnr_latent"]), abs=1e-6)
+    # --cache-threshold: a threshold no change reaches skips every step but the first and the last
+    cache = tmp_path / "cache"
+    assert main(["eval-psnr", *common, "--ensemble", "2", "--steps", "4", "--cache-threshold", "1e9,0",
+                 "--out", str(cache)]) == 0
+    rows = list(csv.DictReader((cache / "psnr.csv").read_text().splitlines()))
+    assert [(r["cache_threshold"], r["skipped_steps"]) for r in rows] == [("0.0", "0"), ("1000000000.0", "2")]
+    assert rows[0]["psnr_pixel"] != rows[1]["psnr_pixel"] and (cache / "psnr_cache.png").stat().st_size > 0
 
 
 @pytest.mark.requires("diffusers")
@@ -307,7 +315,7 @@ def test_tiny_base_independent_of_seed_and_equal_to_the_trained_base():
 
     def base(seed):
         torch.manual_seed(seed + 100)  # whatever the global RNG holds
-        args = argparse.Namespace(model="tiny", lora=None, seed=seed, device="cpu")
+        args = argparse.Namespace(model="tiny", lora=None, seed=seed, device="cpu", compile=False)
         return load_model(args).transformer.state_dict()
 
     a, b = base(0), base(3)

@@ -31,6 +31,9 @@ def add_model_arguments(p):
                    help="member i uses seed + i (the tiny model's base weights always use a fixed seed)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
     p.add_argument("--no-graph", action="store_true", help="do not capture the denoising step in a CUDA graph")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the DiT blocks with torch.compile (regional: one compiled graph serves every block; "
+                        "the first prediction pays the compilation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -60,7 +63,24 @@ def load_model(args):
         load_lora(model.transformer, adapter)
         model.transformer.to(device)  # the adapter loads on the CPU; dtypes stay as loaded (fp32 modules kept)
         logger.info(f"wmfast: LoRA adapter {adapter}")
+    if args.compile:
+        model.transformer.compile_blocks()
     return model.eval()
+
+
+def calibrate_skips(model, sample, cfg, threshold: float) -> tuple[int, ...]:
+    """The step-cache schedule at `threshold` for cfg's solver and steps, calibrated on this sample with one
+    member (wmfast.inference.ensemble.calibrate_skip_steps); () for threshold 0."""
+    if threshold == 0:
+        return ()
+    from wmfast.inference.ensemble import calibrate_skip_steps
+    from wmfast.inference.predict import model_device_dtype
+
+    device, dtype = model_device_dtype(model)
+    with torch.no_grad():
+        context = model.encode_frames(sample.context[None].to(device)).to(dtype)
+        cond = model.prepare_conditioning(sample.states[None].to(device, dtype))
+        return calibrate_skip_steps(model, context, cond, model.schedule.num_latents, cfg, threshold)
 
 
 def _adapter_dir(args) -> str:
@@ -79,12 +99,13 @@ def _adapter_dir(args) -> str:
     return directory
 
 
-def ensemble_config(args, n: int, steps: int, solver: str = "euler"):
+def ensemble_config(args, n: int, steps: int, solver: str = "euler", skip_steps: tuple[int, ...] = ()):
     """The EnsembleConfig of one run; `solver` is passed explicitly (eval-psnr's --solver is a list)."""
     from wmfast.inference.ensemble import EnsembleConfig
 
     return EnsembleConfig(n=n, steps=steps, seed=args.seed, max_batch=args.max_batch,
-                          graph=False if args.no_graph else None, progress=not args.no_progress, solver=solver)
+                          graph=False if args.no_graph else None, progress=not args.no_progress, solver=solver,
+                          skip_steps=skip_steps)
 
 
 # ------------------------------------------------------------------------------------------------ data

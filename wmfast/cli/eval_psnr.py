@@ -6,8 +6,11 @@ Both averagings are scored: pixel (decode every member, average the frames) and 
 decode once). PSNR: uint8 frames, per frame over all pixels and channels, mean over samples
 (wmfast.metrics.psnr). Time: the denoising loop's wall time per sample (device synchronized) of that largest
 ensemble, shared by the rows of its solver and step count; the mean leaves out the first sample when there are
-more (it pays one-time compilation and warm-up). Writes psnr.csv, psnr.md and psnr.png (one panel per solver)
-under --out and prints the table.
+more (it pays one-time compilation and warm-up). Step skipping (--cache-threshold, a list): for each threshold
+the first-block cache's skip schedule is calibrated once, on the first sample with one member, then every
+sample runs with it (a schedule calibrated offline; the rows give the number of skipped steps). Writes psnr.csv,
+psnr.md and psnr.png (PSNR against N at the smallest threshold, one panel per solver), with several thresholds
+psnr_cache.png (PSNR and seconds against the threshold), under --out, and prints the table.
 """
 from __future__ import annotations
 
@@ -28,6 +31,16 @@ def _int_list(flag: str, text: str) -> list[int]:
     return values
 
 
+def _threshold_list(text: str) -> list[float]:
+    try:
+        values = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError as e:
+        raise ValueError(f"--cache-threshold: expected a comma-separated list of numbers, got {text!r}") from e
+    if not values or values[0] < 0:
+        raise ValueError(f"--cache-threshold: expected numbers >= 0, got {text!r}")
+    return values
+
+
 def _solver_list(text: str) -> list[str]:
     names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))  # in order, once each
     bad = [n for n in names if n not in common.SOLVERS]
@@ -43,6 +56,9 @@ def add_arguments(p):
     p.add_argument("--solver", default="euler",
                    help="solvers, comma-separated: euler (default), unipc (Wan2.2's default sampler); each is scored "
                         "and timed at every step count")
+    p.add_argument("--cache-threshold", default="0",
+                   help="step-cache thresholds, comma-separated (0: no step skipped). For each, the skip schedule is "
+                        "calibrated once on the first sample with one member, then used for every sample")
     p.add_argument("--limit", type=int, default=None, help="score only the first K samples of the split")
     p.add_argument("--out", default=None, help="output directory (default: eval_psnr_<split>)")
 
@@ -72,14 +88,14 @@ def score_sample(model, sample, cfg, ns: list[int]) -> tuple[dict[tuple[str, int
 def run(args) -> int:
     try:
         ns, steps_list = _int_list("--ensemble", args.ensemble), _int_list("--steps", args.steps)
-        solvers = _solver_list(args.solver)
-        return evaluate(args, ns, steps_list, solvers)
+        solvers, thresholds = _solver_list(args.solver), _threshold_list(args.cache_threshold)
+        return evaluate(args, ns, steps_list, solvers, thresholds)
     except ValueError as e:
         print(f"wmfast eval-psnr: error: {e}", file=sys.stderr)
         return 2
 
 
-def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str]) -> int:
+def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str], thresholds: list[float]) -> int:
     from tqdm.auto import tqdm
 
     model = common.load_model(args)
@@ -87,39 +103,51 @@ def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str]) -> 
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     if count == 0:
         raise ValueError(f"the {args.split} split of {args.data} has no samples")
-    totals: dict[tuple[str, int, str, int], float] = {}
-    seconds: dict[tuple[str, int], float] = {}
+    totals: dict[tuple, float] = {}
+    seconds: dict[tuple, float] = {}
+    schedules: dict[tuple, tuple[int, ...]] = {}  # (solver, steps, threshold) -> skipped steps
+    runs = [(solver, steps, th) for solver in solvers for steps in steps_list for th in thresholds]
     timed = range(1, count) if count > 1 else range(count)  # the first sample pays compilation and warm-up
     for index in tqdm(range(count), desc="samples", disable=args.no_progress):
         sample = common.load_sample(dataset, index)
-        for solver in solvers:
-            for steps in steps_list:
-                cfg = common.ensemble_config(args, max(ns), steps, solver)
-                scores, denoise_s = score_sample(model, sample, cfg, ns)
-                for (mode, n), value in scores.items():
-                    totals[solver, steps, mode, n] = totals.get((solver, steps, mode, n), 0.0) + value
-                if index in timed:
-                    seconds[solver, steps] = seconds.get((solver, steps), 0.0) + denoise_s / len(timed)
-    rows = [{"solver": solver, "steps": s, "ensemble": n, "psnr_pixel": totals[solver, s, "pixel", n] / count,
-             "psnr_latent": totals[solver, s, "latent", n] / count, "seconds_per_sample": seconds[solver, s],
-             "samples": count} for solver in solvers for s in steps_list for n in ns]
+        for run in runs:
+            solver, steps, threshold = run
+            if run not in schedules:  # calibrated offline: on the first sample, then fixed
+                cfg = common.ensemble_config(args, 1, steps, solver)
+                schedules[run] = common.calibrate_skips(model, sample, cfg, threshold)
+            cfg = common.ensemble_config(args, max(ns), steps, solver, schedules[run])
+            scores, denoise_s = score_sample(model, sample, cfg, ns)
+            for (mode, n), value in scores.items():
+                totals[(*run, mode, n)] = totals.get((*run, mode, n), 0.0) + value
+            if index in timed:
+                seconds[run] = seconds.get(run, 0.0) + denoise_s / len(timed)
+    rows = [{"solver": solver, "steps": s, "cache_threshold": th, "skipped_steps": len(schedules[solver, s, th]),
+             "ensemble": n, "psnr_pixel": totals[solver, s, th, "pixel", n] / count,
+             "psnr_latent": totals[solver, s, th, "latent", n] / count, "seconds_per_sample": seconds[solver, s, th],
+             "samples": count} for solver, s, th in runs for n in ns]
     out = args.out or f"eval_psnr_{args.split}"
     os.makedirs(out, exist_ok=True)
     write_tables(rows, out)
-    plot(rows, os.path.join(out, "psnr.png"))
+    base = [r for r in rows if r["cache_threshold"] == thresholds[0]]  # PSNR against N: the smallest threshold
+    plot(base, os.path.join(out, "psnr.png"))
+    written = "psnr.csv, psnr.md, psnr.png"
+    if len(thresholds) > 1:
+        plot_cache(rows, os.path.join(out, "psnr_cache.png"))
+        written += ", psnr_cache.png"
     print(markdown_table(rows))
-    print(f"wrote {out}/psnr.csv, psnr.md, psnr.png")
+    print(f"wrote {out}/{written}")
     return 0
 
 
 def markdown_table(rows) -> str:
     """One row per (solver, steps, N); the time is of the largest N's ensemble, shared by its rows."""
     n_max = max(r["ensemble"] for r in rows)
-    header = (f"| solver | steps | N | PSNR pixel avg (dB) | PSNR latent avg (dB) | denoise s/sample (N={n_max}) "
-              "| samples |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['solver']} | {r['steps']} | {r['ensemble']} | {r['psnr_pixel']:.3f} | {r['psnr_latent']:.3f} | "
-              f"{r['seconds_per_sample']:.3f} | {r['samples']} |" for r in rows]
+    header = (f"| solver | steps | cache threshold | skipped steps | N | PSNR pixel avg (dB) | PSNR latent avg (dB) "
+              f"| denoise s/sample (N={n_max}) | samples |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['solver']} | {r['steps']} | {r['cache_threshold']:g} | {r['skipped_steps']} | {r['ensemble']} | "
+              f"{r['psnr_pixel']:.3f} | {r['psnr_latent']:.3f} | {r['seconds_per_sample']:.3f} | {r['samples']} |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -158,6 +186,37 @@ def plot(rows, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("PSNR of frame 76 (dB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_cache(rows, path: str) -> None:
+    """PSNR (pixel averaging, the largest N) and denoising seconds per sample against the step-cache threshold,
+    one line per (solver, steps), each point labelled with its number of skipped steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_max = max(r["ensemble"] for r in rows)
+    top = [r for r in rows if r["ensemble"] == n_max]
+    fig, (ax_psnr, ax_time) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, key in enumerate(dict.fromkeys((r["solver"], r["steps"]) for r in top)):
+        sel = [r for r in top if (r["solver"], r["steps"]) == key]
+        th = [r["cache_threshold"] for r in sel]
+        label = f"{key[0]}, {key[1]} steps"
+        ax_psnr.plot(th, [r["psnr_pixel"] for r in sel], "o-", color=f"C{i}", label=label)
+        ax_time.plot(th, [r["seconds_per_sample"] for r in sel], "o-", color=f"C{i}", label=label)
+        for r in sel:
+            ax_time.annotate(f"{r['skipped_steps']} skipped", (r["cache_threshold"], r["seconds_per_sample"]),
+                             fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax_psnr.set_ylabel(f"PSNR of frame 76, pixel avg, N={n_max} (dB)")
+    ax_time.set_ylabel(f"denoising seconds per sample (N={n_max})")
+    for ax in (ax_psnr, ax_time):
+        ax.set_xlabel("step-cache threshold (accumulated relative L1 change of the first block)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
