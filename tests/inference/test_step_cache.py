@@ -65,7 +65,7 @@ def test_empty_schedule_and_zero_threshold_change_nothing(wan):
 def test_a_skipped_step_reuses_the_body_residual(wan):
     """On a skipped step the output is head(first block + the residual of the last full step): with the same
     input twice, the skipped step equals the full one exactly."""
-    model, context, cond, F = wan
+    model, _, cond, F = wan
     x = torch.randn(2, 48, F, 4, 4)
     t = torch.full((1, F), 700.0)
     cache = model.step_cache()
@@ -158,4 +158,54 @@ def test_regional_compile_compiles_once_across_blocks_and_steps(backend):
         sample_ensemble(model, context, cond, F, _cfg(skip_steps=(2, 3), seed=5))
     assert len(graphs) == 1, f"{len(graphs)} compilations for 2 blocks x {2 * STEPS} steps"
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def _wan_cuda(dtype):
+    torch.manual_seed(0)
+    model = build_world_model("tiny", vae=False, device="cuda", dtype=dtype).eval()
+    context = torch.randn(1, 48, model.schedule.num_context_latents, 4, 4, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        cond = model.prepare_conditioning(torch.randn(1, 77, 25, device="cuda", dtype=dtype))
+    return model, context, cond, model.schedule.num_latents
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_of_full_and_skipped_steps_equal_eager_gpu():
+    model, context, cond, F = _wan_cuda(torch.float32)
+    cfg = _cfg(skip_steps=(2, 3), graph=False)
+    eager = sample_ensemble(model, context, cond, F, cfg)
+    cfg.graph = True
+    graphed = sample_ensemble(model, context, cond, F, cfg)
+    runner = model._wmfast_step_runners[1][3]
+    assert set(runner.graphs) == {False, True}
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+    torch.cuda.set_sync_debug_mode("error")  # both graphs cached: the replays never sync
+    try:
+        again = sample_ensemble(model, context, cond, F, cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_inductor_compiled_blocks_inside_the_graph_gpu():
+    """The blocks compiled by Inductor, captured in the step's CUDA graph: equal to eager in bf16 (2x rule scale),
+    one compilation for every block and step."""
+    from torch._inductor.compile_fx import compile_fx
+
+    torch._dynamo.reset()
+    model, context, cond, F = _wan_cuda(torch.bfloat16)
+    eager = sample_ensemble(model, context, cond, F, _cfg(graph=False))
+    compiled_graphs = []
+
+    def inductor(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    model.transformer.compile_blocks(backend=inductor)
+    graphed = sample_ensemble(model, context, cond, F, _cfg(graph=True))
+    sample_ensemble(model, context, cond, F, _cfg(graph=True, seed=3))
+    assert len(compiled_graphs) == 1
+    torch.testing.assert_close(graphed.float(), eager.float(), rtol=5e-2, atol=5e-2)
     torch._dynamo.reset()
