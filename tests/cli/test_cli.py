@@ -96,6 +96,16 @@ def test_eval_psnr_bad_solver_is_one_line_exit_2(capsys, tmp_path):
     assert capsys.readouterr().err == "wmfast eval-psnr: error: --cache-threshold: expected numbers >= 0, got '0,-1'\n"
 
 
+def test_fp8_without_fp8_tensor_cores_is_one_line_exit_2(capsys, tmp_path):
+    from wmfast.cli import main
+
+    # checked before the weights load and before the data is opened
+    assert main(["sample", "--model", "tiny", "--data", str(tmp_path / "none"), "--device", "cpu", "--fp8",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("wmfast sample: error: --fp8: fp8 GEMMs need a CUDA GPU of compute capability "
+                                       "8.9+ (Ada/Hopper); cpu has none\n")
+
+
 def test_eval_psnr_tables_and_plot_per_solver(tmp_path):
     import csv
 

@@ -31,6 +31,9 @@ def add_model_arguments(p):
                    help="member i uses seed + i (the tiny model's base weights always use a fixed seed)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
     p.add_argument("--no-graph", action="store_true", help="do not capture the denoising step in a CUDA graph")
+    p.add_argument("--fp8", action="store_true",
+                   help="fp8 (e4m3, row-wise scales) weights for the GEMMs of the DiT blocks (GPUs of compute "
+                        "capability 8.9+; faster with --compile, which fuses the activation quantization)")
     p.add_argument("--compile", action="store_true",
                    help="compile the DiT blocks with torch.compile (regional: one compiled graph serves every block; "
                         "the first prediction pays the compilation)")
@@ -52,6 +55,11 @@ def load_model(args):
 
     adapter = _adapter_dir(args) if args.lora else None  # before the (possibly minutes-long) weight load
     device = device_of(args)
+    if getattr(args, "fp8", False):  # before the weight load too
+        from wmfast.modules.fp8_linear import fp8_support
+
+        if (reason := fp8_support(device)) is not None:
+            raise ValueError(f"--fp8: {reason}")
     dtype = torch.bfloat16 if device.type == "cuda" and args.model != "tiny" else torch.float32
     if args.model == "tiny":
         model = build_world_model("tiny", device=device, dtype=dtype, base_seed=TINY_BASE_SEED)
@@ -63,7 +71,11 @@ def load_model(args):
         load_lora(model.transformer, adapter)
         model.transformer.to(device)  # the adapter loads on the CPU; dtypes stay as loaded (fp32 modules kept)
         logger.info(f"wmfast: LoRA adapter {adapter}")
-    if args.compile:
+    if getattr(args, "fp8", False):  # after the adapter: its base layers are the ones quantized
+        from wmfast.models.wan.fp8 import quantize_dit_fp8
+
+        quantize_dit_fp8(model.transformer)
+    if getattr(args, "compile", False):
         model.transformer.compile_blocks()
     return model.eval()
 
