@@ -16,7 +16,7 @@ from wmfast.bench.discovery import load_bench_script
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPTS = {  # script -> (csv name, ops its rows must contain)
-    "bench_ensemble.py": ("bench_ensemble.csv", {"ensemble_sample", "dit_forward"}),
+    "bench_ensemble.py": ("bench_ensemble.csv", {"ensemble_sample", "dit_forward", "ensemble_predict"}),
     "bench_wan_block.py": ("bench_wan_block.csv", {"wan_block"}),
     "bench_st_generate.py": ("bench_st_generate.csv", None),
 }
@@ -37,6 +37,13 @@ def test_bench_script_quick(script, tmp_path):
         assert ops <= {r["op"] for r in rows}
     if script == "bench_ensemble.py":  # item of the audit: the sampling rows carry FLOPs (fraction_of_ceiling set)
         assert all(r["fraction_of_ceiling"] for r in rows if r["op"] == "ensemble_sample")
+        # the latency section: one e2e row and one row per phase for each N; the denoise row's fraction is floor/denoise
+        predict = {(r["shape"].split()[0], r["mode"]): r for r in rows if r["op"] == "ensemble_predict"}
+        modes = ("e2e", "conditioning", "denoise", "decode", "average")
+        assert set(predict) == {(f"N={n}", m) for n in (1, 2) for m in modes}
+        assert all(bool(r["fraction_of_ceiling"]) == (mode == "denoise") for (_, mode), r in predict.items())
+        assert (tmp_path / "plot_ensemble-latency.png").stat().st_size > 0
+        assert "| N | total s |" in (tmp_path / "bench_ensemble_latency.md").read_text()
     if script == "bench_wan_block.py":  # the kernel gain and the K/V caching gain reported apart
         assert {"diffusers", "wmfast", "wmfast-kv-in-call"} <= {r["provider"] for r in rows if r["mode"] == "fwd"}
 
@@ -67,3 +74,16 @@ def test_liger_provider_modulation_matches_reference(monkeypatch):
     for rows, kw in (((), {}), ((L // fl,), {"frame_len": fl}), ((L,), {})):
         shift, scale = (torch.randn(B, *rows, D) for _ in range(2))
         torch.testing.assert_close(fn(x, shift, scale, **kw), layernorm_modulate_ref(x, shift, scale, **kw))
+
+
+def test_bench_ensemble_sections_come_from_the_environment(monkeypatch):
+    bench = load_bench_script(BENCH_DIR / "bench_ensemble.py")
+    monkeypatch.delenv(bench.SECTIONS_ENV, raising=False)
+    assert bench.chosen_sections() == ("sampling", "latency")
+    monkeypatch.setenv(bench.SECTIONS_ENV, " latency ")
+    assert bench.chosen_sections() == ("latency",)
+    monkeypatch.setenv(bench.SECTIONS_ENV, "latency,sampling")
+    assert bench.chosen_sections() == ("sampling", "latency")
+    monkeypatch.setenv(bench.SECTIONS_ENV, "latncy")
+    with pytest.raises(ValueError, match="sampling, latency"):
+        bench.chosen_sections()
