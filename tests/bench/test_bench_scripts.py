@@ -38,10 +38,13 @@ def test_bench_script_quick(script, tmp_path):
     if script == "bench_ensemble.py":  # item of the audit: the sampling rows carry FLOPs (fraction_of_ceiling set)
         assert all(r["fraction_of_ceiling"] for r in rows if r["op"] == "ensemble_sample")
         # the latency section: one e2e row and one row per phase for each N; the denoise row's fraction is floor/denoise
-        predict = {(r["shape"].split()[0], r["mode"]): r for r in rows if r["op"] == "ensemble_predict"}
+        predict = {(r["provider"], r["shape"].split()[0], r["mode"]): r for r in rows if r["op"] == "ensemble_predict"}
         modes = ("e2e", "conditioning", "denoise", "decode", "average")
-        assert set(predict) == {(f"N={n}", m) for n in (1, 2) for m in modes}
-        assert all(bool(r["fraction_of_ceiling"]) == (mode == "denoise") for (_, mode), r in predict.items())
+        # the variants (latent averaging only, the step cache) at N=2; compiled and fp8 need a GPU
+        expected = [("batched", n) for n in (1, 2)] + [("batched-latent-avg", 2), ("batched-cache", 2)]
+        assert set(predict) == {(p, f"N={n}", m) for p, n in expected for m in modes}
+        assert all(bool(r["fraction_of_ceiling"]) == (key[2] == "denoise") for key, r in predict.items())
+        assert "| batched-cache | 2 |" in (tmp_path / "bench_ensemble_latency.md").read_text()
         assert (tmp_path / "plot_ensemble-latency.png").stat().st_size > 0
         assert "| N | total s |" in (tmp_path / "bench_ensemble_latency.md").read_text()
     if script == "bench_wan_block.py":  # the kernel gain and the K/V caching gain reported apart

@@ -81,18 +81,10 @@ def load_model(args):
 
 
 def calibrate_skips(model, sample, cfg, threshold: float) -> tuple[int, ...]:
-    """The step-cache schedule at `threshold` for cfg's solver and steps, calibrated on this sample with one
-    member (wmfast.inference.ensemble.calibrate_skip_steps); () for threshold 0."""
-    if threshold == 0:
-        return ()
-    from wmfast.inference.ensemble import calibrate_skip_steps
-    from wmfast.inference.predict import model_device_dtype
+    """The step-cache schedule of `sample` (wmfast.inference.predict.calibrate_sample_skips)."""
+    from wmfast.inference.predict import calibrate_sample_skips
 
-    device, dtype = model_device_dtype(model)
-    with torch.no_grad():
-        context = model.encode_frames(sample.context[None].to(device)).to(dtype)
-        cond = model.prepare_conditioning(sample.states[None].to(device, dtype))
-        return calibrate_skip_steps(model, context, cond, model.schedule.num_latents, cfg, threshold)
+    return calibrate_sample_skips(model, sample.context, sample.states, cfg, threshold)
 
 
 def _adapter_dir(args) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wmfast import ops
-from wmfast.inference.ensemble import EnsembleConfig, sample_ensemble
+from wmfast.inference.ensemble import EnsembleConfig, calibrate_skip_steps, sample_ensemble
 
 logger = logging.getLogger("wmfast")
 
@@ -163,6 +163,19 @@ def predict_sample(model, context_frames: torch.Tensor, states: torch.Tensor, cf
     timings = {**timer.seconds, "total": time.perf_counter() - start}
     peaks = {**timer.peak_bytes, "total": max(timer.peak_bytes.values())} if timer.peak_bytes else {}
     return Prediction(frames, latents, timings["denoise"], timings, peaks)
+
+
+def calibrate_sample_skips(model, context_frames: torch.Tensor, states: torch.Tensor, cfg: EnsembleConfig,
+                           threshold: float) -> tuple[int, ...]:
+    """The step-cache schedule at `threshold` for cfg's solver and steps, calibrated on this sample (the inputs
+    of predict_sample) with one member (wmfast.inference.ensemble.calibrate_skip_steps); () for threshold 0."""
+    if threshold == 0:
+        return ()
+    device, dtype = model_device_dtype(model)
+    with torch.no_grad():
+        context = model.encode_frames(context_frames[None].to(device)).to(dtype)
+        cond = model.prepare_conditioning(states[None].to(device, dtype))
+        return calibrate_skip_steps(model, context, cond, model.schedule.num_latents, cfg, threshold)
 
 
 def _frame_decoder(model) -> Callable[[torch.Tensor], torch.Tensor]:
