@@ -71,3 +71,24 @@ def test_decode_batch_and_vae_tiling_reach_the_prediction(raw_data, profiled, tm
     assert reports["tiled"]["psnr_pixel"] != pytest.approx(reports["all"]["psnr_pixel"], abs=1e-3)
     assert _sample(raw_data, tmp_path / "bad", "--decode-batch", "0") == 2
     assert "--decode-batch 0" in capsys.readouterr().err
+
+
+def test_cache_threshold_calibrates_and_skips(raw_data, profiled, tmp_path, capsys):
+    """--cache-threshold: a threshold no change reaches skips every step but the first and the last (the schedule
+    is reported), and changes the prediction; 0 (the default) skips nothing; a negative one is one line, exit 2."""
+    from wmfast.cli import main
+
+    assert profiled[0]["skipped_steps"] == [] and profiled[0]["calibration_s"] == 0.0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WMFAST_BACKEND", "torch")
+        assert main(["sample", "--model", "tiny", "--data", str(raw_data), "--ensemble", "3", "--steps", "4",
+                     "--cache-threshold", "1e9", "--no-progress", "--out", str(tmp_path / "c")]) == 0
+        assert main(["sample", "--model", "tiny", "--data", str(raw_data), "--ensemble", "3", "--steps", "4",
+                     "--no-progress", "--out", str(tmp_path / "p")]) == 0
+    cached = json.loads((tmp_path / "c" / "sample.json").read_text())
+    plain = json.loads((tmp_path / "p" / "sample.json").read_text())
+    assert cached["skipped_steps"] == [1, 2] and cached["calibration_s"] > 0
+    assert "2 skipped after" in capsys.readouterr().out
+    assert cached["psnr_pixel"] != pytest.approx(plain["psnr_pixel"], abs=1e-6)
+    assert _sample(raw_data, tmp_path / "bad", "--cache-threshold", "-0.5") == 2
+    assert capsys.readouterr().err == "wmfast sample: error: --cache-threshold -0.5: must be >= 0\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from wmfast.cli import _sampling as common
 
@@ -33,6 +34,10 @@ def add_arguments(p):
                    help="pixel: decode every member then average (the team's way); latent: average the latents, "
                         "decode once (N-1 fewer VAE decodes). The PSNR of both is printed when pixel is chosen")
     p.add_argument("--strip", action="store_true", help="also write strip.png (context, members, mean, spread, truth)")
+    p.add_argument("--cache-threshold", type=float, default=0.0, metavar="T",
+                   help="step skipping (first-block cache): the schedule of skipped steps is calibrated on this sample "
+                        "with one member at threshold T, then the ensemble runs with it (0, the default: off; "
+                        "`wmfast eval-psnr --cache-threshold` measures PSNR and time against T)")
     p.add_argument("--decode-batch", type=int, default=None, metavar="K",
                    help="members per VAE decode (default: all N at once, halved automatically when out of memory)")
     p.add_argument("--vae-tiling", action="store_true",
@@ -57,6 +62,8 @@ def predict(args) -> int:
 
     if args.decode_batch is not None and args.decode_batch < 1:
         raise ValueError(f"--decode-batch {args.decode_batch}: must be >= 1")
+    if not args.cache_threshold >= 0:
+        raise ValueError(f"--cache-threshold {args.cache_threshold}: must be >= 0")
     model = common.load_model(args)
     if args.vae_tiling:
         set_vae_tiling(model)
@@ -64,7 +71,11 @@ def predict(args) -> int:
     if not 0 <= args.index < len(dataset):
         raise ValueError(f"--index {args.index}: the {args.split} split has {len(dataset)} samples")
     sample = common.load_sample(dataset, args.index)
-    cfg = common.ensemble_config(args, args.ensemble, args.steps, args.solver)
+    start = time.perf_counter()
+    skip = common.calibrate_skips(model, sample, common.ensemble_config(args, 1, args.steps, args.solver),
+                                  args.cache_threshold)
+    calibration_s = time.perf_counter() - start if args.cache_threshold else 0.0
+    cfg = common.ensemble_config(args, args.ensemble, args.steps, args.solver, skip)
     # Pixel averaging decodes every member anyway, so the latent mean costs one more decode: report both.
     modes = ("pixel", "latent") if args.average == "pixel" or args.strip else ("latent",)
     pred = predict_sample(model, sample.context, sample.states, cfg, modes, decode_batch=args.decode_batch,
@@ -76,7 +87,8 @@ def predict(args) -> int:
     common.save_png(to_uint8(chosen), target_png)
     report = {"ensemble": args.ensemble, "steps": args.steps, "solver": args.solver, "average": args.average,
               "index": args.index, "seed": args.seed, "prediction": target_png, "denoise_s": pred.denoise_s,
-              "decode_batch": args.decode_batch, "vae_tiling": args.vae_tiling, "timings": pred.timings}
+              "decode_batch": args.decode_batch, "vae_tiling": args.vae_tiling, "timings": pred.timings,
+              "cache_threshold": args.cache_threshold, "skipped_steps": list(skip), "calibration_s": calibration_s}
     if pred.peak_memory:
         report["peak_memory_bytes"] = pred.peak_memory
     truth = sample.target
@@ -90,7 +102,8 @@ def predict(args) -> int:
         json.dump(report, f, indent=2)
     scores = ", ".join(f"{m} averaging {report[f'psnr_{m}']:.2f} dB" for m in ("pixel", "latent")
                        if f"psnr_{m}" in report)
-    print(f"wrote {target_png} (N={args.ensemble}, {args.steps} {args.solver} steps in {pred.denoise_s:.2f} s, "
+    skipped = f", {len(skip)} skipped after {calibration_s:.2f} s of calibration" if args.cache_threshold else ""
+    print(f"wrote {target_png} (N={args.ensemble}, {args.steps} {args.solver} steps{skipped} in {pred.denoise_s:.2f} s, "
           f"{args.average} averaging); "
           f"PSNR vs ground truth: {scores}")
     if args.profile:
