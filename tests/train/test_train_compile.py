@@ -10,7 +10,8 @@ import torch
 from wmfast.tasks.toy import ToyLM, ToyTask
 from wmfast.train import TrainConfig, train
 from wmfast.train import engine as engine_mod
-from wmfast.train.engine import compile_blocks, compile_fullgraph, enable_activation_checkpointing
+from wmfast.modules.compile import compile_blocks
+from wmfast.train.engine import compile_fullgraph, enable_activation_checkpointing
 from wmfast.train.runlog import train_losses
 
 os.environ.setdefault("WMFAST_PROGRESS", "0")

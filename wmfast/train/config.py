@@ -51,7 +51,7 @@ class TrainConfig:
     zero_stage: int = 2
     precision: str = "auto"  # auto: autocast-bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
-    # regional torch.compile: each of the task's blocks compiled on its own (wmfast.train.engine.compile_blocks)
+    # regional torch.compile: each of the task's blocks compiled on its own (wmfast.modules.compile.compile_blocks)
     compile: bool = False
     # crash safety and reporting (0 disables the periodic action; a final checkpoint is always written)
     ckpt_every: int = 1000

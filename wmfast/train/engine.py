@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from wmfast.modules.compile import compile_blocks
 from wmfast.tasks import Task, param_groups
 
 from .config import TrainConfig, deepspeed_config
@@ -39,20 +40,6 @@ def compile_fullgraph(zero_stage: int) -> bool:
     DeepSpeed wraps in torch.compiler.disable, so every submodule call is a graph break there (fullgraph=True
     raises); ZeRO-0/1/2 add no hooks inside a block's forward."""
     return zero_stage < 3
-
-
-def compile_blocks(blocks: list[torch.nn.Module], fullgraph: bool = True, backend: str = "inductor") -> None:
-    """Regional compilation (torchtitan's): each repeated block compiled on its own with torch.compile, in place
-    (`nn.Module.compile`), so parameter names and checkpoint keys stay as they were (wrapping a block in
-    torch.compile(block) would prefix them with `_orig_mod.`). Blocks of one class share one compiled graph
-    (torch.compile treats their parameters as inputs), so N layers cost one compilation, not N. Call it after
-    activation checkpointing: a block's compiled graph then contains the checkpoint (torchtitan's order; dynamo
-    traces non-reentrant checkpoint as a higher-order op), and before deepspeed.initialize. `backend`: the
-    torch.compile backend (tests use "aot_eager", which traces the same graphs without Inductor's codegen)."""
-    if not blocks:
-        raise ValueError("compile requested but the task exposes no blocks to compile")
-    for block in blocks:
-        block.compile(fullgraph=fullgraph, backend=backend)
 
 
 def disable_selective_recompute(blocks: list[torch.nn.Module], cfg: TrainConfig) -> None:

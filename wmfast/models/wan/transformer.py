@@ -15,6 +15,7 @@ from wmfast.models.wan.conditioning import attach_state_modules
 from wmfast.models.wan.presets import WanPreset, cast_keeping_fp32, without_image_conditioning
 from wmfast.models.wan.schedule import FrameSchedule
 from wmfast.models.wan.step_cache import BodyCache
+from wmfast.modules.compile import compile_blocks
 from wmfast.ops.dispatch import forced_backend
 
 
@@ -40,12 +41,10 @@ class WmWanTransformer(WanTransformer3DModel):
         return self._reference_forward(hidden_states, timestep, cond, cache)
 
     def compile_blocks(self, **compile_kwargs) -> None:
-        """Regional compilation: every transformer block compiled in place (fullgraph). The blocks share one
-        code object and dynamo passes their parameters as graph inputs, so the 30 blocks reuse one compiled
-        graph; the rest of the forward (embeddings, the step cache's branch, the output head) stays eager.
-        compile_kwargs go to torch.compile (backend, mode, dynamic)."""
-        for block in self.blocks:
-            block.compile(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
+        """Regional compilation of the transformer blocks (wmfast.modules.compile: one compiled graph serves all
+        30), static shapes by default (a new micro-batch size compiles once more); the rest of the forward
+        (embeddings, the step cache's branch, the output head) stays eager. compile_kwargs go to torch.compile."""
+        compile_blocks(list(self.blocks), **{"dynamic": False, **compile_kwargs})
 
     def frame_time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype):
         """timestep [Bt, F'] -> (temb [Bt, F', D], timestep_proj [Bt, F', 6, D]); diffusers' arithmetic,
