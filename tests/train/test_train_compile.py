@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
+from wmfast.modules.compile import compile_blocks
 from wmfast.tasks.toy import ToyLM, ToyTask
 from wmfast.train import TrainConfig, train
 from wmfast.train import engine as engine_mod
-from wmfast.modules.compile import compile_blocks
 from wmfast.train.engine import compile_fullgraph, enable_activation_checkpointing
 from wmfast.train.runlog import train_losses
 
