@@ -44,7 +44,9 @@ def test_bench_script_quick(script, tmp_path):
         expected = [("batched", n) for n in (1, 2)] + [("batched-latent-avg", 2), ("batched-cache", 2)]
         assert set(predict) == {(p, f"N={n}", m) for p, n in expected for m in modes}
         assert all(bool(r["fraction_of_ceiling"]) == (key[2] == "denoise") for key, r in predict.items())
-        assert "| batched-cache | 2 |" in (tmp_path / "bench_ensemble_latency.md").read_text()
+        # the quick cache row: 3 steps, the middle one skipped (one step alone has nothing to skip)
+        assert "| batched-cache | 2 | 3 |" in (tmp_path / "bench_ensemble_latency.md").read_text()
+        assert "| 1 | - |" in (tmp_path / "bench_ensemble_latency.md").read_text()  # no speed-up across step counts
         assert (tmp_path / "plot_ensemble-latency.png").stat().st_size > 0
         assert "| N | total s |" in (tmp_path / "bench_ensemble_latency.md").read_text()
     if script == "bench_wan_block.py":  # the kernel gain and the K/V caching gain reported apart

@@ -124,6 +124,9 @@ def test_eval_psnr_tables_and_plot_per_solver(tmp_path):
     plot_cache(rows, str(tmp_path / "psnr_cache.png"))
     assert (tmp_path / "psnr_cache.png").stat().st_size > 0
     assert _threshold_list("0.1, 0,0.1") == [0.0, 0.1]
+    for bad in ("nan", "0,-1", ","):
+        with pytest.raises(ValueError, match="--cache-threshold: expected numbers >= 0"):
+            _threshold_list(bad)
     rows = [r for r in rows if r["cache_threshold"] == 0]
     saved = list(csv.DictReader((tmp_path / "psnr.csv").read_text().splitlines()))
     assert saved[0]["solver"] == "euler" and float(saved[-1]["seconds_per_sample"]) == 1.5

@@ -91,4 +91,6 @@ def test_cache_threshold_calibrates_and_skips(raw_data, profiled, tmp_path, caps
     assert "2 skipped after" in capsys.readouterr().out
     assert cached["psnr_pixel"] != pytest.approx(plain["psnr_pixel"], abs=1e-6)
     assert _sample(raw_data, tmp_path / "bad", "--cache-threshold", "-0.5") == 2
-    assert capsys.readouterr().err == "wmfast sample: error: --cache-threshold -0.5: must be >= 0\n"
+    assert capsys.readouterr().err == "wmfast sample: error: --cache-threshold must be >= 0, got -0.5\n"
+    assert _sample(raw_data, tmp_path / "nan", "--cache-threshold", "nan") == 2
+    assert capsys.readouterr().err == "wmfast sample: error: --cache-threshold must be >= 0, got nan\n"

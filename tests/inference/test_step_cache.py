@@ -209,3 +209,24 @@ def test_inductor_compiled_blocks_inside_the_graph_gpu():
     assert len(compiled_graphs) == 1
     torch.testing.assert_close(graphed.float(), eager.float(), rtol=5e-2, atol=5e-2)
     torch._dynamo.reset()
+
+
+def test_a_runner_state_holds_the_cache_residual(wan):
+    """The CUDA-graph check replays a step and then restores what the step changes besides its output: the
+    solver's history and the step cache's residual (else a rejected graph's residual would reach the eager
+    fallback's next skipped step)."""
+    from wmfast.inference.ensemble import _StepRunner
+    from wmfast.inference.solvers import UniPCUpdate
+
+    model, context, cond, F = wan
+    runner = _StepRunner(model, cond, context, UniPCUpdate(), False, model.step_cache())
+    x = torch.randn(2, 48, F, 4, 4)
+    runner.reset(x)
+    with ops.use_backend("torch"), torch.no_grad():
+        runner(x, torch.full((1, F), 900.0), torch.zeros(9))
+        saved = runner._state()
+        residual = runner.cache.residual.clone()
+        runner(x * 2, torch.full((1, F), 500.0), torch.zeros(9))  # another full step rewrites the residual
+    assert not torch.equal(runner.cache.residual, residual)
+    runner._load_state(saved)
+    torch.testing.assert_close(runner.cache.residual, residual, rtol=0, atol=0)

@@ -32,13 +32,18 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def _threshold_list(text: str) -> list[float]:
+    from wmfast.inference.ensemble import check_cache_threshold
+
     try:
-        values = sorted({float(v) for v in text.split(",") if v.strip()})
+        values = {float(v) for v in text.split(",") if v.strip()}
     except ValueError as e:
         raise ValueError(f"--cache-threshold: expected a comma-separated list of numbers, got {text!r}") from e
-    if not values or values[0] < 0:
-        raise ValueError(f"--cache-threshold: expected numbers >= 0, got {text!r}")
-    return values
+    try:
+        for v in values or [-1.0]:
+            check_cache_threshold(v, "--cache-threshold")
+    except ValueError:
+        raise ValueError(f"--cache-threshold: expected numbers >= 0, got {text!r}") from None
+    return sorted(values)
 
 
 def _solver_list(text: str) -> list[str]:
@@ -110,17 +115,17 @@ def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str], thr
     timed = range(1, count) if count > 1 else range(count)  # the first sample pays compilation and warm-up
     for index in tqdm(range(count), desc="samples", disable=args.no_progress):
         sample = common.load_sample(dataset, index)
-        for run in runs:
-            solver, steps, threshold = run
-            if run not in schedules:  # calibrated offline: on the first sample, then fixed
+        for key in runs:
+            solver, steps, threshold = key
+            if key not in schedules:  # calibrated offline: on the first sample, then fixed
                 cfg = common.ensemble_config(args, 1, steps, solver)
-                schedules[run] = common.calibrate_skips(model, sample, cfg, threshold)
-            cfg = common.ensemble_config(args, max(ns), steps, solver, schedules[run])
+                schedules[key] = common.calibrate_skips(model, sample, cfg, threshold)
+            cfg = common.ensemble_config(args, max(ns), steps, solver, schedules[key])
             scores, denoise_s = score_sample(model, sample, cfg, ns)
             for (mode, n), value in scores.items():
-                totals[(*run, mode, n)] = totals.get((*run, mode, n), 0.0) + value
+                totals[(*key, mode, n)] = totals.get((*key, mode, n), 0.0) + value
             if index in timed:
-                seconds[run] = seconds.get(run, 0.0) + denoise_s / len(timed)
+                seconds[key] = seconds.get(key, 0.0) + denoise_s / len(timed)
     rows = [{"solver": solver, "steps": s, "cache_threshold": th, "skipped_steps": len(schedules[solver, s, th]),
              "ensemble": n, "psnr_pixel": totals[solver, s, th, "pixel", n] / count,
              "psnr_latent": totals[solver, s, th, "latent", n] / count, "seconds_per_sample": seconds[solver, s, th],

@@ -57,13 +57,13 @@ def run(args) -> int:
 
 
 def predict(args) -> int:
+    from wmfast.inference.ensemble import check_cache_threshold
     from wmfast.inference.predict import predict_sample, set_vae_tiling
     from wmfast.metrics.psnr import psnr, to_uint8
 
     if args.decode_batch is not None and args.decode_batch < 1:
         raise ValueError(f"--decode-batch {args.decode_batch}: must be >= 1")
-    if not args.cache_threshold >= 0:
-        raise ValueError(f"--cache-threshold {args.cache_threshold}: must be >= 0")
+    check_cache_threshold(args.cache_threshold, "--cache-threshold")
     model = common.load_model(args)
     if args.vae_tiling:
         set_vae_tiling(model)

@@ -128,6 +128,15 @@ class _StepRunner:
     def graph(self):
         return self.graphs.get(False)
 
+    def _state(self):
+        """What a step changes besides its output: the solver's history and the step cache's residual."""
+        return self.update.state(), None if self.cache is None else self.cache.state()
+
+    def _load_state(self, state) -> None:
+        self.update.load_state(state[0])
+        if self.cache is not None:
+            self.cache.load_state(state[1])
+
     def reset(self, x):
         """Before the first step of a chunk: the solver's history starts empty (a device op, no sync)."""
         self.update.reset(x)
@@ -168,13 +177,13 @@ class _StepRunner:
             self.static_x.copy_(x)
             self.static_t.copy_(t_row)
             self.static_row.copy_(row)
-        before = self.update.state()
+        before = self._state()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graphs recommends
             y = self.eager(self.static_x, self.static_t, self.static_row)
         torch.cuda.current_stream().wait_stream(stream)
-        after = self.update.state()
+        after = self._state()
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -183,7 +192,7 @@ class _StepRunner:
                     self.static_y.copy_(out)
             if not self.graphs:
                 self.static_y = out
-            self.update.load_state(before)
+            self._load_state(before)
             graph.replay()
             tol = 1e-4 if y.dtype == torch.float32 else 3e-2  # same kernels; bf16 only rounds differently
             if not torch.allclose(self.static_y.float(), y.float(), atol=tol, rtol=tol):
@@ -193,7 +202,7 @@ class _StepRunner:
             logger.info(f"wmfast: CUDA-graph capture of the sampling step failed ({e}); running eagerly")
             self.graph_enabled, self.graphs = False, {}
         finally:
-            self.update.load_state(after)
+            self._load_state(after)
         return y
 
 
@@ -219,6 +228,13 @@ def _cached_runners(model, cond, context, shape, dtype, options: tuple) -> dict:
         except AttributeError:  # a denoiser that takes no attributes: runners live for this call only
             pass
     return cache[1]
+
+
+def drop_cached_runners(model) -> None:
+    """Free the step runners (CUDA graphs, their memory pools, static buffers) cached on the model: after the
+    last sampling call with a conditioning (a new one never reuses them)."""
+    if getattr(model, _RUNNERS_ATTR, None) is not None:
+        setattr(model, _RUNNERS_ATTR, None)
 
 
 def chunks(n: int, size: int) -> list[range]:
@@ -257,8 +273,7 @@ def sample_ensemble(model: Denoiser, context_latents: torch.Tensor, cond: Any, n
             if batch == 1:
                 raise
             batch = (batch + 1) // 2
-            if getattr(model, _RUNNERS_ATTR, None) is not None:  # their buffers and half-captured graphs
-                setattr(model, _RUNNERS_ATTR, None)
+            drop_cached_runners(model)  # their buffers and half-captured graphs
             torch.cuda.empty_cache()
             logger.info(f"wmfast: ensemble of {cfg.n} does not fit; retrying with micro-batches of {batch}")
 
@@ -274,8 +289,7 @@ def _sample_in_chunks(model, context, cond, shape, seeds, batch, timesteps, rows
     skip = [i in set(cfg.skip_steps) for i in range(cfg.steps)]
     for idx in parts:
         members = [seeds[i] for i in idx]
-        x = member_noise(shape, members, device, dtype)
-        x[:, :, : context.shape[2]] = context  # start from clean context + pure noise
+        x = _start(shape, members, context)
         if len(members) not in runners:
             runners[len(members)] = _StepRunner(model, cond, context, _make_update(cfg), graph,
                                                 model.step_cache() if cached else None)
@@ -287,6 +301,13 @@ def _sample_in_chunks(model, context, cond, shape, seeds, batch, timesteps, rows
         out[idx.start : idx.stop] = x
     bar.close()
     return out
+
+
+def _start(shape, seeds, context) -> torch.Tensor:
+    """The members' first latents: clean context frames, pure noise after them."""
+    x = member_noise(shape, seeds, context.device, context.dtype)
+    x[:, :, : context.shape[2]] = context
+    return x
 
 
 def run_sequential(model: Denoiser, context_latents, cond, num_latent_frames: int, cfg: EnsembleConfig,
@@ -307,16 +328,12 @@ def calibrate_skip_steps(model, context_latents: torch.Tensor, cond, num_latent_
     previous step accumulates over the steps; a step whose accumulated change is below `threshold` skips the
     rest of the DiT, a step at or above it runs every block and resets the sum. The first and the last step
     always run every block. threshold 0 skips nothing. One host read per step: calibration only."""
-    if threshold < 0:
-        raise ValueError(f"the step-cache threshold must be >= 0, got {threshold}")
+    check_cache_threshold(threshold, "the step-cache threshold")
     _need_step_cache(model)
     _, C, Fc, H, W = context_latents.shape
     device, dtype = context_latents.device, context_latents.dtype
     timesteps, rows = solver_tables(cfg, num_latent_frames, Fc, device, dtype)
-    x = member_noise((C, num_latent_frames, H, W), [cfg.seed if seed is None else seed], device, dtype)
-    x[:, :, :Fc] = context_latents
-    update = _make_update(cfg)
-    update.reset(x)
+    x = _start((C, num_latent_frames, H, W), [cfg.seed if seed is None else seed], context_latents)
     skipped, total = [], 0.0
 
     def decide(change) -> bool:  # reads the loop's step i
@@ -331,11 +348,18 @@ def calibrate_skip_steps(model, context_latents: torch.Tensor, cond, num_latent_
         total = 0.0
         return False
 
-    cache = model.step_cache(decide)
+    runner = _StepRunner(model, cond, context_latents, _make_update(cfg), False, model.step_cache(decide))
+    runner.reset(x)
     for i in range(cfg.steps):
-        v = model.velocity(x, timesteps[i : i + 1], cond, cache=cache)
-        x = update(x, v, rows[i], context_latents)
+        x = runner(x, timesteps[i : i + 1], rows[i])  # eager; the cache's decide sets skip
     return tuple(skipped)
+
+
+def check_cache_threshold(value: float, name: str) -> float:
+    """A step-cache threshold: a number >= 0 (NaN refused: it would compare false and skip nothing)."""
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
 
 
 def _need_step_cache(model) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wmfast import ops
-from wmfast.inference.ensemble import EnsembleConfig, calibrate_skip_steps, sample_ensemble
+from wmfast.inference.ensemble import EnsembleConfig, calibrate_skip_steps, drop_cached_runners, sample_ensemble
 
 logger = logging.getLogger("wmfast")
 
@@ -149,16 +149,16 @@ def predict_sample(model, context_frames: torch.Tensor, states: torch.Tensor, cf
     if context_frames.dim() != 4 or context_frames.shape[0] != sched.context_count:
         raise ValueError(f"context_frames must be [{sched.context_count}, 3, H, W] (the schedule's context frames "
                          f"{sched.frame_indices[: sched.context_count]}), got shape {tuple(context_frames.shape)}")
-    device, dtype = model_device_dtype(model)
+    device, _ = model_device_dtype(model)
     timer = PhaseTimer(device, track_memory)
     _synchronize(device)  # work queued before the call is not this prediction's
     start = time.perf_counter()
     with torch.no_grad():
         with timer.phase("conditioning"):
-            context = model.encode_frames(context_frames[None].to(device)).to(dtype)  # [1, C, Fc, H', W']
-            cond = model.prepare_conditioning(states[None].to(device, dtype))            # batch 1, computed once
+            context, cond = _encode_inputs(model, context_frames, states)
         with timer.phase("denoise"):
             latents = sample_ensemble(model, context, cond, sched.num_latents, cfg, seeds)
+            drop_cached_runners(model)  # this conditioning is never seen again: free the graphs before the decode
         frames = average_frames(latents, _frame_decoder(model), modes, decode_batch, timer)
     timings = {**timer.seconds, "total": time.perf_counter() - start}
     peaks = {**timer.peak_bytes, "total": max(timer.peak_bytes.values())} if timer.peak_bytes else {}
@@ -171,17 +171,24 @@ def calibrate_sample_skips(model, context_frames: torch.Tensor, states: torch.Te
     of predict_sample) with one member (wmfast.inference.ensemble.calibrate_skip_steps); () for threshold 0."""
     if threshold == 0:
         return ()
-    device, dtype = model_device_dtype(model)
     with torch.no_grad():
-        context = model.encode_frames(context_frames[None].to(device)).to(dtype)
-        cond = model.prepare_conditioning(states[None].to(device, dtype))
-        return calibrate_skip_steps(model, context, cond, model.schedule.num_latents, cfg, threshold)
+        context, cond = _encode_inputs(model, context_frames, states)
+        skip = calibrate_skip_steps(model, context, cond, model.schedule.num_latents, cfg, threshold)
+    _synchronize(context.device)  # its last steps are still queued: a caller timing the calibration waits for them
+    return skip
+
+
+def _encode_inputs(model, context_frames: torch.Tensor, states: torch.Tensor):
+    """(clean context latents [1, C, Fc, H', W'], the conditioning of batch 1): what every member shares."""
+    device, dtype = model_device_dtype(model)
+    context = model.encode_frames(context_frames[None].to(device)).to(dtype)
+    return context, model.prepare_conditioning(states[None].to(device, dtype))
 
 
 def _frame_decoder(model) -> Callable[[torch.Tensor], torch.Tensor]:
     def decode_frame(z):  # the causal VAE decodes the whole clip; frame 76 is its last frame
         try:
-            return model.decode_latents(z)[:, -1]
+            return model.decode_latents(z)[:, -1].clone()  # not a view: the rest of the clip is freed
         except torch.cuda.OutOfMemoryError:
             clear = getattr(model.vae, "clear_cache", None)  # diffusers keeps the causal conv cache on the VAE
             if clear is not None:

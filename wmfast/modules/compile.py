@@ -17,6 +17,6 @@ def compile_blocks(blocks: Sequence[torch.nn.Module], fullgraph: bool = True, ba
     "aot_eager" or a counting backend, which trace the same graphs without Inductor's codegen); `kwargs`: more
     torch.compile options (mode, dynamic)."""
     if not blocks:
-        raise ValueError("compile requested but the task exposes no blocks to compile")
+        raise ValueError("compile requested but there are no blocks to compile")
     for block in blocks:
         block.compile(fullgraph=fullgraph, backend=backend, **kwargs)

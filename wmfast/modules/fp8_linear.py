@@ -7,7 +7,8 @@ The recipe (row-wise scaling, both operands e4m3, fp32 accumulation):
 
     weight [N, K]  s_w[n] = amax|W[n, :]| / 448   W_q = e4m3(W / s_w)    once, at conversion
     input  [M, K]  s_x[m] = amax|x[m, :]| / 448   x_q = e4m3(x / s_x)    every call (per token)
-    y [M, N]       = s_w * (s_x * (x_q @ W_q^T)) + b                     fp32, then cast to the input dtype
+    y [M, N]       = s_w * (s_x * (x_q @ W_q^T)) + b                     accumulated in fp32, returned in bf16 by the
+                                                                          GEMM, then cast to the input dtype
 
 On a GPU that has fp8 tensor cores (`fp8_support(device) is None`) the GEMM and its epilogue (scales, bias) run
 in `torch._scaled_mm` (`fp8_mm`); elsewhere `fp8_mm_ref` runs the same arithmetic in fp32 (exact products of the
@@ -130,6 +131,7 @@ class Fp8Linear(nn.Module):
         """Quantize `linear`'s weight (row-wise, amax / 448); the bias Parameter is shared, not copied."""
         with torch.no_grad():
             w_q, w_scale = quantize_rowwise(linear.weight.detach())
+        _fast_path_ok(linear.weight.device)  # asked here, eagerly: not first inside a compiled (traced) forward
         return cls(w_q, w_scale, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,14 @@ class BodyCache:
         self.residual: torch.Tensor | None = None  # [B, L, D] body output - first block output (last full step)
         self.first: torch.Tensor | None = None     # the previous step's first-block residual (calibration only)
 
+    def state(self):
+        """The residual (what a CUDA-graph check replay rewrites), to put back with load_state."""
+        return None if self.residual is None else self.residual.clone()
+
+    def load_state(self, state) -> None:
+        if state is not None and self.residual is not None:
+            self.residual.copy_(state)
+
     def reset(self) -> None:
         """Before the first step of a new trajectory: nothing to compare with, nothing to reuse."""
         self.first = None
