@@ -142,3 +142,39 @@ def test_tiling_needs_a_vae():
 
     with pytest.raises(ValueError, match="no VAE"):
         set_vae_tiling(SimpleNamespace(vae=None))
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_what_was_done(caplog):
+    """halving_on_oom (the sampler's micro-batches and the VAE decode): a batch that runs out of CUDA memory is
+    halved (rounded up) and retried, members decoded before are kept, batch 1 failing raises."""
+    import logging
+
+    from wmfast.inference.ensemble import halving_on_oom
+
+    seen, cleaned = [], []
+
+    def attempt(batch):
+        seen.append(batch)
+        if batch > 2:
+            raise torch.cuda.OutOfMemoryError("fake")
+        return batch
+
+    with caplog.at_level(logging.INFO, logger="wmfast"):
+        assert halving_on_oom(attempt, 7, "the thing", lambda: cleaned.append(1)) == 2
+    assert seen == [7, 4, 2] and len(cleaned) == 2
+    assert "the thing does not fit; retrying with micro-batches of 2" in caplog.text
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        halving_on_oom(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("fake")), 1, "x")
+
+    latents = torch.randn(5, 3)
+    calls = []
+
+    def decode(z):  # 5 fails; at 3 the first 3 decode and the last 2 fail once; at 2 they decode, the 3 kept
+        calls.append(z.shape[0])
+        if z.shape[0] > 3 or (z.shape[0] == 2 and len(calls) == 3):
+            raise torch.cuda.OutOfMemoryError("fake")
+        return z * 2
+
+    out = decode_members(latents, decode)
+    torch.testing.assert_close(out, latents * 2)
+    assert calls == [5, 3, 2, 2]

@@ -26,9 +26,9 @@ Euler's step sizes, its history three preallocated buffers updated in place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from wmfast.inference.solvers import EulerUpdate, UniPCUpdate, check_solver, unipc_tables
 
 logger = logging.getLogger("wmfast")
+T = TypeVar("T")
 
 
 class Denoiser(Protocol):
@@ -237,6 +238,23 @@ def drop_cached_runners(model) -> None:
         setattr(model, _RUNNERS_ATTR, None)
 
 
+def halving_on_oom(attempt: Callable[[int], T], batch: int, what: str, cleanup: Callable[[], None] | None = None) -> T:
+    """attempt(batch), retried with half the batch (rounded up) while CUDA runs out of memory, down to 1 (then the
+    error propagates); `cleanup` drops what the failed attempt cached. One log line per retry."""
+    while True:
+        try:
+            return attempt(batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+        # outside the except block, so that the failed attempt's tensors (held by the traceback) are freed first
+        batch = (batch + 1) // 2
+        if cleanup is not None:
+            cleanup()
+        torch.cuda.empty_cache()
+        logger.info(f"wmfast: {what} does not fit; retrying with micro-batches of {batch}")
+
+
 def chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -264,18 +282,11 @@ def sample_ensemble(model: Denoiser, context_latents: torch.Tensor, cond: Any, n
     device, dtype = context_latents.device, context_latents.dtype
     timesteps, rows = solver_tables(cfg, num_latent_frames, Fc, device, dtype)
     graph = device.type == "cuda" if cfg.graph is None else cfg.graph
-    batch = min(cfg.max_batch or cfg.n, cfg.n)
-    while True:
-        try:
-            return _sample_in_chunks(model, context_latents, cond, (C, num_latent_frames, H, W), seeds, batch,
-                                     timesteps, rows, cfg, graph, dtype)
-        except torch.cuda.OutOfMemoryError:
-            if batch == 1:
-                raise
-            batch = (batch + 1) // 2
-            drop_cached_runners(model)  # their buffers and half-captured graphs
-            torch.cuda.empty_cache()
-            logger.info(f"wmfast: ensemble of {cfg.n} does not fit; retrying with micro-batches of {batch}")
+    shape = (C, num_latent_frames, H, W)
+    return halving_on_oom(
+        lambda batch: _sample_in_chunks(model, context_latents, cond, shape, seeds, batch, timesteps, rows, cfg,
+                                        graph, dtype),
+        min(cfg.max_batch or cfg.n, cfg.n), f"ensemble of {cfg.n}", lambda: drop_cached_runners(model))
 
 
 def _sample_in_chunks(model, context, cond, shape, seeds, batch, timesteps, rows, cfg, graph, dtype):

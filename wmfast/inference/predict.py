@@ -3,7 +3,6 @@
 phase (`Prediction.timings`) and the VAE's decode tiling (`set_vae_tiling`)."""
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -12,9 +11,13 @@ from dataclasses import dataclass, field
 import torch
 
 from wmfast import ops
-from wmfast.inference.ensemble import EnsembleConfig, calibrate_skip_steps, drop_cached_runners, sample_ensemble
-
-logger = logging.getLogger("wmfast")
+from wmfast.inference.ensemble import (
+    EnsembleConfig,
+    calibrate_skip_steps,
+    drop_cached_runners,
+    halving_on_oom,
+    sample_ensemble,
+)
 
 # The phases of one prediction, in order; Prediction.timings has these keys plus "total".
 PHASES = ("conditioning", "denoise", "decode", "average")
@@ -68,20 +71,16 @@ def decode_members(latents: torch.Tensor, decode_frame: Callable[[torch.Tensor],
     n = latents.shape[0]
     if decode_batch is not None and decode_batch < 1:
         raise ValueError(f"decode_batch must be >= 1 or None (all members at once), got {decode_batch}")
-    batch, start, out = min(decode_batch or n, n), 0, []
-    while start < n:
-        try:
+    out: list[torch.Tensor] = []  # members decoded so far: kept when a batch is retried smaller
+
+    def decode_rest(batch: int) -> torch.Tensor:
+        start = sum(t.shape[0] for t in out)
+        while start < n:
             out.append(decode_frame(latents[start : start + batch]).float())
             start += batch
-            continue
-        except torch.cuda.OutOfMemoryError:
-            if batch == 1:
-                raise
-        # outside the except block, so that the failed attempt's tensors (held by the traceback) are freed first
-        batch = (batch + 1) // 2
-        torch.cuda.empty_cache()
-        logger.info(f"wmfast: the VAE decode of {n} members does not fit; retrying with batches of {batch}")
-    return torch.cat(out)
+        return torch.cat(out)
+
+    return halving_on_oom(decode_rest, min(decode_batch or n, n), f"the VAE decode of {n} members")
 
 
 @torch.no_grad()
