@@ -3,9 +3,11 @@
 The 2x rule (flash-attention's oracle): the kernel's error against the fp32 reference must be at most
 twice the error of plain PyTorch computing in the same low precision, plus an absolute floor per dtype.
 Also the AdaLN modulation layouts and the forward + gradient / decode-step checks that the Triton, CUDA and
-emulated-CUDA tests share.
+emulated-CUDA tests share, and `no_host_reads` (a loop that must not sync, checked on the CPU).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -108,3 +110,21 @@ def check_decode(decode, q, k, v, cache, t, dtype):
     ref32 = decode_ref32(q, k, v, cache, t)
     assert_2x_rule(o, ref32, lowp, "o", dtype=dtype)
     return o, ref32
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Inside: every way a tensor's value reaches the host (item, tolist, cpu, numpy, bool/float/int) raises, so
+    a loop that must not sync can be checked on the CPU."""
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read back to the host")
+
+    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    for name in names:
+        setattr(torch.Tensor, name, host_read)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
