@@ -32,8 +32,8 @@ and one per phase ("conditioning", "denoise", "decode", "average"); the denoise 
 its fraction_of_ceiling is floor / denoise. Then the largest N whose denoising step fits as one batch (N = 16, 32,
 64 while the budget allows), and the variants at N = 1 and 8: latent averaging only, the step cache, the compiled
 DiT, the compiled DiT with fp8 GEMMs. Writes bench_ensemble_latency.md and plot_ensemble-latency.png (stacked
-seconds per N, the floor marked). --profile lease: N in {1, 8}, one timed prediction each, no variants, only when
-ctx.can_afford the estimated LEASE_LATENCY_S; --quick / no GPU: the tiny preset, N in {1, 2}, 1 step.
+seconds per N, the floor marked). --profile lease: first, N in {1, 8}, one timed prediction each, no variants, only
+when ctx.can_afford the estimated LEASE_LATENCY_S; --quick / no GPU: the tiny preset, N in {1, 2}, 1 step.
 
 Sections: WMFAST_BENCH_ENSEMBLE_SECTIONS=sampling,latency (default: both; script_main takes no extra arguments).
 The full-scale latency table alone, on a GPU:
@@ -118,10 +118,11 @@ def chosen_sections() -> tuple[str, ...]:
 
 def run(ctx) -> None:
     sections = chosen_sections()
-    if "sampling" in sections:
-        _sampling(ctx)
-    if "latency" in sections:
-        run_latency(ctx)
+    # A lease runs the real-size latency first: the 2-block sampling rows matter less than the 30-layer prediction
+    order = ("latency", "sampling") if ctx.lease else SECTIONS
+    for name in order:
+        if name in sections:
+            (run_latency if name == "latency" else _sampling)(ctx)
 
 
 def _sampling(ctx) -> None:

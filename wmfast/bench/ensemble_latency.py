@@ -40,7 +40,7 @@ LATENCY_STEPS = 10
 FIT_NS = (16, 32, 64)  # the one-batch fit probes (full profile, GPU): bounded, N = 64 is 115k tokens per forward
 # The seconds the lease profile must have left to run the section: the 30-layer build and the N = 1 and N = 8
 # predictions (a 1-step warm-up and one timed each). The section logs what it took ("latency section took").
-LEASE_LATENCY_S = 60
+LEASE_LATENCY_S = 45
 VARIANT_NS, QUICK_VARIANT_NS = (1, 8), (2,)
 CACHE_THRESHOLD = 0.1  # the step cache's threshold in the variant rows (eval-psnr --cache-threshold sweeps it)
 

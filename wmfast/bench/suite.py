@@ -50,8 +50,9 @@ QUICK_MATMULS = (((64, 96, 32), "tiny"),)
 # Shares of a --budget among the suites of one call (what a suite leaves unused goes to the next). In the
 # first H200 lease an equal share (24 s) did not reach bench_train's first timed step (DeepSpeed start-up and
 # the 136M model take ~20 s); generate needed 8 s, ensemble 11 s. generate now captures one CUDA graph per
-# (batch, precision) and sweeps the batch to 128: about 30-50 s.
-SUITE_WEIGHTS = {"ceilings": 1, "ops": 3, "train": 3, "generate": 2, "ensemble": 1.5, "attention-memory": 2,
+# (batch, precision) and sweeps the batch to 128: about 30-50 s. ensemble: the 2-block rows took 8 s in the third
+# lease; its latency section (the 30-layer model, N = 1 and 8) needs an estimated 45 s more.
+SUITE_WEIGHTS = {"ceilings": 1, "ops": 3, "train": 3, "generate": 2, "ensemble": 3, "attention-memory": 2,
                  "model-cost": 1}
 
 
