@@ -315,7 +315,7 @@ def test_tiny_base_independent_of_seed_and_equal_to_the_trained_base():
 
     def base(seed):
         torch.manual_seed(seed + 100)  # whatever the global RNG holds
-        args = argparse.Namespace(model="tiny", lora=None, seed=seed, device="cpu")
+        args = argparse.Namespace(model="tiny", lora=None, seed=seed, device="cpu", fp8=False, compile=False)
         return load_model(args).transformer.state_dict()
 
     a, b = base(0), base(3)

@@ -145,7 +145,9 @@ def test_scaled_mm_call_matches_the_reference_where_the_cpu_runs_it():
     x_q, x_s = quantize_rowwise(x)
     try:
         out = fp8_mm(x_q, x_s, f.weight_fp8, f.weight_scale, f.bias)
-    except (RuntimeError, NotImplementedError) as e:
+    except RuntimeError as e:  # only a CPU build without row-wise scaling (torch 2.11) skips; any other error fails
+        if "only supports per-tensor scaling for CPU" not in str(e):
+            raise
         pytest.skip(f"row-wise torch._scaled_mm does not run on this CPU build: {str(e).splitlines()[0]}")
     ref = fp8_mm_ref(x_q, x_s, f.weight_fp8, f.weight_scale, f.bias, torch.float64)
     assert out.dtype == torch.bfloat16 and out.shape == (40, 48)

@@ -74,7 +74,7 @@ def _predict_rows(ctx, model, frames, states, n, steps, reps, provider, quick, m
 
     F, (h, w) = model.schedule.num_latents, (model.preset.height // 16, model.preset.width // 16)
     dtype = next(model.transformer.parameters()).dtype
-    ceiling = ctx.ceilings.tflops_for(torch.bfloat16 if dtype == torch.bfloat16 else dtype)
+    ceiling = ctx.ceilings.tflops_for(dtype)
     if not quick:
         predict_sample(model, frames, states, EnsembleConfig(n=n, steps=1, progress=False), modes)
     cfg = EnsembleConfig(n=n, steps=steps, progress=False, skip_steps=skip_steps)

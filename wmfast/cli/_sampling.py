@@ -55,7 +55,7 @@ def load_model(args):
 
     adapter = _adapter_dir(args) if args.lora else None  # before the (possibly minutes-long) weight load
     device = device_of(args)
-    if getattr(args, "fp8", False):  # before the weight load too
+    if args.fp8:  # before the weight load too
         from wmfast.modules.fp8_linear import fp8_support
 
         if (reason := fp8_support(device)) is not None:
@@ -71,20 +71,13 @@ def load_model(args):
         load_lora(model.transformer, adapter)
         model.transformer.to(device)  # the adapter loads on the CPU; dtypes stay as loaded (fp32 modules kept)
         logger.info(f"wmfast: LoRA adapter {adapter}")
-    if getattr(args, "fp8", False):  # after the adapter: its base layers are the ones quantized
+    if args.fp8:  # after the adapter: its base layers are the ones quantized
         from wmfast.models.wan.fp8 import quantize_dit_fp8
 
         quantize_dit_fp8(model.transformer)
-    if getattr(args, "compile", False):
+    if args.compile:
         model.transformer.compile_blocks()
     return model.eval()
-
-
-def calibrate_skips(model, sample, cfg, threshold: float) -> tuple[int, ...]:
-    """The step-cache schedule of `sample` (wmfast.inference.predict.calibrate_sample_skips)."""
-    from wmfast.inference.predict import calibrate_sample_skips
-
-    return calibrate_sample_skips(model, sample.context, sample.states, cfg, threshold)
 
 
 def _adapter_dir(args) -> str:

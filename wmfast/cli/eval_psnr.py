@@ -103,6 +103,8 @@ def run(args) -> int:
 def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str], thresholds: list[float]) -> int:
     from tqdm.auto import tqdm
 
+    from wmfast.inference.predict import calibrate_sample_skips
+
     model = common.load_model(args)
     dataset = common.open_split(args.data, args.split, model)
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
@@ -119,7 +121,7 @@ def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str], thr
             solver, steps, threshold = key
             if key not in schedules:  # calibrated offline: on the first sample, then fixed
                 cfg = common.ensemble_config(args, 1, steps, solver)
-                schedules[key] = common.calibrate_skips(model, sample, cfg, threshold)
+                schedules[key] = calibrate_sample_skips(model, sample.context, sample.states, cfg, threshold)
             cfg = common.ensemble_config(args, max(ns), steps, solver, schedules[key])
             scores, denoise_s = score_sample(model, sample, cfg, ns)
             for (mode, n), value in scores.items():

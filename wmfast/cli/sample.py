@@ -58,7 +58,7 @@ def run(args) -> int:
 
 def predict(args) -> int:
     from wmfast.inference.ensemble import check_cache_threshold
-    from wmfast.inference.predict import predict_sample, set_vae_tiling
+    from wmfast.inference.predict import calibrate_sample_skips, predict_sample, set_vae_tiling
     from wmfast.metrics.psnr import psnr, to_uint8
 
     if args.decode_batch is not None and args.decode_batch < 1:
@@ -72,8 +72,8 @@ def predict(args) -> int:
         raise ValueError(f"--index {args.index}: the {args.split} split has {len(dataset)} samples")
     sample = common.load_sample(dataset, args.index)
     start = time.perf_counter()
-    skip = common.calibrate_skips(model, sample, common.ensemble_config(args, 1, args.steps, args.solver),
-                                  args.cache_threshold)
+    skip = calibrate_sample_skips(model, sample.context, sample.states,
+                                  common.ensemble_config(args, 1, args.steps, args.solver), args.cache_threshold)
     calibration_s = time.perf_counter() - start if args.cache_threshold else 0.0
     cfg = common.ensemble_config(args, args.ensemble, args.steps, args.solver, skip)
     # Pixel averaging decodes every member anyway, so the latent mean costs one more decode: report both.

@@ -297,7 +297,8 @@ def _sample_in_chunks(model, context, cond, shape, seeds, batch, timesteps, rows
                disable=not cfg.progress, leave=False)
     cached = bool(cfg.skip_steps)
     runners = _cached_runners(model, cond, context, shape, dtype, (cfg.solver, cfg.fused, graph, cached))
-    skip = [i in set(cfg.skip_steps) for i in range(cfg.steps)]
+    skipped = set(cfg.skip_steps)
+    skip = [i in skipped for i in range(cfg.steps)]
     for idx in parts:
         members = [seeds[i] for i in idx]
         x = _start(shape, members, context)
