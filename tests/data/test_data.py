@@ -218,8 +218,10 @@ def test_cli_synth_and_check(tmp_path, capsys):
     assert "train:" in capsys.readouterr().out
     assert main(["data", "check", out, "--split", "val", "--vocab-size", "512"]) == 0
     assert capsys.readouterr().out == f"{out}/val_v2.0: tokenized, flat, 1 shards, 68 frames, 3 samples: ok\n"
-    with pytest.raises(ValueError, match="holds a nested split"):  # its subfolders would hide the flat files
-        write_split(os.path.join(out, "train_v2.0"), 1, 120, seed=0, grid_size=G, vocab_size=V, layout=FLAT)
+    train = os.path.join(out, "train_v2.0")
+    write_split(train, 1, 120, seed=0, grid_size=G, vocab_size=V, layout=FLAT)  # replaces the nested split whole
+    assert detect_layout(train) == FLAT and _listing(train) == [
+        "metadata.json", "metadata_0.json", "segment_idx_0.bin", "states_0.bin", "video_0.bin"]
     flat = str(tmp_path / "flat")
     assert main(["data", "synth", "--out", flat, "--shards", "1", "--frames", "120", "--grid-size", "8",
                  "--vocab-size", "512", "--flat"]) == 0

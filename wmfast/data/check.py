@@ -1,12 +1,15 @@
 """Check a 1X dataset on disk without stopping at the first problem (the engine of `wmfast data check`).
 
 `find_splits(root)` lists the split directories (root itself when it holds metadata.json, else each of its
-subdirectories that does); `check_split(dir)` checks one, tokenized or raw (told apart by the extension of
-its `video_{i}` files), flat or nested (`wmfast.data.layout`), and returns a `SplitReport`: one line per
-problem, each naming the file and what is wrong, collected shard by shard. What is checked:
+subdirectories that does, hidden ones aside: a writer's temporary copies); `check_split(dir)` checks one,
+tokenized or raw (told apart by the extension of its `video_{i}` files), flat or nested (`wmfast.data.layout`),
+and returns a `SplitReport`: one line per problem, each naming the file and what is wrong, collected shard by
+shard; every line a reader would raise when it opens the split is among them. What is checked:
 - metadata.json and every metadata_{i}.json: present, valid JSON, the keys the readers need, non-negative
-  integers; num_images equal to the sum of shard_num_frames; shard_ind equal to i when present;
-- each binary file's size against shard_num_frames (video_{i}.bin, states_{i}.bin, segment_idx_{i}.bin);
+  integers (num_shards >= 1); num_images equal to the sum of shard_num_frames; shard_ind equal to i when present;
+- each binary file's size against shard_num_frames (video_{i}.bin, states_{i}.bin, segment_idx_{i}.bin; the
+  video's only when metadata.json gives the grid size);
+- segment ids >= 0 and never decreasing along a shard;
 - every state finite, read in chunks (raw and tokenized); tokenized: every token id inside [0, vocab_size)
   (with the scans `TokenizedDataset.validate()` uses);
 - raw: video_{i}.mp4 present, non-empty, opened by PyAV, its frame count (when the container records it)
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from wmfast.data.format import GRID_SIZE, STATE_DIM, VOCAB_SIZE, WINDOW
+from wmfast.data.format import STATE_DIM, VOCAB_SIZE, WINDOW
 from wmfast.data.layout import (
     SPLIT_METADATA,
     VIDEO_EXT,
@@ -30,6 +33,9 @@ from wmfast.data.layout import (
     detect_layout,
     files_dir,
     read_metadata,
+    read_split_metadata,
+    segment_problem,
+    shard_ind_problem,
     shard_paths,
     state_problem,
     token_problem,
@@ -69,7 +75,7 @@ def find_splits(root: str) -> list[str]:
         return [root]
     if not os.path.isdir(root):
         return []
-    subdirs = sorted(os.path.join(root, d) for d in os.listdir(root))
+    subdirs = sorted(os.path.join(root, d) for d in os.listdir(root) if not d.startswith("."))
     return [d for d in subdirs if os.path.isfile(os.path.join(d, SPLIT_METADATA))]
 
 
@@ -88,24 +94,22 @@ def check_split(split_dir: str, *, vocab_size: int = VOCAB_SIZE, chunk_frames: i
 
     top = os.path.join(split_dir, SPLIT_METADATA)
     meta: dict = {}
+    grid = None  # unknown until metadata.json says: video_{i}.bin's size is not checked without it
     try:
-        meta = read_metadata(top, ("num_shards", "num_images"))
+        meta = read_split_metadata(top)
         report.shards = meta["num_shards"]
-    except DataFormatError as e:
-        problem(str(e))
-        report.shards = count_shard_metadata(split_dir, report.layout)  # still check the shards present
-    grid = GRID_SIZE
-    try:
         grid = grid_size_of(top, meta)
     except DataFormatError as e:
         problem(str(e))
+        report.shards = report.shards or count_shard_metadata(split_dir, report.layout)  # check those present
 
     exts = video_exts(split_dir, report.layout)
     if len(exts) == 1:
         report.kind = KINDS[exts.pop()]
     else:
         found = "both video_{i}.bin and video_{i}.mp4" if exts else "no video_{i}.bin or video_{i}.mp4"
-        problem(f"{files_dir(split_dir, 'video', report.layout)}: {found} files, cannot tell a tokenized split from a raw one")
+        problem(f"{files_dir(split_dir, 'video', report.layout)}: {found} files, cannot tell a tokenized split from "
+                "a raw one")
 
     shard_metadata_ok = True
     for i in tqdm(range(report.shards), desc=os.path.basename(split_dir.rstrip(os.sep)), disable=not progress):
@@ -122,8 +126,8 @@ def check_split(split_dir: str, *, vocab_size: int = VOCAB_SIZE, chunk_frames: i
     return report
 
 
-def _check_shard(split_dir: str, i: int, report: SplitReport, grid: int, vocab_size: int, chunk_frames: int,
-                 problem: Callable[[str], None]) -> tuple[int | None, int]:
+def _check_shard(split_dir: str, i: int, report: SplitReport, grid: int | None, vocab_size: int,
+                 chunk_frames: int, problem: Callable[[str], None]) -> tuple[int | None, int]:
     """Check shard `i`, reporting each problem; returns (its frames per its metadata, None when that cannot be
     read; its samples)."""
     raw = report.kind == "raw"
@@ -132,12 +136,16 @@ def _check_shard(split_dir: str, i: int, report: SplitReport, grid: int, vocab_s
         meta = read_metadata(p.metadata, ("shard_num_frames",))
     except DataFormatError as e:
         problem(str(e))
+        videos = report.kind != "unknown"  # with no video files at all the split reported it once already
+        for path in (p.video, p.states, p.segment_idx) if videos else (p.states, p.segment_idx):
+            if not os.path.isfile(path):
+                problem(f"{path}: missing")
         return None, 0
     n = meta["shard_num_frames"]
-    if meta.get("shard_ind", i) != i:
-        problem(f"{p.metadata}: shard_ind={meta['shard_ind']!r}, expected {i}")
+    _report(problem, shard_ind_problem(p.metadata, meta, i))
     # the mp4 is checked by PyAV below; with no video files at all the split reported it once already
-    files = [f for f in shard_file_shapes(p, n, grid) if f[0] != p.video or report.kind == "tokenized"]
+    tokenized = report.kind == "tokenized" and grid is not None
+    files = [f for f in shard_file_shapes(p, n, grid or 1) if f[0] != p.video or tokenized]
     sized = {}
     for path, shape, dtype in files:
         try:
@@ -159,6 +167,7 @@ def _check_shard(split_dir: str, i: int, report: SplitReport, grid: int, vocab_s
     samples = 0
     if p.segment_idx in sized:
         seg = np.fromfile(p.segment_idx, np.int32)
+        _report(problem, segment_problem(p.segment_idx, seg))
         samples = len(sample_starts(seg, RAW_SAMPLE_FRAMES, RAW_SAMPLE_FRAMES) if raw else valid_windows(seg))
     return n, samples
 

@@ -10,6 +10,13 @@ beside metadata.json) or nested (the public train_v2.0_raw: `videos/video_{i}.mp
 `robot_states/states_{i}.bin`, `segment_indices/segment_idx_{i}.bin`, `metadata/metadata_{i}.json`). The
 synthetic writer writes train nested and val flat, as published.
 
+Opening a split checks what is cheap to read (`wmfast.data.layout`'s field checks, shared with the tokenized
+reader and `wmfast data check`): metadata.json and every metadata_{i}.json present with their integer fields,
+num_images equal to the sum of shard_num_frames, every shard file present, states and segment_idx sized by
+shard_num_frames, segment ids >= 0 and never decreasing. The mp4 is not decoded then (`check_video` and
+`wmfast data check` do); a sample's states are checked finite when it is read, every state by `validate()`.
+Every problem raises RawDataError naming the file and the field.
+
 A sample is 77 consecutive frames inside one segment (17 context + up to the 77th, the scored one) and
 their 77 states. The reader decodes only the frames the sample needs (`frame_offsets`, e.g. the stride-3
 schedule of wmfast.models.wan.schedule needs 25 of the 77).
@@ -30,7 +37,27 @@ import torch
 from torch.utils.data import Dataset
 
 from wmfast.data.format import STATE_DIM
-from wmfast.data.layout import FLAT, NESTED, SPLIT_METADATA, DataFormatError, make_dirs, read_metadata, shard_paths
+from wmfast.data.layout import (
+    FLAT,
+    NESTED,
+    SPLIT_METADATA,
+    SYNTHETIC_GENERATOR,
+    ArgumentValueError,
+    DataFormatError,
+    check_output_dir,
+    check_replaceable,
+    check_size,
+    detect_layout,
+    make_dirs,
+    missing_files_problem,
+    read_shard_metadata,
+    read_split_metadata,
+    replace_split,
+    require_int,
+    segment_problem,
+    shard_paths,
+    state_problem,
+)
 
 HZ = 30
 SAMPLE_FRAMES = 77
@@ -46,6 +73,7 @@ class RawShard:
     video: str
     states: np.ndarray        # [N, 25] float32 (memmap)
     segment_idx: np.ndarray   # [N] int32 (memmap)
+    states_file: str = ""     # the path of `states`, for the messages
 
     @property
     def num_frames(self) -> int:
@@ -61,33 +89,39 @@ def resolve_split_dir(root: str, split: str | None) -> str:
     raise RawDataError(f"no split {split!r} under {root} (tried {split}, {split}_v2.0_raw, {split}_v2.0)")
 
 
-def _memmap(path: str, dtype, cols: int | None, n: int | None) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise RawDataError(f"missing file {path}")
-    item = np.dtype(dtype).itemsize * (cols or 1)
-    size = os.path.getsize(path)
-    if size % item or (n is not None and size // item != n):
-        raise RawDataError(f"{path}: {size} bytes is not {n if n is not None else 'a whole number of'} rows of "
-                           f"{item} bytes")
-    arr = np.memmap(path, dtype=dtype, mode="r")
-    return arr.reshape(-1, cols) if cols else arr
+def _memmap(path: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """`path` mapped read-only as `shape` (its size already checked); an empty file gives an empty array (a
+    memory map of 0 bytes cannot be made)."""
+    if not shape[0]:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
 
 def load_shards(split_dir: str) -> list[RawShard]:
-    """The shards of a raw split (either layout): states and segments memory-mapped, sizes checked against
-    `metadata_{i}.json` (when present; without it the states file says how many frames there are)."""
-    meta = read_metadata(os.path.join(split_dir, SPLIT_METADATA), ("num_shards",), error=RawDataError)
+    """The shards of a raw split (either layout), with every field check of the module docstring: states and
+    segments memory-mapped, the segment ids read once. Raises RawDataError naming the file and the field."""
+    top = os.path.join(split_dir, SPLIT_METADATA)
+    meta = read_split_metadata(top, error=RawDataError)
+    layout = detect_layout(split_dir)
     shards = []
     for i in range(meta["num_shards"]):
-        p = shard_paths(split_dir, i, "mp4")
-        n = None
-        if os.path.isfile(p.metadata):
-            n = read_metadata(p.metadata, ("shard_num_frames",), error=RawDataError)["shard_num_frames"]
-        states = _memmap(p.states, np.float32, STATE_DIM, n)
-        seg = _memmap(p.segment_idx, np.int32, None, states.shape[0])
-        if not os.path.isfile(p.video) or os.path.getsize(p.video) == 0:
-            raise RawDataError(f"missing or empty video {p.video}")
-        shards.append(RawShard(i, p.video, states, seg))
+        p = shard_paths(split_dir, i, "mp4", layout)
+        problem = missing_files_problem(p)
+        if problem:
+            raise RawDataError(problem)
+        n = read_shard_metadata(p.metadata, i, error=RawDataError)
+        check_size(p.states, (n, STATE_DIM), np.float32, error=RawDataError)
+        check_size(p.segment_idx, (n,), np.int32, error=RawDataError)
+        if os.path.getsize(p.video) == 0:
+            raise RawDataError(f"{p.video}: empty")
+        seg = _memmap(p.segment_idx, np.int32, (n,))
+        problem = segment_problem(p.segment_idx, seg)
+        if problem:
+            raise RawDataError(problem)
+        shards.append(RawShard(i, p.video, _memmap(p.states, np.float32, (n, STATE_DIM)), seg, p.states))
+    total = sum(s.num_frames for s in shards)
+    if total != meta["num_images"]:
+        raise RawDataError(f"{top}: num_images={meta['num_images']} but the shards' metadata sum to {total}")
     return shards
 
 
@@ -181,11 +215,23 @@ class RawVideoDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         shard_id, start = self.index[i]
         shard = self.shards[shard_id]
-        frames = decode_frames(shard.video, [start + o for o in self.frame_offsets], self.size)
         states = np.array(shard.states[start:start + SAMPLE_FRAMES], dtype=np.float32)
+        bad = ~np.isfinite(states)
+        if bad.any():
+            f = start + int(np.argwhere(bad)[0, 0])
+            raise RawDataError(f"{shard.states_file}: non-finite state (NaN or inf) at frame {f}")
+        frames = decode_frames(shard.video, [start + o for o in self.frame_offsets], self.size)
         return {"frames": torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(),
                 "states": torch.from_numpy(states),
                 "frame_offsets": torch.tensor(self.frame_offsets), "shard": shard_id, "start": start}
+
+    def validate(self, chunk_frames: int = 1 << 16) -> None:
+        """Scan every shard's states in chunks of `chunk_frames` frames: all finite, else RawDataError naming the
+        file and the first bad frame (the videos are checked by `check_video` / `wmfast data check`)."""
+        for s in self.shards:
+            problem = state_problem(s.states_file, s.states, chunk_frames)
+            if problem:
+                raise RawDataError(problem)
 
 
 # ------------------------------------------------------------------------------------- synthetic writer
@@ -260,41 +306,61 @@ def write_video(path: str, frames: np.ndarray, fps: int = HZ, gop: int = 30, crf
             container.mux(packet)
 
 
+def check_raw_split_args(shards: int, frames: int, seed: int, *, size: int = 512, first_segment: int = 0,
+                         frames_param: str = "frames") -> None:
+    """Raise ArgumentValueError naming the first unusable argument of `write_raw_split` (`frames_param`: the name
+    `frames` goes by in the caller)."""
+    require_int("shards", shards, 1)
+    require_int(frames_param, frames, SAMPLE_FRAMES, " (the frames of one sample)")
+    require_int("seed", seed, 0)
+    require_int("first_segment", first_segment, 0)
+    require_int("size", size, 32)
+    if size % 32:
+        raise ArgumentValueError("size", size, "must be a multiple of 32 (the Wan VAE and H.264 need it)")
+
+
 def write_raw_split(out_dir: str, shards: int, frames: int, seed: int, *, size: int = 512,
                     first_segment: int = 0, progress: bool = False, layout: str = FLAT) -> str:
     """One split directory in the raw format (moving shapes driven by the states), in `layout` (NESTED or
-    FLAT); returns its path."""
-    if shards < 1 or frames < SAMPLE_FRAMES:
-        raise ValueError(f"shards={shards} must be >= 1 and frames={frames} >= {SAMPLE_FRAMES}")
-    if size % 32:
-        raise ValueError(f"size={size} must be a multiple of 32 (the Wan VAE and H.264 need it)")
+    FLAT); returns its path. An existing split at `out_dir` is replaced whole when a wmfast writer wrote it,
+    else refused (see `wmfast.data.layout.replace_split`)."""
+    check_raw_split_args(shards, frames, seed, size=size, first_segment=first_segment)
     from tqdm import tqdm
 
-    make_dirs(out_dir, layout)
-    rng = np.random.default_rng(seed)
-    for i in tqdm(range(shards), desc=f"raw {os.path.basename(out_dir)}", disable=not progress):
-        p = shard_paths(out_dir, i, "mp4", layout)
-        states, seg = _synthetic_states(rng, frames, first_segment)
-        first_segment = int(seg[-1]) + 1
-        write_video(p.video, render_frames(states, seg, size, seed + i))
-        states.tofile(p.states)
-        seg.tofile(p.segment_idx)
-        with open(p.metadata, "w") as f:
-            json.dump({"shard_num_frames": frames, "shard_ind": i}, f)
-    with open(os.path.join(out_dir, SPLIT_METADATA), "w") as f:
-        json.dump({"num_shards": shards, "query": None, "hz": HZ, "num_images": shards * frames,
-                   "generator": "wmfast synthetic raw (state-driven shapes)"}, f, indent=1)
-    return out_dir
+    def write(d: str) -> None:
+        make_dirs(d, layout)
+        rng = np.random.default_rng(seed)
+        segment = first_segment
+        for i in tqdm(range(shards), desc=f"raw {os.path.basename(out_dir)}", disable=not progress):
+            p = shard_paths(d, i, "mp4", layout)
+            states, seg = _synthetic_states(rng, frames, segment)
+            segment = int(seg[-1]) + 1
+            write_video(p.video, render_frames(states, seg, size, seed + i))
+            states.tofile(p.states)
+            seg.tofile(p.segment_idx)
+            with open(p.metadata, "w") as f:
+                json.dump({"shard_num_frames": frames, "shard_ind": i}, f)
+        with open(os.path.join(d, SPLIT_METADATA), "w") as f:
+            json.dump({"num_shards": shards, "query": None, "hz": HZ, "num_images": shards * frames,
+                       "generator": f"{SYNTHETIC_GENERATOR} raw (state-driven shapes)"}, f, indent=1)
+
+    return replace_split(out_dir, write)
 
 
 def write_synthetic_raw_dataset(out_dir: str, shards: int = 1, frames: int = 1024, seed: int = 0, *,
                                 size: int = 512, val_frames: int | None = None, progress: bool = False,
                                 layout: str = NESTED) -> dict:
     """`out_dir/train_v2.0_raw` (in `layout`: NESTED as published, or FLAT) and `out_dir/val_v2.0_raw` (always
-    FLAT, as published); returns {"train": path, "val": path}."""
-    val_frames = val_frames or max(frames // 4, 3 * SAMPLE_FRAMES)
-    train = write_raw_split(os.path.join(out_dir, "train_v2.0_raw"), shards, frames, seed, size=size,
-                            progress=progress, layout=layout)
-    val = write_raw_split(os.path.join(out_dir, "val_v2.0_raw"), 1, val_frames, seed + 1_000_003, size=size,
-                          first_segment=10**6, progress=progress)
-    return {"train": train, "val": val}
+    FLAT, as published); returns {"train": path, "val": path}. Every argument, and that both splits may be
+    replaced, is checked before anything is written (ArgumentValueError naming the argument)."""
+    check_raw_split_args(shards, frames, seed, size=size)
+    val_frames = max(frames // 4, 3 * SAMPLE_FRAMES) if val_frames is None else val_frames
+    check_raw_split_args(1, val_frames, seed, size=size, frames_param="val_frames")
+    check_output_dir(out_dir)
+    paths = {"train": os.path.join(out_dir, "train_v2.0_raw"), "val": os.path.join(out_dir, "val_v2.0_raw")}
+    for path in paths.values():
+        check_replaceable(path, "out_dir", out_dir)
+    write_raw_split(paths["train"], shards, frames, seed, size=size, progress=progress, layout=layout)
+    write_raw_split(paths["val"], 1, val_frames, seed + 1_000_003, size=size, first_segment=10**6,
+                    progress=progress)
+    return paths

@@ -10,7 +10,10 @@ tokens are replaced by random ids (tokenizer noise). A model that copies the pre
 chance by far; one that reads the velocities from the states and shifts the grid does better still.
 
 Written as published: train_v2.0 in the nested layout, val_v2.0 flat (see `wmfast.data.layout`), with
-"query": null in metadata.json like the real data (the generator is named under a wmfast-only key).
+"query": null in metadata.json like the real data (the generator is named under a wmfast-only key, the mark
+that lets a later write replace the split). Each split is written beside its directory and swapped in whole
+(`wmfast.data.layout.replace_split`): no file of an earlier split survives, and a directory wmfast did not
+write is never replaced.
 """
 from __future__ import annotations
 
@@ -19,8 +22,20 @@ import os
 
 import numpy as np
 
-from wmfast.data.format import GRID_SIZE, HZ, STATE_DIM, VOCAB_SIZE, WINDOW, num_windows
-from wmfast.data.layout import FLAT, NESTED, SPLIT_METADATA, make_dirs, shard_paths
+from wmfast.data.format import GRID_SIZE, HZ, SAMPLE_FRAMES, STATE_DIM, VOCAB_SIZE, WINDOW, num_windows
+from wmfast.data.layout import (
+    FLAT,
+    NESTED,
+    SPLIT_METADATA,
+    SYNTHETIC_GENERATOR,
+    ArgumentValueError,
+    check_output_dir,
+    check_replaceable,
+    make_dirs,
+    replace_split,
+    require_int,
+    shard_paths,
+)
 
 LIN_VEL, ANG_VEL, LEFT_HAND = 23, 24, 21
 NOISE = 0.01
@@ -67,32 +82,46 @@ def _shard_video(rng, states, seg, shift, grid: int, vocab: int) -> np.ndarray:
     return video
 
 
+def check_split_args(shards: int, frames: int, seed: int, *, grid_size: int = GRID_SIZE,
+                     vocab_size: int = VOCAB_SIZE, first_segment: int = 0, frames_param: str = "frames") -> None:
+    """Raise ArgumentValueError naming the first unusable argument of `write_split` (`frames_param`: the name
+    `frames` goes by in the caller)."""
+    require_int("shards", shards, 1)
+    require_int(frames_param, frames, SAMPLE_FRAMES, f" (one sample: two {WINDOW}-frame windows)")
+    require_int("seed", seed, 0)
+    require_int("grid_size", grid_size, 1)
+    require_int("first_segment", first_segment, 0)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 2 <= vocab_size <= VOCAB_SIZE:
+        raise ArgumentValueError("vocab_size", vocab_size, f"must be an integer in [2, {VOCAB_SIZE}]")
+
+
 def write_split(out_dir: str, shards: int, frames: int, seed: int, *, grid_size: int = GRID_SIZE,
                 vocab_size: int = VOCAB_SIZE, first_segment: int = 0, layout: str = FLAT) -> str:
     """Write one split directory (metadata.json + per-shard files, `layout` NESTED or FLAT) and return its
-    path."""
-    if shards < 1 or frames < 1:
-        raise ValueError(f"shards={shards} and frames={frames} must be >= 1")
-    if not 2 <= vocab_size <= VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size} must be in [2, {VOCAB_SIZE}]")
-    make_dirs(out_dir, layout)
-    rng = np.random.default_rng(seed)
-    for i in range(shards):
-        p = shard_paths(out_dir, i, "bin", layout)
-        states, seg, shift = _shard_states(rng, frames, first_segment)
-        first_segment = int(seg[-1]) + 1
-        _shard_video(rng, states, seg, shift, grid_size, vocab_size).tofile(p.video)
-        states.tofile(p.states)
-        seg.tofile(p.segment_idx)
-        with open(p.metadata, "w") as f:
-            json.dump({"shard_num_frames": frames, "shard_ind": i}, f)
-    meta = {"num_shards": shards, "query": None, "hz": HZ, "num_images": shards * frames,
-            "generator": "wmfast synthetic (state-driven token textures)"}
-    if grid_size != GRID_SIZE:  # wmfast extension, absent from the real data (see wmfast.data.format)
-        meta["grid_size"] = grid_size
-    with open(os.path.join(out_dir, SPLIT_METADATA), "w") as f:
-        json.dump(meta, f, indent=1)
-    return out_dir
+    path. An existing split at `out_dir` is replaced whole when a wmfast writer wrote it, else refused."""
+    check_split_args(shards, frames, seed, grid_size=grid_size, vocab_size=vocab_size, first_segment=first_segment)
+
+    def write(d: str) -> None:
+        make_dirs(d, layout)
+        rng = np.random.default_rng(seed)
+        segment = first_segment
+        for i in range(shards):
+            p = shard_paths(d, i, "bin", layout)
+            states, seg, shift = _shard_states(rng, frames, segment)
+            segment = int(seg[-1]) + 1
+            _shard_video(rng, states, seg, shift, grid_size, vocab_size).tofile(p.video)
+            states.tofile(p.states)
+            seg.tofile(p.segment_idx)
+            with open(p.metadata, "w") as f:
+                json.dump({"shard_num_frames": frames, "shard_ind": i}, f)
+        meta = {"num_shards": shards, "query": None, "hz": HZ, "num_images": shards * frames,
+                "generator": f"{SYNTHETIC_GENERATOR} (state-driven token textures)"}
+        if grid_size != GRID_SIZE:  # wmfast extension, absent from the real data (see wmfast.data.format)
+            meta["grid_size"] = grid_size
+        with open(os.path.join(d, SPLIT_METADATA), "w") as f:
+            json.dump(meta, f, indent=1)
+
+    return replace_split(out_dir, write)
 
 
 def write_synthetic_dataset(out_dir: str, shards: int = 2, frames: int = 2048, seed: int = 0, *,
@@ -101,11 +130,18 @@ def write_synthetic_dataset(out_dir: str, shards: int = 2, frames: int = 2048, s
     """Write `out_dir/train_v2.0` (`shards` shards of `frames` frames, in `layout`: NESTED as published, or
     FLAT) and `out_dir/val_v2.0` (one shard of `val_frames`, default max(frames // 4, 4 * 17), always FLAT as
     published) in the 1X v2.0 tokenized format. Returns {"train": path, "val": path}. Read them back with
-    `TokenizedDataset(out_dir, "train")`.
+    `TokenizedDataset(out_dir, "train")`. Every argument, and that both splits may be replaced, is checked
+    before anything is written (ArgumentValueError naming the argument).
 
     grid_size / vocab_size < 32 / 64,000 make small sets for CPU tests (match the model config's)."""
-    val_frames = val_frames or max(frames // 4, 4 * WINDOW)
     kw = {"grid_size": grid_size, "vocab_size": vocab_size}
-    train = write_split(os.path.join(out_dir, "train_v2.0"), shards, frames, seed, layout=layout, **kw)
-    val = write_split(os.path.join(out_dir, "val_v2.0"), 1, val_frames, seed + 1_000_003, first_segment=10**6, **kw)
-    return {"train": train, "val": val}
+    check_split_args(shards, frames, seed, **kw)
+    val_frames = max(frames // 4, 4 * WINDOW) if val_frames is None else val_frames
+    check_split_args(1, val_frames, seed, frames_param="val_frames", **kw)
+    check_output_dir(out_dir)
+    paths = {"train": os.path.join(out_dir, "train_v2.0"), "val": os.path.join(out_dir, "val_v2.0")}
+    for path in paths.values():
+        check_replaceable(path, "out_dir", out_dir)
+    write_split(paths["train"], shards, frames, seed, layout=layout, **kw)
+    write_split(paths["val"], 1, val_frames, seed + 1_000_003, first_segment=10**6, **kw)
+    return paths

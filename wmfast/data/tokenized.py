@@ -7,9 +7,12 @@ val_v2.0: `video_{i}.bin` beside `metadata.json`) or nested (the public train_v2
 Nothing is loaded whole: `video_{i}.bin` and `states_{i}.bin` are `np.memmap`s opened lazily in each
 process (so DataLoader workers each map the files themselves instead of pickling maps); only
 `segment_idx_{i}.bin` (4 bytes a frame) is read once to find the valid samples. Every problem raises
-`DataFormatError` naming the file (full path) and what is wrong; no sample is silently skipped: file sizes
-and metadata are checked when the dataset opens, token ranges and NaN states when a sample is read (or for
-the whole split with `validate()`, which shares its chunked scans with `wmfast data check`).
+`DataFormatError` naming the file (full path), the field and the bad value; no sample is silently skipped. When
+the dataset opens, the checks of `wmfast.data.layout` that read only metadata and sizes run (metadata.json and
+every metadata_{i}.json with their integer fields, num_shards >= 1, num_images equal to the sum of
+shard_num_frames, every shard file present and sized by shard_num_frames), and the segment ids, read anyway,
+must be >= 0 and never decrease; token ranges and NaN states are checked when a sample is read (or for the
+whole split with `validate()`, which shares its chunked scans with `wmfast data check`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ from wmfast.data.layout import (
     DataFormatError,
     check_size,
     detect_layout,
-    read_metadata,
+    missing_files_problem,
+    read_shard_metadata,
+    read_split_metadata,
+    segment_problem,
     shard_paths,
     state_problem,
     token_problem,
@@ -76,16 +82,19 @@ class TokenizedDataset(torch.utils.data.Dataset):
         self.vocab_size = vocab_size
         self.layout = detect_layout(self.dir)
         top = os.path.join(self.dir, SPLIT_METADATA)
-        meta = read_metadata(top, ("num_shards", "num_images"))
+        meta = read_split_metadata(top)
         self.grid_size = grid_size_of(top, meta)
         self.hz = meta.get("hz")
-        self.shards = [self._open_shard(i) for i in range(int(meta["num_shards"]))]
+        self.shards = [self._open_shard(i) for i in range(meta["num_shards"])]
         total = sum(s.num_frames for s in self.shards)
-        if total != int(meta["num_images"]):
+        if total != meta["num_images"]:
             raise DataFormatError(f"{top}: num_images={meta['num_images']} but the shards' metadata sum to {total}")
         shard_ids, windows = [], []
         for k, s in enumerate(self.shards):
             seg = np.fromfile(s.segment_idx, dtype=np.int32)
+            problem = segment_problem(s.segment_idx, seg)
+            if problem:
+                raise DataFormatError(problem)
             w = valid_windows(seg)
             shard_ids.append(np.full(w.shape, k, dtype=np.int64))
             windows.append(w)
@@ -96,7 +105,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     def _open_shard(self, i: int) -> Shard:
         p = shard_paths(self.dir, i, "bin", self.layout)
-        n = read_metadata(p.metadata, ("shard_num_frames",))["shard_num_frames"]
+        problem = missing_files_problem(p)
+        if problem:
+            raise DataFormatError(problem)
+        n = read_shard_metadata(p.metadata, i)
         for path, shape, dtype in shard_file_shapes(p, n, self.grid_size):
             check_size(path, shape, dtype)
         return Shard(i, n, p.video, p.states, p.segment_idx)
