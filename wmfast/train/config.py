@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class TrainConfig:
     val_batches: int = 50
     log_every: int = 10
     nan_policy: str = "stop"  # stop: end the run keeping the last good checkpoint; skip: drop the step
+    # under "skip": the most consecutive steps that may be dropped; one more non-finite step stops the run as "stop"
+    nan_skip_limit: int = 3
     seed: int = 0
     num_workers: int = 0
     # micro-batch search: a size fits when its trial does not OOM and peak memory <= (1 - margin) * capacity
@@ -93,16 +96,14 @@ class TrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ValueError for any inconsistent setting, before any work is done."""
-        if self.global_batch <= 0 or self.global_batch % world_size:
+        self._validate_ranges()
+        if self.global_batch % world_size:
             raise ValueError(f"global_batch={self.global_batch} must be a positive multiple of the "
                              f"world size {world_size}")
         per_rank = self.global_batch // world_size
-        if self.micro_batch != "auto":
-            if not isinstance(self.micro_batch, int) or self.micro_batch <= 0:
-                raise ValueError(f"micro_batch must be a positive int or 'auto', got {self.micro_batch!r}")
-            if per_rank % self.micro_batch:
-                raise ValueError(f"micro_batch={self.micro_batch} does not divide the per-rank batch {per_rank} "
-                                 f"(global_batch={self.global_batch} / world_size={world_size})")
+        if self.micro_batch != "auto" and per_rank % self.micro_batch:
+            raise ValueError(f"micro_batch={self.micro_batch} does not divide the per-rank batch {per_rank} "
+                             f"(global_batch={self.global_batch} / world_size={world_size})")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
@@ -118,13 +119,44 @@ class TrainConfig:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
-        if self.steps <= 0 or self.warmup_steps < 0:
-            raise ValueError(f"steps must be > 0 and warmup_steps >= 0 (got {self.steps}, {self.warmup_steps})")
         if not 0.0 <= self.auto_margin < 1.0:
             raise ValueError(f"auto_margin must be in [0, 1), got {self.auto_margin}")
 
+    def _validate_ranges(self) -> None:
+        """One ValueError per numeric field out of its range, naming the field and the value (`lr=-1.0 must be
+        > 0`): a bad value otherwise surfaces later, transformed, from DeepSpeed or the optimizer."""
+        for name, low in (("lr", None), ("eps", None), ("weight_decay", 0.0), ("grad_clip", 0.0)):
+            _check_float(name, getattr(self, name), low)
+        for name, low in (("global_batch", 1), ("steps", 1), ("warmup_steps", 0), ("keep_checkpoints", 1),
+                          ("ckpt_every", 0), ("val_every", 0), ("val_batches", 1), ("log_every", 1),
+                          ("nan_skip_limit", 1), ("num_workers", 0), ("auto_max_micro_batch", 0)):
+            _check_int(name, getattr(self, name), low)
+        if self.micro_batch != "auto":
+            _check_int("micro_batch", self.micro_batch, 1, " or 'auto'")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={tuple(self.betas)!r} must be two numbers in [0, 1)")
+
     def grad_accum(self, micro_batch: int, world_size: int) -> int:
         return self.global_batch // (micro_batch * world_size)
+
+
+def _check_float(name: str, value: Any, low: float | None) -> None:
+    """`value` finite and > 0 (low None) or >= low."""
+    bound = "> 0" if low is None else f">= {low:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} must be a number {bound}")  # noqa: TRY004 - a config error like the rest
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be finite and {bound}")
+    if value < (low or 0.0) or (low is None and value == 0):
+        raise ValueError(f"{name}={value!r} must be {bound}")
+
+
+def _check_int(name: str, value: Any, low: int, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(  # noqa: TRY004 - a config error like the rest
+            f"{name}={value!r} must be an integer >= {low}{alternative}")
+    if value < low:
+        raise ValueError(f"{name}={value!r} must be >= {low}{alternative}")
 
 
 def resolve_precision(precision: str, device_type: str) -> str:

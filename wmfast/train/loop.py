@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from wmfast.data.checkpoints import latest_checkpoint, list_checkpoints
+from wmfast.data.checkpoints import TRAINER_STATE, latest_checkpoint, list_checkpoints
 from wmfast.tasks import Task, make_task
 
 from . import checkpoint as ckpt
@@ -39,7 +39,7 @@ class RunResult:
     step: int
     last_loss: float | None
     micro_batch: int
-    status: str  # "done" | "nonfinite"
+    status: str  # "done" | "nonfinite" (nan_policy "stop", or "skip" past nan_skip_limit)
 
 
 def check_inputs(cfg: TrainConfig, data_dir: str | None, run_dir: str, resume: bool, task: Task | None) -> None:
@@ -57,10 +57,42 @@ def train(cfg: TrainConfig, data_dir: str | None, run_dir: str, resume: bool = F
     """Train `cfg` on `data_dir` (or on a given `task`), writing everything under `run_dir`."""
     check_inputs(cfg, data_dir, run_dir, resume, task)
     task = task or make_task(cfg.task, data_dir, cfg.model)
+    if resume:
+        check_same_model(cfg, task, run_dir)
     if hasattr(task, "configure"):  # duck-typed tasks without the hook are fine
         task.configure(cfg)
     rank, world, device, _ = setup_distributed()
     return _run(cfg, task, run_dir, resume, rank, world, device, progress)
+
+
+def _describe(train_config: dict) -> str:
+    return (f"{train_config.get('name', '?')} (task {train_config.get('task', '?')}, "
+            f"model {train_config.get('model', '?')})")
+
+
+def check_same_model(cfg: TrainConfig, task: Task, run_dir: str) -> None:
+    """A resume into a run of another task or model fails here, in one line, before any weight is read (and
+    before the run's config.json is rewritten): DeepSpeed's own error lists every state-dict key."""
+    for _, path in reversed(list_checkpoints(os.path.join(run_dir, "checkpoints"))):
+        try:
+            with open(os.path.join(path, TRAINER_STATE)) as f:
+                state = json.load(f)
+            break
+        except (OSError, ValueError):  # unreadable: the resume itself reports it and tries the previous one
+            continue
+    else:
+        return
+    saved_cfg, saved_model = state.get("train_config") or {}, state.get("model_config")
+    model = json.loads(json.dumps(task.model_config(), default=str))  # as saved: tuples become lists
+    if saved_model is None or (saved_model == model and saved_cfg.get("task", cfg.task) == cfg.task):
+        return
+    diff = [f"{k} {saved_model.get(k)!r} vs {model.get(k)!r}" for k in sorted(set(saved_model) | set(model))
+            if saved_model.get(k) != model.get(k)]
+    if saved_cfg.get("task", cfg.task) != cfg.task:
+        diff.insert(0, f"task {saved_cfg.get('task')!r} vs {cfg.task!r}")
+    raise ValueError(f"{run_dir} holds a checkpoint of {_describe(saved_cfg)}; this run is {_describe(cfg.to_dict())}"
+                     f" ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}) (use another --out, or the same "
+                     "--config)")
 
 
 def _write_run_config(run_dir: str, cfg: TrainConfig, task: Task, ds_config: dict, world: int) -> None:
@@ -72,7 +104,7 @@ def _write_run_config(run_dir: str, cfg: TrainConfig, task: Task, ds_config: dic
 def _warn_config_drift(state: dict, cfg: TrainConfig, world: int, rank: int) -> None:
     """A resumed run matches the uninterrupted one only with the same batch, seed, schedule and world size."""
     saved = state.get("train_config", {})
-    keys = ("global_batch", "seed", "lr", "warmup_steps", "steps", "zero_stage")
+    keys = ("name", "global_batch", "seed", "lr", "warmup_steps", "steps", "zero_stage")
     changed = [f"{k}: {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
     if state.get("world_size", world) != world:
         changed.append(f"world_size: {state['world_size']} -> {world}")
@@ -93,6 +125,11 @@ def _run(cfg, task, run_dir, resume, rank, world, device, progress) -> RunResult
     precision = resolve_precision(cfg.precision, device.type)
     os.makedirs(run_dir, exist_ok=True)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if rank == 0:
+        removed = ckpt.remove_leftovers(ckpt_dir)
+        if removed:
+            logger.info("wmfast train: removed what killed saves or deletions left: %s", ", ".join(removed))
+    ckpt.barrier()
     micro_batch = cfg.micro_batch
     if micro_batch == "auto":
         micro_batch = find_micro_batch(task, cfg, world, device, precision, run_dir, rank)
@@ -103,26 +140,17 @@ def _run(cfg, task, run_dir, resume, rank, world, device, progress) -> RunResult
             _log_compiled(cfg, task, engine)
     # per-rank RNG for dropout (different masks on different ranks); restored from a checkpoint on resume
     torch.manual_seed(cfg.seed * 1000 + rank + 1)
-    start_step, last_ckpt = 0, None
-    if resume:
-        found = latest_checkpoint(ckpt_dir)
-        if found is None:
-            logger.warning("wmfast train: --resume but no complete checkpoint in %s: starting from step 0", ckpt_dir)
-        else:
-            state = ckpt.load(engine, found[1])
-            start_step, last_ckpt = state["step"], found[1]
-            _warn_config_drift(state, cfg, world, rank)
-            if rank == 0:
-                print(f"wmfast train: resumed from {found[1]} (step {start_step})", flush=True)
     try:
+        start_step, last_ckpt = _resume(engine, cfg, ckpt_dir, world, rank) if resume else (0, None)
         step, loss = _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precision, run_dir,
                            start_step, last_ckpt)
         status = "done"
     except NonFiniteLoss as e:
         last = latest_checkpoint(ckpt_dir)
+        remedy = "raise nan_skip_limit" if e.limit_reached else "set nan_policy='skip' to drop such steps"
         msg = (f"wmfast train: STOPPED: {e}. The last good checkpoint is "
                f"{last[1] if last else '(none written yet)'}; resume from it with --resume (lower the LR, or "
-               "set nan_policy='skip' to drop such steps).")
+               f"{remedy}).")
         if rank == 0:
             print(msg, flush=True)
         return RunResult(run_dir, last[1] if last else None, -1, None, micro_batch, "nonfinite")
@@ -130,6 +158,20 @@ def _run(cfg, task, run_dir, resume, rank, world, device, progress) -> RunResult
         destroy_engine(engine)
     last = latest_checkpoint(ckpt_dir)
     return RunResult(run_dir, last[1] if last else None, step, loss, micro_batch, status)
+
+
+def _resume(engine, cfg: TrainConfig, ckpt_dir: str, world: int, rank: int) -> tuple[int, str | None]:
+    """Load the newest checkpoint that loads; (its step, its path), or (0, None) without one."""
+    found = ckpt.load_newest(engine, ckpt_dir)
+    if found is None:
+        logger.warning("wmfast train: --resume but no complete checkpoint in %s: starting from step 0", ckpt_dir)
+        return 0, None
+    state, path = found
+    _warn_config_drift(state, cfg, world, rank)
+    if rank == 0:
+        ckpt.prune(ckpt_dir, cfg.keep_checkpoints, protect=path)  # a kill may have come between a save and this
+        print(f"wmfast train: resumed from {path} (step {state['step']})", flush=True)
+    return state["step"], path
 
 
 def _trainer_state(cfg: TrainConfig, task: Task, step: int, world: int, micro_batch: int) -> dict[str, Any]:
@@ -196,16 +238,18 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
     bar = tqdm(total=cfg.steps, initial=start_step, disable=rank != 0 or os.environ.get("WMFAST_PROGRESS", "1") != "1",
                desc="train", dynamic_ncols=True, mininterval=1.0)
     step, loss, t_last, steps_since, paused = start_step, None, time.perf_counter(), 0, 0.0
-    skipped_total = 0
+    skipped_total, skipped_in_a_row = 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         while step < cfg.steps:
             batches = [next(loader) for _ in range(accum)]
-            loss, skipped, lr = train_step(engine, optimizer, task, batches, cfg, step, device, precision)
+            loss, skipped, lr = train_step(engine, optimizer, task, batches, cfg, step, device, precision,
+                                           skipped_in_a_row=skipped_in_a_row)
             step += 1
             steps_since += 1
             skipped_total += int(skipped)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
             if skipped and rank == 0:
                 print(f"wmfast train: non-finite loss at step {step - 1}: step skipped (nan_policy=skip)", flush=True)
             ckpt.fault_hook("kill_after_step", step)

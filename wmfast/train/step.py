@@ -17,7 +17,12 @@ from .schedule import lr_at, set_lr
 
 
 class NonFiniteLoss(RuntimeError):
-    """A non-finite loss under nan_policy="stop": the run ends, keeping the last good checkpoint."""
+    """A non-finite loss under nan_policy="stop", or under "skip" once nan_skip_limit steps in a row were skipped
+    (`limit_reached`): the run ends, keeping the last good checkpoint."""
+
+    def __init__(self, message: str, limit_reached: bool = False):
+        super().__init__(message)
+        self.limit_reached = limit_reached
 
 
 @contextlib.contextmanager
@@ -35,8 +40,11 @@ def _fault_nan(step: int) -> bool:
     return os.environ.get(ckpt.FAULT_ENV, "") == f"nan_at_step:{step}"
 
 
-def train_step(engine, optimizer, task: Task, batches, cfg: TrainConfig, step: int, device, precision: str):
+def train_step(engine, optimizer, task: Task, batches, cfg: TrainConfig, step: int, device, precision: str,
+               skipped_in_a_row: int = 0):
     """One optimizer step over the accumulation micro-batches. Returns (mean loss, skipped, lr).
+    `skipped_in_a_row`: the steps just before this one that nan_policy "skip" dropped; at cfg.nan_skip_limit a
+    non-finite loss stops the run as under "stop" (NonFiniteLoss) rather than dropping one more step.
 
     The loss and a "non-finite" count are all-reduced per micro-batch but stay on the device, summed over the
     step: the host reads them once, just before the optimizer update (a .cpu() per micro-batch would stall the
@@ -66,9 +74,13 @@ def train_step(engine, optimizer, task: Task, batches, cfg: TrainConfig, step: i
         if i == len(batches) - 1 or engine.is_gradient_accumulation_boundary():
             loss_sum, n_bad = acc.cpu().tolist()  # the step's one host sync
             if n_bad > 0:
+                what = (f"non-finite loss at step {step} ({int(n_bad)} of {len(batches) * world} micro-batch "
+                        "losses over the ranks)")
                 if cfg.nan_policy == "stop":
-                    raise NonFiniteLoss(f"non-finite loss at step {step} ({int(n_bad)} of {len(batches) * world} "
-                                        "micro-batch losses over the ranks)")
+                    raise NonFiniteLoss(what)
+                if skipped_in_a_row >= cfg.nan_skip_limit:
+                    raise NonFiniteLoss(f"{what} after {skipped_in_a_row} skipped steps in a row: the limit "
+                                        f"nan_skip_limit={cfg.nan_skip_limit} is reached", limit_reached=True)
                 skipped = True
             else:
                 mean_loss = loss_sum / (world * len(batches))
