@@ -14,6 +14,7 @@ GPU telemetry (clocks, power, temperature) comes from wmfast.telemetry.GpuSample
 The suites and their outputs:
     suite              `wmfast bench`: ceilings, then the chosen suites, into results.csv, status.json, bench.log
     report             summary.md, plots and the README results block, regenerated from a results directory
+    figures            save_figure: writes every benchmark PNG, marked in red when not measured on a GPU
     attention_memory   the attention-memory suite: the memory-complexity table and its measurement
     largest_batch      the largest batch that fits a training step, full vs factorized attention
     model_cost         the model-cost suite's measurements: activation bytes, a step's peak and kernels, the

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from wmfast.bench import figures
 from wmfast.bench.context import BenchContext
 from wmfast.bench.memory import LiveBytesTracker, saved_bytes
 
@@ -271,7 +272,7 @@ def run(ctx: BenchContext) -> list[dict]:
     write_ratio_csv(rows, Path(ctx.out_dir) / "attention_memory.csv")
     for line in ratio_table(rows):
         ctx.log(line)
-    plot_ratios(rows, Path(ctx.out_dir) / "attention_memory.png")
+    plot_ratios(rows, Path(ctx.out_dir) / "attention_memory.png", off_gpu=figures.running_off_gpu(ctx.device))
     if ctx.device.type == "cuda" and not ctx.quick:
         _largest_batch(ctx)
     else:
@@ -335,8 +336,9 @@ def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
-def plot_ratios(rows: list[dict], path: Path) -> Path:
-    """Two panels (T sweep, S sweep): measured factorized/full ratios beside the formula."""
+def plot_ratios(rows: list[dict], path: Path, *, off_gpu: bool | None = None) -> Path:
+    """Two panels (T sweep, S sweep): measured factorized/full ratios beside the formula. off_gpu: mark the figure
+    as not GPU measurements (None: when a row's peak-memory method is the CPU estimate)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,7 +367,6 @@ def plot_ratios(rows: list[dict], path: Path) -> Path:
         ax.set_title(f"attention memory, {fixed}")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    if off_gpu is None:
+        off_gpu = any(str(r.get("method", "")).startswith("cpu") for r in rows)
+    return figures.save_figure(fig, path, off_gpu=off_gpu)

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from wmfast.bench import figures
+
 
 def dit_flops(model, batch: int, num_latents: int, h: int, w: int) -> float:
     """Matmul FLOPs of one DiT forward (2 per multiply-add): per block self-attention q/k/v/o projections
@@ -279,8 +281,6 @@ def _latency_plot(ctx, model, table: list[dict], steps: int) -> None:
     order = [*range(len(PHASES), 0, -1), 0]
     ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(ctx.out_dir / "plot_ensemble-latency.png", dpi=120)
-    plt.close(fig)
+    figures.save_figure(fig, ctx.out_dir / "plot_ensemble-latency.png", off_gpu=figures.running_off_gpu(ctx.device))
 
 

@@ -10,6 +10,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from wmfast.bench import figures
 from wmfast.bench.results import read_rows, slug
 
 QUICK_NOTE = ", --quick (CPU smoke test: tiny shapes, not performance numbers)"
@@ -167,12 +168,14 @@ def plot_name(op: str) -> str:
 
 
 def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
-    """One PNG per op: median ms (p20-p80 error bars) per provider, grouped by shape and mode."""
+    """One PNG per op: median ms (p20-p80 error bars) per provider, grouped by shape and mode; marked as not GPU
+    performance when the rows were measured on a CPU (their gpu_name)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    off_gpu = any(figures.recorded_off_gpu(r.get("gpu_name")) for r in rows)
     by_op: dict[str, list[dict]] = defaultdict(list)
     for r in _op_rows(rows):
         by_op[r["op"]].append(r)
@@ -198,10 +201,7 @@ def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_ylabel("median ms (p20-p80)")
         ax.set_title(op)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / plot_name(op)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = figures.save_figure(fig, out_dir / plot_name(op), off_gpu=off_gpu, dpi=110)
         paths.append(path)
     return paths
 
