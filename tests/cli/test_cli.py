@@ -30,9 +30,7 @@ def test_a_command_imports_only_its_module():
 def test_unknown_command_is_one_line_exit_2(capsys):
     from wmfast.cli import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["trian"])
-    assert e.value.code == 2
+    assert main(["trian"]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'trian'" in err and "Traceback" not in err
 
@@ -41,9 +39,7 @@ def test_every_command_parses_its_help(capsys):
     from wmfast.cli import COMMANDS, main
 
     for name in COMMANDS:
-        with pytest.raises(SystemExit) as e:
-            main([name, "--help"])
-        assert e.value.code == 0, name
+        assert main([name, "--help"]) == 0, name
         assert f"usage: wmfast {name}" in capsys.readouterr().out
 
 

@@ -1,4 +1,4 @@
-"""Shared by `wmfast sample` and `wmfast eval-psnr`: model loading, samples, PNGs and the strip."""
+"""Shared by `wmfast sample` and `wmfast eval-psnr`: arguments, model loading, samples and PNGs."""
 from __future__ import annotations
 
 import logging
@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from wmfast.cli._args import blame, check_device, device_name, positive_int
 
 logger = logging.getLogger("wmfast")
 
@@ -25,11 +27,11 @@ def add_model_arguments(p):
                         "checkpoint directory or an adapter directory (optional)")
     p.add_argument("--data", required=True, help="a 1X raw-format dataset (root or split directory)")
     p.add_argument("--split", default="val", help="split under --data (default: val)")
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--max-batch", type=positive_int, default=None,
                    help="members per forward pass (default: all N, halved automatically when out of memory)")
     p.add_argument("--seed", type=int, default=0,
                    help="member i uses seed + i (the tiny model's base weights always use a fixed seed)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu or cuda[:i]")
     p.add_argument("--no-graph", action="store_true", help="do not capture the denoising step in a CUDA graph")
     p.add_argument("--fp8", action="store_true",
                    help="fp8 (e4m3, row-wise scales) weights for the GEMMs of the DiT blocks (GPUs of compute "
@@ -41,9 +43,7 @@ def add_model_arguments(p):
 
 
 def device_of(args) -> torch.device:
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
+    return torch.device(check_device(args.device))
 
 
 def load_model(args):
@@ -128,7 +128,8 @@ def open_split(root: str, split: str, model):
     if os.path.isfile(os.path.join(root, "metadata.json")):  # --data names the split directory itself
         split = None
     size = (model.preset.height, model.preset.width)
-    return RawVideoDataset(root, split, frame_offsets=[*context_offsets(model), TARGET_FRAME], size=size)
+    with blame("--data", root):
+        return RawVideoDataset(root, split, frame_offsets=[*context_offsets(model), TARGET_FRAME], size=size)
 
 
 def load_sample(dataset, index: int) -> Sample:
@@ -145,29 +146,3 @@ def save_png(image: torch.Tensor, path: str) -> None:
     from PIL import Image
 
     Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
-
-
-def spread_image(std: torch.Tensor) -> torch.Tensor:
-    """Per-pixel spread [3, H, W] (std over members, [0, 1] units) -> a magma-coloured [3, H, W] uint8 map."""
-    from matplotlib import colormaps
-
-    level = (std.float().mean(0) / SPREAD_FULL_SCALE).clamp(0, 1).cpu().numpy()
-    rgb = colormaps["magma"](level)[..., :3]
-    return (torch.from_numpy(rgb).permute(2, 0, 1) * 255).round().to(torch.uint8)
-
-
-def make_strip(last_context: torch.Tensor, frames, target: torch.Tensor, max_members: int = 16) -> torch.Tensor:
-    """[3, H, W * k] uint8: last context frame | members (up to max_members) | pixel mean | latent mean |
-    spread | ground truth (panels that were not computed are left out)."""
-    from wmfast.metrics.psnr import to_uint8
-
-    panels = [last_context]
-    if frames.members is not None:
-        panels += [to_uint8(m) for m in frames.members[:max_members]]
-    for img in (frames.pixel_mean, frames.latent_mean):
-        if img is not None:
-            panels.append(to_uint8(img))
-    if frames.pixel_std is not None:
-        panels.append(spread_image(frames.pixel_std))
-    panels.append(target)
-    return torch.cat([p.cpu() for p in panels], dim=-1)

@@ -1,5 +1,6 @@
 """Datasets in the real 1X formats: `wmfast data synth --out DIR` writes a synthetic set (v2.0; train nested,
-val flat, as published), `wmfast data check ROOT` checks every split under ROOT (tokenized or raw, flat or
+val flat, as published; a split wmfast wrote there before is replaced whole, any other directory in the way is
+refused), `wmfast data check ROOT` checks every split under ROOT (tokenized or raw, flat or
 nested): one line per problem, naming the file, then one summary line per split; exit 0 when all is well,
 1 when a problem was found, 2 when ROOT holds no split."""
 from __future__ import annotations
@@ -25,13 +26,28 @@ def _add_synth(p):
                    help="write the train split in the flat layout too (default: nested, as published; val is flat)")
 
 
+# a writer's parameter -> the flag that sets it, so an unusable value is reported under the flag's name
+SYNTH_FLAGS = {"out_dir": "--out", "shards": "--shards", "frames": "--frames", "seed": "--seed",
+               "grid_size": "--grid-size", "vocab_size": "--vocab-size", "size": "--size"}
+
+
+def _synth_with_flags(write, *a, **kw) -> dict:
+    """write(*a, **kw), an ArgumentValueError re-raised as a ValueError naming the flag instead of the parameter."""
+    from wmfast.data.layout import ArgumentValueError
+
+    try:
+        return write(*a, **kw)
+    except ArgumentValueError as e:
+        raise ValueError(e.naming(SYNTH_FLAGS.get(e.param, e.param))) from e
+
+
 def _run_synth(args) -> int:
     if args.raw:
         return _run_synth_raw(args)
     from wmfast.data import TokenizedDataset, write_synthetic_dataset
 
-    paths = write_synthetic_dataset(args.out, args.shards, args.frames, args.seed, grid_size=args.grid_size,
-                                    vocab_size=args.vocab_size, layout=_train_layout(args))
+    paths = _synth_with_flags(write_synthetic_dataset, args.out, args.shards, args.frames, args.seed,
+                              grid_size=args.grid_size, vocab_size=args.vocab_size, layout=_train_layout(args))
     for split, path in paths.items():
         n = len(TokenizedDataset(args.out, split, vocab_size=args.vocab_size))
         print(f"{split}: {path} ({n} samples)")
@@ -86,8 +102,8 @@ def _run_check(args) -> int:
 def _run_synth_raw(args) -> int:
     from wmfast.data.raw import RawVideoDataset, write_synthetic_raw_dataset
 
-    paths = write_synthetic_raw_dataset(args.out, args.shards, args.frames, args.seed, size=args.size, progress=True,
-                                        layout=_train_layout(args))
+    paths = _synth_with_flags(write_synthetic_raw_dataset, args.out, args.shards, args.frames, args.seed,
+                              size=args.size, progress=True, layout=_train_layout(args))
     for split, path in paths.items():
         print(f"{split}: {path} ({len(RawVideoDataset(path))} disjoint 77-frame samples)")
     return 0
@@ -132,10 +148,4 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import sys
-
-    try:
-        return int(args._data_run(args) or 0)
-    except ValueError as e:  # user errors (arguments, a directory in the way, a broken dataset): one line, exit 2
-        print(f"wmfast data {args.data_command}: error: {e}", file=sys.stderr)
-        return 2
+    return int(args._data_run(args) or 0)

@@ -24,14 +24,16 @@ import subprocess
 import sys
 import time
 
+from wmfast.cli._args import positive_int
+
 STAGES = ("kernels", "data", "train", "generate", "raw", "lora", "sample", "plot")
 
 
 def add_arguments(p):
     p.add_argument("--out", default="wmfast_demo", help="directory for every output of the demo")
     p.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
-    p.add_argument("--train-steps", type=int, default=60, help="optimizer steps of the tiny training run")
-    p.add_argument("--lora-steps", type=int, default=30, help="optimizer steps of the tiny LoRA post-training run")
+    p.add_argument("--train-steps", type=positive_int, default=60, help="optimizer steps of the tiny training run")
+    p.add_argument("--lora-steps", type=positive_int, default=30, help="optimizer steps of the tiny LoRA post-training run")
 
 
 def _kernels_check() -> None:
@@ -97,6 +99,25 @@ def _stage_commands(args) -> dict[str, list[str]]:
     }
 
 
+def _needs(args) -> dict[str, tuple[str, str]]:
+    """stage -> (the earlier stage, the output of it the stage reads)."""
+    out = args.out
+    return {"train": ("data", os.path.join(out, "tokens")), "generate": ("train", os.path.join(out, "run", "checkpoints")),
+            "lora": ("raw", os.path.join(out, "raw")), "sample": ("lora", os.path.join(out, "lora_run", "checkpoints")),
+            "plot": ("train", os.path.join(out, "run", "metrics.jsonl"))}
+
+
+def _check_inputs(args, stages: list[str]) -> None:
+    """Each stage whose input an earlier stage writes finds it on disk, or is about to get it in this run."""
+    for stage in stages:
+        if stage not in _needs(args):
+            continue
+        earlier, path = _needs(args)[stage]
+        if earlier not in stages and not os.path.exists(path):
+            raise ValueError(f"--only {stage}: needs {path}, which the {earlier} stage writes: run the whole demo "
+                             f"once (`wmfast demo --out {args.out}`) or add --only {earlier}")
+
+
 def _resuming(argv: list[str]) -> list[str]:
     """A training stage whose run directory already holds a checkpoint (an earlier demo) resumes it."""
     from wmfast.data.checkpoints import latest_checkpoint
@@ -112,19 +133,30 @@ def _resuming(argv: list[str]) -> list[str]:
     return [*argv, "--resume"]
 
 
+class StageFailed(Exception):
+    """A stage's command failed; it has printed why."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
 def _run_cli(argv: list[str]) -> None:
     from wmfast.cli import main
 
     code = main(argv)
     if code:
-        raise SystemExit(f"wmfast demo: `wmfast {' '.join(argv)}` exited with {code}")
+        print(f"wmfast demo: the stage `wmfast {' '.join(argv)}` exited with {code}", file=sys.stderr)
+        raise StageFailed(code)
 
 
 def run(args) -> int:
     import torch
 
-    stages = args.only or list(STAGES)
-    os.makedirs(args.out, exist_ok=True)
+    from wmfast.cli._args import output_dir
+
+    stages = [s for s in STAGES if s in (args.only or STAGES)]  # in pipeline order, once each
+    _check_inputs(args, stages)
+    os.makedirs(output_dir(args.out), exist_ok=True)
     commands = _stage_commands(args)
     t_all = time.perf_counter()
     for i, stage in enumerate(stages, 1):
@@ -136,12 +168,18 @@ def run(args) -> int:
             else:  # the interpreter must be chosen before triton is imported: run this stage in a fresh process
                 env = dict(os.environ, TRITON_INTERPRET="1")
                 print("no GPU: running the Triton kernels on the CPU through Triton's interpreter")
-                subprocess.run([sys.executable, "-c", "from wmfast.cli.demo import _kernels_check as k; k()"],
-                               env=env, check=True)
+                done = subprocess.run([sys.executable, "-c", "from wmfast.cli.demo import _kernels_check as k; k()"],
+                                      check=False, env=env)
+                if done.returncode:
+                    print(f"wmfast demo: the kernels stage exited with {done.returncode}", file=sys.stderr)
+                    return 1  # the kernel check failed: a bug, its traceback is above
         else:
             argv = _resuming(commands[stage])
             print("$ wmfast " + " ".join(argv), flush=True)
-            _run_cli(argv)
+            try:
+                _run_cli(argv)
+            except StageFailed as e:
+                return e.code
         print(f"--- {stage}: {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"\nwmfast demo: done in {time.perf_counter() - t_all:.0f} s; outputs under {os.path.abspath(args.out)}")
     return 0

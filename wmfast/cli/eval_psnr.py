@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 
 from wmfast.cli import _sampling as common
+from wmfast.cli._args import output_dir, positive_int
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -64,7 +64,7 @@ def add_arguments(p):
     p.add_argument("--cache-threshold", default="0",
                    help="step-cache thresholds, comma-separated (0: no step skipped). For each, the skip schedule is "
                         "calibrated once on the first sample with one member, then used for every sample")
-    p.add_argument("--limit", type=int, default=None, help="score only the first K samples of the split")
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first K samples of the split")
     p.add_argument("--out", default=None, help="output directory (default: eval_psnr_<split>)")
 
 
@@ -91,13 +91,10 @@ def score_sample(model, sample, cfg, ns: list[int]) -> tuple[dict[tuple[str, int
 
 
 def run(args) -> int:
-    try:
-        ns, steps_list = _int_list("--ensemble", args.ensemble), _int_list("--steps", args.steps)
-        solvers, thresholds = _solver_list(args.solver), _threshold_list(args.cache_threshold)
-        return evaluate(args, ns, steps_list, solvers, thresholds)
-    except ValueError as e:
-        print(f"wmfast eval-psnr: error: {e}", file=sys.stderr)
-        return 2
+    ns, steps_list = _int_list("--ensemble", args.ensemble), _int_list("--steps", args.steps)
+    solvers, thresholds = _solver_list(args.solver), _threshold_list(args.cache_threshold)
+    args.out = output_dir(args.out or f"eval_psnr_{args.split}")
+    return evaluate(args, ns, steps_list, solvers, thresholds)
 
 
 def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str], thresholds: list[float]) -> int:
@@ -132,7 +129,7 @@ def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str], thr
              "ensemble": n, "psnr_pixel": totals[solver, s, th, "pixel", n] / count,
              "psnr_latent": totals[solver, s, th, "latent", n] / count, "seconds_per_sample": seconds[solver, s, th],
              "samples": count} for solver, s, th in runs for n in ns]
-    out = args.out or f"eval_psnr_{args.split}"
+    out = args.out
     os.makedirs(out, exist_ok=True)
     write_tables(rows, out)
     base = [r for r in rows if r["cache_threshold"] == thresholds[0]]  # PSNR against N: the smallest threshold

@@ -8,8 +8,10 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
+
+from wmfast.cli._args import blame, check_device, device_name, output_file
+from wmfast.cli._args import positive_int as _positive
 
 logger = logging.getLogger("wmfast")
 
@@ -23,16 +25,6 @@ def _precisions(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of distinct "
                                          f"{', '.join(PRECISIONS)}")
     return sorted(names, key=PRECISIONS.index)  # fp32 first: the others are compared with it
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return value
 
 
 def add_arguments(p):
@@ -50,7 +42,7 @@ def add_arguments(p):
     p.add_argument("--graph", action="store_true",
                    help="replay the whole rollout as one CUDA graph (captured at the first batch; GPU only)")
     p.add_argument("--top-k", type=_positive, default=500, help="k of the top-k cross-entropy")
-    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--device", type=device_name, default="auto", help="cuda, cpu, or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
 
@@ -59,10 +51,13 @@ def _model(args, torch):
     from wmfast.models import STTransformer, STTransformerConfig, describe, load_checkpoint
 
     if args.checkpoint:
-        model = load_checkpoint(args.checkpoint, preset=args.preset)
+        with blame("--checkpoint", args.checkpoint):
+            model = load_checkpoint(args.checkpoint, preset=args.preset)
     else:
         torch.manual_seed(args.seed)
-        model = STTransformer(STTransformerConfig.from_name(args.preset))
+        with blame("--preset", args.preset):
+            model = STTransformer(STTransformerConfig.from_name(args.preset))
+        model.preset_name = args.preset
         logger.info("no --checkpoint: random weights (the numbers below are those of an untrained model)")
     logger.info(describe(model.config))
     return model
@@ -137,19 +132,22 @@ def run(args) -> int:
     from wmfast.data import TokenizedDataset
     from wmfast.inference import precision_scope
 
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.device = check_device(args.device)
+    if args.json:
+        output_file(args.json, "--json")
     if args.graph and not args.device.startswith("cuda"):
-        print(f"wmfast generate: error: --graph needs a CUDA device (--device {args.device})", file=sys.stderr)
-        return 2
+        raise ValueError(f"--graph needs a CUDA device (--device {args.device})")
     model = _model(args, torch).to(args.device).float().eval()
     c = model.config
-    ds = TokenizedDataset(args.data, args.split or None, vocab_size=c.vocab_size)
+    with blame("--data", args.data):
+        ds = TokenizedDataset(args.data, args.split or None, vocab_size=c.vocab_size)
+    source = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"--preset {args.preset}"
     if ds.grid_size != c.grid_size:
-        raise ValueError(f"{ds.dir}: grids are {ds.grid_size}x{ds.grid_size} but the model takes "
-                         f"{c.grid_size}x{c.grid_size} (preset {args.preset!r})")
+        raise ValueError(f"--data {ds.dir}: grids are {ds.grid_size}x{ds.grid_size} but the model of {source} takes "
+                         f"{c.grid_size}x{c.grid_size}")
     n = min(args.samples, len(ds))
     if n < 1:
-        raise ValueError(f"{ds.dir}: no samples")
+        raise ValueError(f"--data {ds.dir}: the split has no samples")
     indices = [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]
     k = min(args.top_k, c.vocab_size)
     per = {p: {"ce": 0, "topk_ce": 0, "tf_correct": 0, "gen_correct": 0, "seconds": [], "setup": [], "tokens": 0}
@@ -177,7 +175,8 @@ def run(args) -> int:
                 elif reference is not None:
                     acc["agree"] = acc.get("agree", 0) + (gen == reference).sum()
     results = {p: _summary(c, n, per[p], k) for p in args.dtype}
-    summary = {"samples": n, "split_dir": ds.dir, "checkpoint": args.checkpoint, "preset": args.preset,
+    summary = {"samples": n, "split_dir": ds.dir, "checkpoint": args.checkpoint,
+               "preset": getattr(model, "preset_name", None) or "(from the checkpoint's config)",
                "batch_size": args.batch_size, "use_cache": not args.no_cache, "graph": args.graph,
                "device": args.device, **results[args.dtype[0]]}
     if len(args.dtype) > 1:

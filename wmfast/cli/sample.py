@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from wmfast.cli import _sampling as common
+from wmfast.cli._args import output_dir, positive_int
 
 
 def add_arguments(p):
     common.add_model_arguments(p)
     p.add_argument("--index", type=int, default=0, help="which sample of the split to predict")
-    p.add_argument("--ensemble", type=int, default=8, help="ensemble size N")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (model evaluations)")
+    p.add_argument("--ensemble", type=positive_int, default=8, help="ensemble size N")
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (model evaluations)")
     p.add_argument("--solver", choices=common.SOLVERS, default="euler",
                    help="euler (default: first order, fused update) or unipc (Wan2.2's default sampler: 2nd-order "
                         "predictor-corrector on diffusers' schedule)")
@@ -38,7 +38,7 @@ def add_arguments(p):
                    help="step skipping (first-block cache): the schedule of skipped steps is calibrated on this sample "
                         "with one member at threshold T, then the ensemble runs with it (0, the default: off; "
                         "`wmfast eval-psnr --cache-threshold` measures PSNR and time against T)")
-    p.add_argument("--decode-batch", type=int, default=None, metavar="K",
+    p.add_argument("--decode-batch", type=positive_int, default=None, metavar="K",
                    help="members per VAE decode (default: all N at once, halved automatically when out of memory)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode each frame in 2x2 overlapping spatial tiles (less decode memory; changes the decoded "
@@ -49,11 +49,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    try:
-        return predict(args)
-    except ValueError as e:  # user errors (paths, --lora, --index, data): one line, exit 2, as `wmfast train`
-        print(f"wmfast sample: error: {e}", file=sys.stderr)
-        return 2
+    return predict(args)
 
 
 def predict(args) -> int:
@@ -61,8 +57,7 @@ def predict(args) -> int:
     from wmfast.inference.predict import calibrate_sample_skips, predict_sample, set_vae_tiling
     from wmfast.metrics.psnr import psnr, to_uint8
 
-    if args.decode_batch is not None and args.decode_batch < 1:
-        raise ValueError(f"--decode-batch {args.decode_batch}: must be >= 1")
+    output_dir(args.out)
     check_cache_threshold(args.cache_threshold, "--cache-threshold")
     model = common.load_model(args)
     if args.vae_tiling:
@@ -96,8 +91,10 @@ def predict(args) -> int:
         if frame is not None:
             report[f"psnr_{mode}"] = psnr(to_uint8(frame), truth)
     if args.strip:
-        report["strip"] = os.path.join(args.out, "strip.png")
-        common.save_png(common.make_strip(sample.context[-1], frames, sample.target), report["strip"])
+        from wmfast.cli.strip import save_strip, strip_title
+
+        report["strip"] = save_strip(os.path.join(args.out, "strip.png"), sample.context[-1], frames, sample.target,
+                                     title=strip_title(args.index, args.split, args.ensemble, args.steps, args.solver))
     with open(os.path.join(args.out, "sample.json"), "w") as f:
         json.dump(report, f, indent=2)
     scores = ", ".join(f"{m} averaging {report[f'psnr_{m}']:.2f} dB" for m in ("pixel", "latent")

@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from wmfast.cli._args import blame, output_dir
 
 
 def _micro_batch(value: str):
@@ -16,9 +17,9 @@ def _micro_batch(value: str):
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--micro-batch must be a positive integer or 'auto', got {value!r}")
+        n = 0
     if n <= 0:
-        raise argparse.ArgumentTypeError(f"--micro-batch must be positive, got {n}")
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a positive integer or 'auto'")
     return n
 
 
@@ -48,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, help="validate every N steps (0: never)")
     p.add_argument("--log-every", type=int, help="log every N steps")
     p.add_argument("--nan", choices=("stop", "skip"), help="on a NaN/Inf loss: stop (default) or skip the step")
+    p.add_argument("--nan-skip-limit", type=int, metavar="N",
+                   help="with --nan skip: the most consecutive steps skipped; one more stops the run (default 3)")
     p.add_argument("--loss-reduction", choices=("mean", "sum"),
                    help="loss over the future grids: mean CE (default) or the per-grid CEs summed (3x)")
     p.add_argument("--seed", type=int)
@@ -60,8 +63,23 @@ _FIELDS = {"task": "task", "model": "model", "random_weights": "random_weights",
            "global_batch": "global_batch", "steps": "steps", "lr": "lr", "warmup": "warmup_steps",
            "precision": "precision", "activation_checkpointing": "activation_checkpointing",
            "compile": "compile", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints", "val_every": "val_every",
-           "log_every": "log_every", "nan": "nan_policy", "loss_reduction": "loss_reduction", "seed": "seed",
+           "log_every": "log_every", "nan": "nan_policy", "nan_skip_limit": "nan_skip_limit", "loss_reduction": "loss_reduction", "seed": "seed",
            "num_workers": "num_workers"}
+
+
+def _naming_flag(message: str) -> str:
+    """A config validation message with its field named as the flag (`lr=-1.0 must be > 0` -> `--lr -1.0 must
+    be > 0`); other messages as they are."""
+    if message.startswith("--"):
+        return message
+    starts = {"unknown training preset": "--config", "unknown task": "--task", "unknown preset": "--model"}
+    for start, flag in starts.items():
+        if message.startswith(start):
+            return f"{flag}: {message}"
+    for arg, field in sorted(_FIELDS.items(), key=lambda kv: -len(kv[1])):
+        if message.startswith(f"{field}="):
+            return f"--{arg.replace('_', '-')} {message[len(field) + 1:]}"
+    return message
 
 
 def config_from_args(args):
@@ -69,20 +87,32 @@ def config_from_args(args):
     from wmfast.train.config import load_override
 
     overrides = {field: getattr(args, arg) for arg, field in _FIELDS.items() if getattr(args, arg) is not None}
-    overrides["deepspeed_override"] = load_override(args.deepspeed_config)
+    if args.deepspeed_config is not None:
+        with blame("--deepspeed-config", args.deepspeed_config):
+            overrides["deepspeed_override"] = load_override(args.deepspeed_config)
     return TrainConfig.from_name(args.config, **overrides)
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except ValueError as e:  # the config's messages name its fields: name the flags instead
+        message = _naming_flag(str(e))
+        if message == str(e):
+            raise
+        raise ValueError(message) from e
+
+
+def _run(args) -> int:
     import os
 
+    from wmfast.cli import EXIT_STOPPED
     from wmfast.train import train
 
-    try:
-        cfg = config_from_args(args)
-        out = args.out or os.path.join("runs", cfg.name)
-        result = train(cfg, args.data, out, resume=args.resume)
-    except ValueError as e:
-        print(f"wmfast train: error: {e}", file=sys.stderr)
-        return 2
-    return 0 if result.status == "done" else 3
+    cfg = config_from_args(args)
+    out = output_dir(args.out or os.path.join("runs", cfg.name))
+    if args.data is not None and not os.path.isdir(args.data):
+        raise ValueError(f"--data {args.data}: " + ("is a file, not a directory" if os.path.exists(args.data)
+                                                    else "does not exist"))
+    result = train(cfg, args.data, out, resume=args.resume)
+    return 0 if result.status == "done" else EXIT_STOPPED
