@@ -233,6 +233,20 @@ def test_synth_again_replaces_the_splits_whole(tmp_path, capsys):
     assert len(TokenizedDataset(str(out), "train", vocab_size=V)) > 0
 
 
+def test_what_a_killed_write_left_is_removed_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a process that has ended: its pid
+    gone.wait()
+    d = tmp_path / "split"
+    for suffix in ("partial", "old"):  # killed mid-write, and between the two renames
+        (tmp_path / f".split.{gone.pid}-ab12.{suffix}").mkdir()
+    (tmp_path / f".split.{os.getpid()}-cd34.partial").mkdir()  # a live writer's: left alone
+    write_split(str(d), 1, 40, seed=0, grid_size=G, vocab_size=V)
+    assert sorted(os.listdir(tmp_path)) == [f".split.{os.getpid()}-cd34.partial", "split"]
+
+
 def _contents(d):
     return {f: (Path(d) / f).read_bytes() for f in _listing(d)}
 

@@ -178,7 +178,30 @@ def replace_split(split_dir: str, write: Callable[[str], object]) -> str:
         shutil.rmtree(stem + ".old", ignore_errors=True)
     else:
         os.rename(tmp, target)
+    for leftover in _dead_siblings(parent, name):  # what killed earlier writes left beside the split
+        shutil.rmtree(leftover, ignore_errors=True)
     return split_dir
+
+
+def _dead_siblings(parent: str, name: str) -> list[str]:
+    """The hidden `.NAME.PID-HEX.partial|.old` directories of `replace_split` calls whose process is gone."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)-[0-9a-f]+\.(partial|old)$")
+    out = []
+    for entry in os.listdir(parent):
+        m = pattern.match(entry)
+        if m and not _alive(int(m.group(1))):
+            out.append(os.path.join(parent, entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------- file checks

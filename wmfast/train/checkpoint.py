@@ -285,7 +285,9 @@ def remove_leftovers(ckpt_dir: str) -> list[str]:
     removed = []
     tmp_root = os.path.join(ckpt_dir, TMP_DIR)
     if os.path.isdir(tmp_root):
-        removed += [os.path.join(tmp_root, name) for name in sorted(os.listdir(tmp_root))]
+        # DeepSpeed copies its recovery scripts (zero_to_fp32.py, ...) beside every save: expected, not reported
+        removed += [os.path.join(tmp_root, name) for name in sorted(os.listdir(tmp_root))
+                    if not (name.startswith("zero_to_") and name.endswith(".py"))]
         shutil.rmtree(tmp_root, ignore_errors=True)
     for path in incomplete_checkpoints(ckpt_dir):
         try:
