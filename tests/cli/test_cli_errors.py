@@ -88,6 +88,8 @@ CASES = [
     ([*T, "--deepspeed-config", "{ws}/afile.txt"], ["--deepspeed-config", "afile.txt"]),
     (["train", "--config", "tiny-sampling", "--data", "{raw}", "--model", "{ws}/missing", "--out", "{tmp}/t"],
      ["--model", "no such directory", "nothing is downloaded"]),
+    (["train", "--config", "tiny", "--data", "{tok}", "--out", "{ws}/lora_run", "--resume", "--steps", "1"],
+     ["lora_run holds a checkpoint of tiny-sampling", "this run is tiny"]),
     (["data", "synth", "--out", "{ws}/afile.txt"], ["--out", "is a file"]),
     (["data", "synth", "--out", "{tmp}/d", "--frames", "10"], ["--frames 10"]),
     (["data", "synth", "--out", "{tmp}/d", "--shards", "0"], ["--shards 0"]),
