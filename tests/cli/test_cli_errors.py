@@ -67,6 +67,7 @@ CASES = [
     ([*G, "--json", "{ws}/empty"], ["--json", "is a directory"]),
     (["train", "--config", "nope", "--data", "{tok}"], ["--config", "'nope'"]),
     (["train", "--config", "tiny", "--data", "{ws}/missing", "--out", "{tmp}/t"], ["--data", "does not exist"]),
+    (["train", "--config", "tiny", "--out", "{tmp}/t"], ["--data", "needs a data directory"]),
     (["train", "--config", "tiny", "--data", "{ws}/afile.txt", "--out", "{tmp}/t"], ["--data", "is a file"]),
     (["train", "--config", "tiny", "--data", "{tok}", "--out", "{ws}/afile.txt"], ["--out", "is a file"]),
     ([*T, "--steps", "0"], ["--steps 0"]),

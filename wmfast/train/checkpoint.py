@@ -354,8 +354,8 @@ def load_newest(engine, ckpt_dir: str) -> tuple[dict[str, Any], str] | None:
                 discard(ckpt_dir, bad)
         return state, path
     if problems:
-        raise ValueError(f"no checkpoint in {ckpt_dir} loads: {'; '.join(p for _, p in problems)} (resume into "
-                         "another --out, or without --resume)")
+        raise ValueError(f"no checkpoint in {ckpt_dir} loads: {'; '.join(p for _, p in problems)} (delete or repair "
+                         "them to resume from an older one, or train into another --out)")
     return None
 
 

@@ -45,7 +45,9 @@ class RunResult:
 def check_inputs(cfg: TrainConfig, data_dir: str | None, run_dir: str, resume: bool, task: Task | None) -> None:
     """Fail before any work: bad config, missing data, a run dir that would be overwritten."""
     cfg.validate(world_size_from_env())
-    if task is None and (not data_dir or not os.path.isdir(data_dir)):
+    if task is None and not data_dir:
+        raise ValueError(f"--data: the {cfg.task} task of {cfg.name} needs a data directory")
+    if task is None and not os.path.isdir(data_dir):
         raise ValueError(f"data directory {data_dir!r} does not exist")
     if not resume and list_checkpoints(os.path.join(run_dir, "checkpoints")):
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
