@@ -5,6 +5,7 @@
 // limits are exported by the `limits` op, so Python reads them from the headers' constants instead of a copy.
 #include <Python.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -226,6 +227,10 @@ Tensor temporal_decode_step(const Tensor& q, const Tensor& k, const Tensor& v, T
   check_cache(v_cache, q, "v_cache");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache ", shape_of(k_cache), " and v_cache ",
               shape_of(v_cache), " must have the same shape");
+  // both caches are written at position t: shared memory would let one write clobber the other
+  const at::MemOverlapStatus overlap = at::get_overlap_status(k_cache, v_cache);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+              "k_cache and v_cache share memory: they must be separate buffers");
   TORCH_CHECK(0 <= t && t < k_cache.size(3), "t = ", t, " out of range for T_max = ", k_cache.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor o = at::empty(q.sizes(), q.options());

@@ -6,6 +6,7 @@ The public, validated functional API is `wmfast.ops` (wmfast/ops/adaln.py); the 
 Semantics (fp32 math, result cast to x.dtype):
     y   = LayerNorm(x; no affine, eps) * (1 + scale) + shift
     out = residual + gate * x
+A row whose fp32 variance overflows is NaN in y (kernels/layernorm.py: row_rstd, normalize_ref).
 Modulation tensors (shift, scale, gate) are per-sample [B, D] or [B, 1, D], per-frame [B, F, D] with
 `frame_len` (token l uses row l // frame_len, F * frame_len == L), or per-token [B, L, D]. The kernels read
 every tensor through its strides (a `mod.unbind(1)` view of [B, 6, D] or [B, F, 6, D] is never copied), and
@@ -22,10 +23,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from wmfast.kernels._launch import launch_params, launcher, register, triton_interpret
+from wmfast.kernels.layernorm import normalize_ref, row_rstd
 from wmfast.kernels.tuning import adaln_key
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -45,11 +46,11 @@ def expand_modulation(mod: torch.Tensor, L: int, frame_len: int | None) -> torch
 def layernorm_modulate_ref(x, shift, scale, *, eps=1e-6, frame_len=None, upcast=True):
     """Reference: LayerNorm(x) * (1 + scale) + shift. upcast=True computes in fp32 (the specification),
     upcast=False in x.dtype (what plain PyTorch does in low precision)."""
-    L, D = x.shape[1], x.shape[2]
+    L = x.shape[1]
     dt = torch.float32 if upcast else x.dtype
     shift = expand_modulation(shift, L, frame_len).to(dt)
     scale = expand_modulation(scale, L, frame_len).to(dt)
-    y = F.layer_norm(x.to(dt), (D,), eps=eps) * (1 + scale) + shift
+    y = normalize_ref(x.to(dt), eps) * (1 + scale) + shift
     return y.to(x.dtype)
 
 
@@ -66,12 +67,12 @@ def gated_residual_layernorm_modulate_ref(residual, x, gate, shift, scale, *, ep
 
     With upcast=True, y is computed from the fp32 `out` (before its cast), as a fused kernel does."""
     dt = torch.float32 if upcast else x.dtype
-    L, D = x.shape[1], x.shape[2]
+    L = x.shape[1]
     gate = expand_modulation(gate, L, frame_len).to(dt)
     out = residual.to(dt) + gate * x.to(dt)
     shift = expand_modulation(shift, L, frame_len).to(dt)
     scale = expand_modulation(scale, L, frame_len).to(dt)
-    y = F.layer_norm(out, (D,), eps=eps) * (1 + scale) + shift
+    y = normalize_ref(out, eps) * (1 + scale) + shift
     return y.to(x.dtype), out.to(x.dtype)
 
 
@@ -111,7 +112,7 @@ def _adaln_fwd_kernel(
     if HAS_NORM:
         mean = tl.sum(h, axis=1) / D
         hc = tl.where(mask, h - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        rstd = row_rstd(tl.sum(hc * hc, axis=1) / D, eps)
         sh = tl.load(SHIFT + (b * ssb + (l // s_div) * ssf)[:, None] + cols[None, :] * ssd, mask=mask, other=0.0)
         sc = tl.load(SCALE + (b * scb + (l // c_div) * scf)[:, None] + cols[None, :] * scd, mask=mask, other=0.0)
         y = hc * rstd[:, None] * (1.0 + sc.to(tl.float32)) + sh.to(tl.float32)
@@ -170,7 +171,7 @@ def _adaln_bwd_kernel(
                          other=0.0).to(tl.float32)
             mean = tl.sum(h, axis=1) / D
             hc = tl.where(mask, h - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+            rstd = row_rstd(tl.sum(hc * hc, axis=1) / D, eps)
             xhat = hc * rstd[:, None]
             wdy = dy * (1.0 + sc)
             c1 = tl.sum(xhat * wdy, axis=1) / D

@@ -8,6 +8,10 @@ Semantics (fp32 math, results in x.dtype):
     y   = (n - mean(n)) / sqrt(var(n) + eps) * weight[g] + bias[g],   n = out (or x)
 The LayerNorm normalises the *rounded* `out`, the tensor the residual stream keeps, so the forward, the backward
 (which recomputes the statistics from `out`) and an unfused model in x.dtype all see the same numbers.
+A row whose fp32 sum of squared deviations overflows (|x| >~ 1e19) is NaN in y and in its gradients
+(`row_rstd`, `overflow_nan`): 1 / sqrt(inf) = 0 would otherwise hide the overflow behind y = bias, and
+F.layer_norm itself gives NaN or 0 there depending on its internal summation. The AdaLN and norm_linear kernels
+and references share both helpers.
 
 Rows. x is a [M, I, D] view (any strides over M and I, contiguous over D): M outer rows of I inner rows each,
 normalised over D. The I inner rows are split into G equal groups with their own weight/bias rows
@@ -24,7 +28,6 @@ two backward runs are bit-identical).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from wmfast.kernels._launch import launcher, register, triton_interpret
@@ -41,11 +44,26 @@ def _group_params(p: torch.Tensor, inner: int, dt) -> torch.Tensor:
     return p.to(dt).repeat_interleave(inner // p.shape[0], dim=0)
 
 
+def overflow_nan(rstd: torch.Tensor) -> torch.Tensor:
+    """[..., 1]: NaN on the rows whose 1 / sqrt(var + eps) is 0 or NaN (the variance overflowed: what the kernels'
+    row_rstd turns into NaN), 1 elsewhere. No gradient flows into it; multiplying a normalised row by it is exact
+    (x 1) or makes the row and its gradients NaN."""
+    return torch.where(rstd.detach() > 0, 1.0, float("nan"))
+
+
+def normalize_ref(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.layer_norm over the last dim (no affine) in x's dtype, NaN on the rows whose variance overflows. The
+    row statistics come with the normalisation (aten's native_layer_norm returns rstd), so the check costs one
+    multiply, not another pass of reductions over x."""
+    y, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+    return y * overflow_nan(rstd).to(y.dtype)
+
+
 def layer_norm_ref(x, weight, bias, *, eps=1e-5, upcast=True):
     """Reference: y = LayerNorm(x) * weight[g] + bias[g] over the last dim of x [M, I, D]; weight, bias [G, D]."""
     dt = torch.float32 if upcast else x.dtype
     w, b = _group_params(weight, x.shape[1], dt), _group_params(bias, x.shape[1], dt)
-    return (F.layer_norm(x.to(dt), x.shape[-1:], eps=eps) * w + b).to(x.dtype)
+    return (normalize_ref(x.to(dt), eps) * w + b).to(x.dtype)
 
 
 def residual_layer_norm_ref(residual, x, weight, bias, *, eps=1e-5, upcast=True):
@@ -58,6 +76,12 @@ def residual_layer_norm_ref(residual, x, weight, bias, *, eps=1e-5, upcast=True)
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Triton kernels
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def row_rstd(var, eps):
+    """1 / sqrt(var + eps) of fp32 row variances, NaN where a variance overflowed (or is NaN): see overflow_nan."""
+    return tl.where(var < float("inf"), 1.0 / tl.sqrt(var + eps), float("nan"))
 
 
 @triton.jit
@@ -78,7 +102,7 @@ def _layer_norm_fwd_kernel(X, R, W, B, Y, OUT, M, D, IPG, sxm, sxi, srm, sri, sy
         x = out.to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    rstd = row_rstd(tl.sum(xc * xc, axis=1) / D, eps)
     g = i // IPG
     w = tl.load(W + g * D + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(B + g * D + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -104,7 +128,7 @@ def _layer_norm_bwd_kernel(DY, DOUT, X, W, DX, DW, DB, M, D, IPG, ROWS_PER_PROG,
         x = tl.load(X + rows64 * sxm + i * sxi + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        rstd = row_rstd(tl.sum(xc * xc, axis=1) / D, eps)
         xhat = xc * rstd[:, None]
         dy = tl.load(DY + rows64 * sdym + i * sdyi + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dw += tl.sum(dy * xhat, axis=0)

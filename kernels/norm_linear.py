@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from wmfast.kernels._launch import fp32_dot_precision, launcher, register, triton_interpret
-from wmfast.kernels.layernorm import layer_norm_ref, residual_layer_norm_ref
+from wmfast.kernels.layernorm import layer_norm_ref, residual_layer_norm_ref, row_rstd
 
 ACTIVATIONS = ("none", "gelu_tanh")
 QK_HEAD_DIMS = (16, 32, 64, 128)  # BLOCK_N = Dh: a power of two the dot accepts, whose row fits one tile
@@ -115,7 +115,7 @@ def _norm_linear_fwd_kernel(X, R, W, BIAS, LNW, LNB, QW, QB, KW, KB, Y, OUT, M, 
         delta = c_mean - mean
         mean += delta * (n_c / n_ab)
         m2 += tl.sum(dev * dev, axis=1) + delta * delta * (k0 * n_c / n_ab)
-    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    rstd = row_rstd(m2 / D, eps)  # NaN where the variance overflowed, as the reference
 
     # pass 2: A = round(LayerNorm(out) * ln_weight + ln_bias) chunk by chunk, times the weight tile
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,7 +156,7 @@ def _norm_linear_fwd_kernel(X, R, W, BIAS, LNW, LNB, QW, QB, KW, KB, Y, OUT, M, 
                 hb = tl.load(KB + hcols).to(tl.float32)
             yr = acc.to(dt).to(tl.float32)  # normalise the rounded projection, as the model does
             hc = yr - (tl.sum(yr, axis=1) / BLOCK_N)[:, None]
-            hrstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / BLOCK_N + qk_eps)
+            hrstd = row_rstd(tl.sum(hc * hc, axis=1) / BLOCK_N, qk_eps)
             acc = hc * hrstd[:, None] * hw[None, :] + hb[None, :]
     tl.store(Y + rows64 * N + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 

@@ -3,6 +3,8 @@
 // One row unit (nt threads: a warp for D <= 512, a block for larger D) owns one token row and keeps it in
 // registers (<= 16 fp32 per thread), so x is read once: 16-byte loads, two-pass fp32 statistics (mean,
 // then the centred sum of squares: no cancellation), then y written with 16-byte stores.
+#include <cfloat>
+
 #include "adaln_common.cuh"
 
 namespace wmfast {
@@ -52,7 +54,10 @@ __global__ void __launch_bounds__(512, 1) adaln_fwd_kernel(const AdaLNFwdParams 
       for (int j = 0; j < VEC; ++j) sq += (v[c][j] - mean) * (v[c][j] - mean);
     }
   }
-  const float rstd = rsqrtf(row_sum(sq, nt, smem) / static_cast<float>(D) + p.eps);
+  const float var = row_sum(sq, nt, smem) / static_cast<float>(D);
+  // a variance that overflowed fp32 makes the row NaN, as in the references (rsqrtf(inf) = 0 would give y = shift);
+  // the backward reads this rstd, so the row's gradients are NaN too
+  const float rstd = var <= FLT_MAX ? rsqrtf(var + p.eps) : nanf("");  // (false for a NaN var too)
   if (!active) return;  // no barrier below
   if (tid == 0) {
     p.mean[row] = mean;

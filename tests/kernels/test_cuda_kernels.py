@@ -276,6 +276,16 @@ def test_emulated_adaln_kernels_fwd_bwd(emu, layout, dtype, mod_dtype, D):
             assert_2x_rule(a, r, low, name=f"d{name} gated={gated}", dtype=dtype)
 
 
+def test_emulated_adaln_row_whose_variance_overflows_is_nan(emu):
+    """As the references (kernels/layernorm.py overflow_nan): rsqrtf(inf) = 0 would give y = shift on that row."""
+    x, shift, scale = torch.randn(2, 3, 64), torch.randn(2, 1, 64), torch.randn(2, 1, 64)
+    x[0, 1] *= 1e20
+    y, _, _, rstd = _emu_fwd(emu, x, shift, scale)
+    ref = layernorm_modulate_ref(x, shift, scale)
+    assert_2x_rule(y, ref, ref, name="y", dtype=torch.float32)  # NaN in the same places, the other rows close
+    assert int(y.isnan().sum()) == 64 and y[0, 1].isnan().all() and rstd[0, 1].isnan()
+
+
 def test_emulated_adaln_backward_reduces_deterministically_across_chunking(emu):
     """Per-sample gradients over 96 rows: many work units (num_sms=1 -> chunks of 16) vs few; two-stage sums in
     a fixed order give the same bits every run, and agree across chunkings to fp32 rounding."""

@@ -98,7 +98,7 @@ def _bad_inputs():
         "frame-zero": ("layernorm_modulate", (x, m, m), {"frame_len": 0}, "frame_len must be a positive int"),
         "frame-float": ("layernorm_modulate", (x, m, m), {"frame_len": 2.0}, "frame_len must be a positive int"),
         "frame-bool": ("layernorm_modulate", (x, m, m), {"frame_len": True}, "frame_len must be a positive int"),
-        "eps-negative": ("layernorm_modulate", (x, m, m), {"eps": -1.0}, "eps must be a non-negative"),
+        "eps-negative": ("layernorm_modulate", (x, m, m), {"eps": -1.0}, "eps must be a finite float > 0"),
         "residual-shape": ("gated_residual", (x[:, :3], x, m), {},
                            r"residual shape \(2, 3, 8\) != x shape \(2, 6, 8\)"),
         "residual-dtype": ("gated_residual", (x.double(), x, m), {}, "residual"),

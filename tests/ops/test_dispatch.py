@@ -89,10 +89,12 @@ def test_cpu_without_interpreter_uses_reference_and_says_why(monkeypatch, caplog
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     common.log_once.cache_clear()
     x, (shift, scale, *_) = _inputs()
-    with caplog.at_level(logging.INFO, logger="wmfast"):
+    with caplog.at_level(logging.DEBUG, logger="wmfast"):
         y = ops.layernorm_modulate(x, shift, scale, frame_len=2)
     assert torch.equal(y, adaln_ops._k.layernorm_modulate_ref(x, shift, scale, frame_len=2))
-    assert "using the torch reference" in caplog.text
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == 1 and "no fused kernels for cpu tensors (CPU tensors need TRITON_INTERPRET=1" in info[0]
+    assert "layernorm_modulate on cpu tensors: " in caplog.text and "using the torch reference" in caplog.text
 
 
 @needs_interpreter
@@ -138,10 +140,11 @@ def test_too_wide_for_triton_falls_back_or_raises_when_forced(monkeypatch, caplo
     x, (shift, scale, *_) = _inputs()  # D = 8 > 4
     monkeypatch.delenv("WMFAST_BACKEND", raising=False)
     common.log_once.cache_clear()
-    with caplog.at_level(logging.INFO, logger="wmfast"):
+    with caplog.at_level(logging.DEBUG, logger="wmfast"):
         y = ops.layernorm_modulate(x, shift, scale, frame_len=2)
     assert torch.equal(y, k.layernorm_modulate_ref(x, shift, scale, frame_len=2))
-    assert "exceeds the Triton kernels' limit D <= 4; using the torch reference" in caplog.text
+    assert "exceeds the Triton kernels' limit D <= 4; using the torch reference" in caplog.text  # the DEBUG detail
+    assert "some ops on cpu tensors run their torch references (first: layernorm_modulate" in caplog.text  # INFO
     with use_backend("triton"), pytest.raises(ValueError, match=r"use_backend\('triton'\) for layernorm_modulate: "
                                                                 r"triton cannot run these inputs \(triton: D=8 "
                                                                 r"\(x shape \(2, 4, 8\)\) exceeds"):
@@ -160,7 +163,7 @@ def test_rows_wider_than_triton_max_d_never_reach_the_triton_kernel(monkeypatch,
         monkeypatch.setattr(k, name, refuse)
     x, res, gate, shift, scale = (torch.randn(2, 3, 24) for _ in range(5))
     common.log_once.cache_clear()
-    with caplog.at_level(logging.INFO, logger="wmfast"):
+    with caplog.at_level(logging.DEBUG, logger="wmfast"):
         y = ops.layernorm_modulate(x, shift, scale)
         out1 = ops.gated_residual(res, x, gate)
         y2, out = ops.gated_residual_layernorm_modulate(res, x, gate, shift, scale)

@@ -49,7 +49,8 @@ def check_solver(name: str, field: str = "solver") -> str:
 
 
 class EulerUpdate:
-    """x + dt v with the context re-imposed: the fused op, or its torch reference (fused=False)."""
+    """x + dt v with the context re-imposed: the fused op, or its torch reference (fused=False, or float64
+    latents, which the ops refuse)."""
 
     def __init__(self, fused: bool = True):
         self.fn = ops.ensemble_euler_step if fused else ensemble_euler_step_ref
@@ -64,7 +65,8 @@ class EulerUpdate:
         pass
 
     def __call__(self, x, v, dt, context):
-        return self.fn(x, v, dt, context)
+        fn = ensemble_euler_step_ref if x.dtype == torch.float64 else self.fn
+        return fn(x, v, dt, context)
 
 
 # ------------------------------------------------------------------------------------------------ UniPC

@@ -21,7 +21,7 @@ import torch
 from wmfast.kernels import adaln as _k
 from wmfast.kernels.tuning import adaln_shape_key
 from wmfast.ops import cuda_ext
-from wmfast.ops.common import DTYPES, check_eps
+from wmfast.ops.common import DTYPES, check_eps, check_row_count
 from wmfast.ops.common import shape as _shape
 from wmfast.ops.dispatch import OpInputs, timing_runners, traceable_backend
 
@@ -35,6 +35,7 @@ def _check_x(name: str, x, like=None) -> None:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {_shape(x)}")
+    check_row_count(name, x)
     if like is not None:
         if x.shape != like.shape:
             raise ValueError(f"{name} shape {_shape(x)} != x shape {_shape(like)}")

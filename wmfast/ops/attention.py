@@ -30,7 +30,7 @@ from wmfast.kernels.temporal_attention import (
 )
 from wmfast.kernels.tuning import decode_shape_key, spatial_shape_key
 from wmfast.ops import cuda_ext, dispatch
-from wmfast.ops.common import DTYPE_NAMES, DTYPES, log_once, logger
+from wmfast.ops.common import DTYPE_NAMES, DTYPES, check_disjoint, check_flag, check_row_count, log_once, logger
 from wmfast.ops.common import describe as _shape
 from wmfast.ops.dispatch import OpInputs, forced_backend, traceable_backend
 
@@ -43,7 +43,9 @@ def _check_same(op: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ..
             raise ValueError(f"{op}: {name} must be a {ndim}-D tensor {layout}, got {got}")
         if x.dtype not in DTYPES:
             raise ValueError(f"{op}: {name} dtype {x.dtype} not supported ({DTYPE_NAMES})")
-        if x.shape[-1] > 0 and x.stride(-1) != 1:
+        if x.shape[-1] == 0:
+            raise ValueError(f"{op}: {name} has a zero-width head dim (Dh = 0), got {_shape(x)}")
+        if x.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must have a contiguous head dim (stride(-1) == 1), got {_shape(x)}")
     first, x0 = names[0], tensors[0]
     for name, x in zip(names[1:], tensors[1:]):
@@ -52,10 +54,16 @@ def _check_same(op: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ..
 
 
 def _check_qkv(op: str, q, k, v, max_t: int | None = None) -> None:
+    """q, k, v alike (see _check_same); for the temporal kernels (max_t given, or the decode step's T = 1), at most
+    max_t frames and MAX_ROWS (b, s, h) rows."""
     _check_same(op, ("q", "k", "v"), (q, k, v), 5, "[B, T, S, H, Dh]")
-    if max_t is not None and q.shape[1] > max_t:
+    if max_t is None:
+        return
+    if q.shape[1] > max_t:
         raise ValueError(f"{op}: T = {q.shape[1]} frames (q {tuple(q.shape)}) exceeds the kernel's limit of "
                          f"{max_t}: all T keys of a row are held in registers")
+    B, _, S, H, _ = q.shape
+    check_row_count(f"{op}: q", q, B * S * H, "(b, s, h) rows")
 
 
 @functools.cache
@@ -212,9 +220,10 @@ def temporal_attention(q, k, v, *, causal=True):
     Any strides with a contiguous head dim (e.g. views of a fused qkv [B, T, S, 3, H, Dh]); softmax scale
     Dh**-0.5; causal: frame t attends to frames <= t. Differentiable on every backend."""
     _check_qkv("temporal_attention", q, k, v, MAX_T)
+    causal = check_flag("temporal_attention: causal", causal)
     backend = traceable_backend("temporal_attention", OpInputs.of(q))
     if backend == "triton":
-        return temporal_attention_op(q, k, v, bool(causal))
+        return temporal_attention_op(q, k, v, causal)
     return temporal_attention_ref(q, k, v, causal=causal)
 
 
@@ -223,8 +232,9 @@ def _check_decode(q, k, v, k_cache, v_cache, t) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if isinstance(x, torch.Tensor) and x.dim() == 5 and x.shape[1] != 1:
             raise ValueError(f"{op}: {name} must hold one frame [B, 1, S, H, Dh], got {tuple(x.shape)}")
-    _check_qkv(op, q, k, v)
+    _check_qkv(op, q, k, v, max_t=1)
     _check_same(op, ("k_cache", "v_cache"), (k_cache, v_cache), 5, "[B, S, H, T_max, Dh]")
+    check_disjoint(op, ("k_cache", k_cache), ("v_cache", v_cache))  # both are written in place
     B, _, S, H, Dh = q.shape
     Bc, Sc, Hc, T_max, Dc = k_cache.shape
     if (Bc, Sc, Hc, Dc) != (B, S, H, Dh) or k_cache.dtype != q.dtype or k_cache.device != q.device:
@@ -270,7 +280,8 @@ def _decode_backend(q, k, v, k_cache, v_cache, t) -> str:
 def temporal_decode_step(q, k, v, k_cache, v_cache, t: int):
     """Cached decode step: write k, v ([B, 1, S, H, Dh]) at position t of k_cache, v_cache
     ([B, S, H, T_max, Dh], updated in place) and attend the new frame's q over positions <= t.
-    Returns [B, 1, S, H, Dh]. t is a Python int (no host sync). Inference only (no autograd)."""
+    Returns [B, 1, S, H, Dh]. t is a Python int (no host sync). Inference only (no autograd). The caches must be
+    separate memory (views of one buffer that share no element are fine): ValueError otherwise."""
     _check_decode(q, k, v, k_cache, v_cache, t)
     run = {"cuda": cuda_ext.temporal_decode_step, "triton": temporal_decode_op, "torch": temporal_decode_ref}
     return run[_decode_backend(q, k, v, k_cache, v_cache, t)](q, k, v, k_cache, v_cache, t)

@@ -7,26 +7,22 @@ Backends:
 - "torch": the pure-torch reference of each op (any device; torch.compile traces it natively).
 
 Each backend states `unsupported_reasons(op, inputs) -> list[str]` (empty: it can run these inputs): whether it
-implements the op, the device, whether it is installed, and the op's limits (the CUDA limits come from the
-loaded extension, the Triton ones from the kernels). When no backend can run a call, or a forced one cannot,
-one ValueError lists every backend's reasons.
+implements the op, the device, whether it is installed, and the op's limits (the CUDA limits come from the loaded
+extension, the Triton ones from the kernels). One ValueError lists every backend's reasons when none can run.
 
 Forcing: `with wmfast.ops.use_backend("triton"): ...` (also a decorator) forces a backend in this context;
-`use_backend(None)` restores the automatic choice. `WMFAST_BACKEND=triton|cuda|torch` is the user's default
-when no context forces one. A forced backend that does not implement an op (e.g. "cuda" for gated_residual)
-leaves that op to the automatic choice, with one log line.
+`use_backend(None)` restores the automatic choice; `WMFAST_BACKEND=triton|cuda|torch` is the default when no context
+forces one. A forced backend without the op (e.g. "cuda" for gated_residual) leaves it to the automatic choice.
 
 The automatic choice, among the backends an op lists (`OPS`, in preference order):
 - CUDA tensors: the fastest usable of cuda/triton for the op and shape:
-  1. the measured table of this GPU (`wmfast.kernels.tuning`: kernels/configs/<gpu>.json, written from a
-     benchmark run; per op, per caller-given shape key, or "*");
+  1. the measured table of this GPU (`wmfast.kernels.tuning`: kernels/configs/<gpu>.json; per op and shape key);
   2. else, when the caller passes `runners` (one zero-argument callable per backend), a one-time timing at
      first use (cached per GPU, op and shape key; never while torch.compile traces or a CUDA graph captures;
      WMFAST_AUTOTUNE=0 turns it off);
   3. else the preference order.
-- CPU tensors: triton under the interpreter, else torch.
-Falling back to the torch reference says why in one log line. `traceable_backend` is the same choice for code
-that torch.compile traces.
+- CPU tensors: triton under the interpreter, else torch (`note_fallback`: one INFO line per device type, each
+  op's reasons at DEBUG level). `traceable_backend` is the same choice for code that torch.compile traces.
 """
 from __future__ import annotations
 
@@ -43,7 +39,7 @@ import torch
 from wmfast.kernels import tuning
 from wmfast.kernels._launch import triton_interpret
 from wmfast.ops import cuda_ext
-from wmfast.ops.common import log_once, logger
+from wmfast.ops.common import log_fallback, log_once, logger
 
 BACKENDS = ("triton", "cuda", "torch")
 
@@ -339,9 +335,8 @@ def select_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[str
     `order`: the backends to consider, in preference order (default: the op's entry in OPS). Optional, for a
     shape-dependent choice on CUDA tensors: `shape_key` (a string naming the shape class, looked up in the
     measured table) and `runners` (backend -> zero-argument callable running the op on the actual inputs,
-    timed once). ValueError, listing every backend's reasons, when the forced backend or every backend
-    cannot run the inputs. `quiet`: a query (`wmfast env`), so no fallback line is logged."""
-    note = (lambda message: None) if quiet else log_once
+    timed once). ValueError, listing every backend's reasons, when the forced backend or every backend cannot
+    run the inputs. `quiet`: a query (`wmfast env`): nothing is logged."""
     if isinstance(inputs, torch.device):
         inputs = OpInputs(inputs)
     order = tuple(order or OPS.get(op, _DEFAULT_ORDER))
@@ -351,8 +346,8 @@ def select_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[str
             return forced
         raise ValueError(f"{how} for {op}: {forced} cannot run these inputs ({reasons_text(op, inputs, (forced,))}); "
                          f"every backend: {reasons_text(op, inputs, order)}")
-    if forced is not None:
-        note(f"wmfast: {how} but {op} has no {forced} implementation; choosing among {', '.join(order)}")
+    if forced is not None and not quiet:
+        log_once(f"wmfast: {how} but {op} has no {forced} implementation; choosing among {', '.join(order)}")
     usable = [name for name in order if not REGISTRY[name].unsupported_reasons(op, inputs)]
     if not usable:
         raise ValueError(f"no backend can run {op} on these inputs: {reasons_text(op, inputs, order)}")
@@ -362,10 +357,15 @@ def select_backend(op: str, inputs: OpInputs | torch.device, *, order: tuple[str
     if kernels:
         return kernels[0]
     skipped = [name for name in order if name != "torch"]
-    if skipped:
-        note(f"wmfast: {op} on {inputs.device} tensors: {reasons_text(op, inputs, skipped)}; "
-                 "using the torch reference")
+    if skipped and not quiet:
+        note_fallback(op, inputs.device, reasons_text(op, inputs, skipped))
     return "torch"
+
+
+def note_fallback(op: str, device: torch.device, why: str) -> None:
+    """Log that `op` runs its torch reference on `device` tensors because of `why` (`common.log_fallback`: one
+    INFO line per device type, the detail at DEBUG level), with the reason Triton cannot run there at all, if any."""
+    log_fallback(op, device, why, REGISTRY["triton"].unsupported_reasons(op, OpInputs(device)))
 
 
 @torch.compiler.assume_constant_result

@@ -13,6 +13,7 @@ from wmfast.kernels.ensemble_sampler import (
     ensemble_mean_var_ref,
     ensemble_mean_var_triton,
 )
+from wmfast.ops.common import check_dtype
 from wmfast.ops.common import shape as _shape
 from wmfast.ops.dispatch import OpInputs, traceable_backend
 
@@ -24,6 +25,7 @@ def _check_step_args(x, v, dt, context) -> torch.Tensor:
             raise ValueError(f"ensemble_euler_step: {name} must be a tensor, got {type(t).__name__}")  # noqa: TRY004
         if not t.is_floating_point():
             raise ValueError(f"ensemble_euler_step: {name} must be floating point, got {t.dtype}")
+        check_dtype(f"ensemble_euler_step: {name}", t)
         if t.device != x.device:
             raise ValueError(f"ensemble_euler_step: {name} is on {t.device} but x is on {x.device}")
     if x.dim() != 5:
@@ -54,6 +56,7 @@ def ensemble_euler_step(x: torch.Tensor, v: torch.Tensor, dt, context: torch.Ten
     x, v: [N, C, F, H, W] latents of the N members and their predicted velocity; dt = sigma_next - sigma
     (float or one-element tensor on x's device: a device tensor keeps the step loop free of host syncs);
     context: [1, C, Fc, H, W] (broadcast to every member without a copy) or [N, C, Fc, H, W], Fc <= F.
+    x, v and context are float32, float16 or bfloat16 (float64 is refused, as by every op).
     Returns y: [N, C, F, H, W] in x.dtype, y[:, :, :Fc] = context, y[:, :, Fc:] = x + dt * v (fp32 math)."""
     dt = _check_step_args(x, v, dt, context)
     if traceable_backend("ensemble_euler_step", OpInputs.of(x)) == "triton":
@@ -64,10 +67,12 @@ def ensemble_euler_step(x: torch.Tensor, v: torch.Tensor, dt, context: torch.Ten
 def ensemble_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ensemble mean and population variance (correction 0) over the member dimension, in one pass.
 
-    x: [N, ...] -> (mean [...], var [...]) in x.dtype, accumulated in fp32 (Welford)."""
+    x: [N, ...] (float32/float16/bfloat16) -> (mean [...], var [...]) in x.dtype, accumulated in fp32 (Welford on
+    the deviations from member 0: exact-scale variances under a large common offset)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"ensemble_mean_var: x must be a floating-point tensor, got "
                          f"{getattr(x, 'dtype', type(x).__name__)}")
+    check_dtype("ensemble_mean_var: x", x)
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"ensemble_mean_var: x must be [N >= 1, ...], got shape {_shape(x)}")
     if traceable_backend("ensemble_mean_var", OpInputs.of(x)) == "triton":

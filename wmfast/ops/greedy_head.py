@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from wmfast.kernels import greedy_head as _k
-from wmfast.ops.common import DTYPE_NAMES, DTYPES
+from wmfast.ops.common import DTYPE_NAMES, DTYPES, check_row_count
 from wmfast.ops.common import shape as _shape
 from wmfast.ops.dispatch import OpInputs, traceable_backend
 
@@ -42,6 +42,7 @@ def _check_inputs(h, weight) -> None:
         raise ValueError(f"greedy_head: empty input: h {_shape(h)}, weight {_shape(weight)}")
     if h.dtype not in DTYPES:
         raise ValueError(f"greedy_head: h dtype {h.dtype} not supported ({DTYPE_NAMES})")
+    check_row_count("greedy_head: h", h)
     if weight.dtype != h.dtype:
         raise ValueError(f"greedy_head: weight dtype {weight.dtype} does not match h dtype {h.dtype}")
     if weight.device != h.device:

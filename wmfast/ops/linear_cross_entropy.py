@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from wmfast.kernels import cross_entropy as _k
-from wmfast.ops.common import DTYPES
+from wmfast.ops.common import DTYPES, check_flag
 from wmfast.ops.common import shape as _shape
 from wmfast.ops.dispatch import OpInputs, traceable_backend
 
@@ -78,7 +78,7 @@ def _check_inputs(h, weight, targets, chunk_size) -> None:
     if h.ndim != 2 or weight.ndim != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
         raise ValueError(f"linear_cross_entropy: h {_shape(h)}, weight {_shape(weight)}, targets {_shape(targets)}: "
                          f"expected [N, D], [V, D], [N]")
-    if h.shape[0] == 0 or weight.shape[0] == 0:
+    if h.numel() == 0 or weight.numel() == 0:
         raise ValueError(f"linear_cross_entropy: h {_shape(h)} and weight {_shape(weight)} must not be empty")
     for name, t in (("h", h), ("weight", weight)):
         if t.dtype not in DTYPES:
@@ -126,7 +126,7 @@ def linear_cross_entropy(h, weight, targets, *, chunk_size: int = DEFAULT_CHUNK,
     gradients ([N, D] in h.dtype, [V, D] fp32 accumulator): per chunk one [chunk_size, V] tensor in the matmul
     dtype on the triton backend; the torch backend adds an fp32 copy of it."""
     _check_inputs(h, weight, targets, chunk_size)
-    if check_targets:
+    if check_flag("linear_cross_entropy: check_targets", check_targets):
         _check_target_range(targets, weight.shape[0], ignore_index)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     backend = traceable_backend("linear_cross_entropy", OpInputs.of(h, backward=need_grad))

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from wmfast.kernels import norm_linear as _k
-from wmfast.ops.common import check_eps, check_rows, check_vector, log_once
+from wmfast.ops.common import check_eps, check_rows, check_vector
 from wmfast.ops.common import shape as _shape
-from wmfast.ops.dispatch import OpInputs, traceable_backend
+from wmfast.ops.dispatch import OpInputs, note_fallback, traceable_backend
 
 _QK_NAMES = ("q_weight", "q_bias", "k_weight", "k_bias")
 
@@ -59,19 +59,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _note(message: str) -> None:
+def _note(device: torch.device, why: str) -> None:
     if not torch.compiler.is_compiling():  # (logging would break a fullgraph trace)
-        log_once(message)
+        note_fallback("norm_linear", device, why)
 
 
 def _backend(x, tensors, head_dim: int) -> str:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        _note("wmfast: norm_linear needs a gradient; the Triton kernel is forward-only: using the torch reference")
+        _note(x.device, "a gradient is needed and the Triton kernel is forward-only")
         return "torch"
     backend = traceable_backend("norm_linear", OpInputs(x.device, x.dtype, (x.shape[-1],), False))
     if backend == "triton" and head_dim and head_dim not in _k.QK_HEAD_DIMS:
-        _note(f"wmfast: norm_linear qk_norm head dim {head_dim} is not one of {_k.QK_HEAD_DIMS} (the kernel's N "
-              "tile is one head): using the torch reference")
+        _note(x.device, f"qk_norm head dim {head_dim} is not one of {_k.QK_HEAD_DIMS} (the kernel's N tile is one "
+                        "head)")
         return "torch"
     return backend
 
@@ -96,7 +96,7 @@ def norm_linear(x, weight, bias, ln_weight, ln_bias, *, residual=None, eps: floa
     if residual is not None:
         check_rows("residual", residual, like=x)
     check_eps(eps)
-    check_eps(qk_eps)
+    check_eps(qk_eps, "qk_eps")
     D = x.shape[-1]
     _check_linear(x, weight, bias)
     N = weight.shape[0]
