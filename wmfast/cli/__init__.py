@@ -16,7 +16,6 @@ import argparse
 import errno
 import importlib
 import logging
-import os
 import sys
 import warnings
 
@@ -100,7 +99,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def error_line(exc: BaseException) -> tuple[int, str] | None:
-    """(exit code, one-line message) of an error that is the user's or the machine's, None for a bug."""
+    """(exit code, one-line message) of an error that is the user's or the machine's, None for a bug. wmfast
+    raises ValueError for bad input, naming it; one raised outside wmfast says where, in case it is a bug."""
     if isinstance(exc, OSError) and exc.errno is not None and (exc.strerror or exc.filename):
         code = EXIT_RESOURCE if exc.errno in _RESOURCE_ERRNOS else EXIT_USAGE
         text = str(exc) if type(exc).__str__ is not OSError.__str__ else exc.strerror or str(exc)
@@ -111,8 +111,18 @@ def error_line(exc: BaseException) -> tuple[int, str] | None:
         first = (str(exc).splitlines() or [""])[0]
         return EXIT_RESOURCE, f"out of device memory ({first[:200]}): try a smaller batch"
     if isinstance(exc, ValueError):
-        return EXIT_USAGE, str(exc)
+        origin = _innermost_module(exc)
+        if origin.startswith(("wmfast", "argparse")):
+            return EXIT_USAGE, str(exc)
+        return EXIT_USAGE, f"{exc} (raised in {origin}: `--debug` shows the traceback)"
     return None
+
+
+def _innermost_module(exc: BaseException) -> str:
+    tb, name = exc.__traceback__, ""
+    while tb is not None:
+        name, tb = tb.tb_frame.f_globals.get("__name__", ""), tb.tb_next
+    return name
 
 
 def _one_line(text: str) -> str:
@@ -140,12 +150,10 @@ def run_command(prog: str, fn, args, *, debug: bool = False) -> int:
 
 def quiet_libraries() -> None:
     """Keep third-party chatter out of a user's terminal: deprecation notices of the libraries (their authors'
-    business, not the user's) and DeepSpeed's guess of the accelerator on a machine without a GPU."""
+    business, not the user's). (DeepSpeed's guess of the accelerator is answered where training starts.)"""
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(torch|deepspeed|diffusers|peft|transformers|"
                                 r"accelerate|triton|huggingface_hub)(\.|$)")
-    if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidiactl"):
-        os.environ["DS_ACCELERATOR"] = "cpu"  # no NVIDIA driver: say so instead of letting DeepSpeed warn
 
 
 def setup_logging(verbose: bool) -> None:

@@ -25,7 +25,8 @@ def add_arguments(p):
 
 def last_per_step(records: list[dict], kind: str) -> list[dict]:
     """One record per step, the last written: a resumed run logs the steps after its checkpoint again."""
-    by_step = {r["step"]: r for r in records if r.get("kind") == kind and "step" in r}
+    by_step = {r["step"]: r for r in records  # records that are not objects with a numeric step are not plotted
+               if isinstance(r, dict) and r.get("kind") == kind and is_number(r.get("step"))}
     return [by_step[s] for s in sorted(by_step)]
 
 

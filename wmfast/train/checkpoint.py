@@ -223,10 +223,13 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict[str, Any], keep: 
     if not code and not failure and rank == 0:
         with _os_failure(failure):
             _fsync_tree(tmp)
+            trash = None
             if os.path.exists(final):  # re-saving a step: the old copy goes first, whole, into the temporary area
-                _to_trash(ckpt_dir, final)
+                trash = _to_trash(ckpt_dir, final)
             os.rename(tmp, final)
             _fsync_path(ckpt_dir)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
     code = _max_over_ranks(code or _errno_of(failure))
     if code:
         if rank == 0:
@@ -330,31 +333,38 @@ def _first_problem(problem: str | None) -> str | None:
 
 def load_newest(engine, ckpt_dir: str) -> tuple[dict[str, Any], str] | None:
     """Load the newest checkpoint that loads (collective): (trainer_state, path), or None when there is none.
-    One that does not (a file missing or cut short, per the manifest; an archive without its end; any error
-    while loading) is skipped with one warning naming the file, and deleted once an older one has loaded: the
-    run rewrites those steps, and the next resume or a model loader would otherwise pick it again. Raises a
-    ValueError naming every problem when none loads."""
+    One that does not is skipped with one warning naming the file. One found damaged on disk (a file missing or
+    cut short, per the manifest; an archive without its end) is deleted once an older one has loaded: the run
+    rewrites those steps, and the next resume or a model loader would otherwise pick it again. One that only
+    failed to load (an I/O error, out of memory: perhaps passing) is kept. Raises a ValueError naming every
+    problem when none loads."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str, bool]] = []  # (path, problem, damaged on disk)
     for _, path in reversed(list_checkpoints(ckpt_dir)):
-        problem, state = checkpoint_problem(path), None
+        problem, state = _first_problem(checkpoint_problem(path)), None
+        damaged = problem is not None
         if problem is None:
             try:
                 state = load(engine, path)
             except Exception as e:  # noqa: BLE001 - whatever fails, the previous checkpoint is tried
                 problem = f"{path} does not load ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})"
-        problem = _first_problem(problem)
+            problem = _first_problem(problem)
         if problem is not None:
-            problems.append((path, problem))
+            problems.append((path, problem, damaged))
             continue
         if problems and rank == 0:
-            logger.warning("wmfast train: the newest checkpoint(s) do not load: %s; resuming from %s instead, and "
-                           "deleting them", "; ".join(p for _, p in problems), path)
-            for bad, _ in problems:
-                discard(ckpt_dir, bad)
+            logger.warning("wmfast train: the newest checkpoint(s) do not load: %s; resuming from %s instead%s",
+                           "; ".join(p for _, p, _ in problems), path,
+                           ", and deleting the damaged ones" if any(d for *_, d in problems) else "")
+            for bad, _, bad_on_disk in problems:
+                if bad_on_disk:
+                    try:
+                        discard(ckpt_dir, bad)
+                    except OSError as e:  # e.g. a read-only directory: the run goes on, as for pruning
+                        logger.warning("wmfast train: could not delete the damaged checkpoint %s (%s)", bad, e)
         return state, path
     if problems:
-        raise ValueError(f"no checkpoint in {ckpt_dir} loads: {'; '.join(p for _, p in problems)} (delete or repair "
+        raise ValueError(f"no checkpoint in {ckpt_dir} loads: {'; '.join(p for _, p, _ in problems)} (delete or repair "
                          "them to resume from an older one, or train into another --out)")
     return None
 

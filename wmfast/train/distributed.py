@@ -30,6 +30,8 @@ def world_size_from_env() -> int:
 
 def setup_distributed() -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, we_created_the_group)."""
+    if not torch.cuda.is_available():  # name the accelerator, instead of DeepSpeed warning that it guessed it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     created = False

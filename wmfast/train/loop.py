@@ -72,6 +72,10 @@ def _describe(train_config: dict) -> str:
             f"model {train_config.get('model', '?')})")
 
 
+# model config keys that change how the same weights run (or where they were read from), not the weights
+_EXECUTION_ONLY = frozenset({"block", "recompute", "dropout", "full_attention_impl", "init_std", "pretrained"})
+
+
 def check_same_model(cfg: TrainConfig, task: Task, run_dir: str) -> None:
     """A resume into a run of another task or model fails here, in one line, before any weight is read (and
     before the run's config.json is rewritten): DeepSpeed's own error lists every state-dict key."""
@@ -86,10 +90,16 @@ def check_same_model(cfg: TrainConfig, task: Task, run_dir: str) -> None:
         return
     saved_cfg, saved_model = state.get("train_config") or {}, state.get("model_config")
     model = json.loads(json.dumps(task.model_config(), default=str))  # as saved: tuples become lists
-    if saved_model is None or (saved_model == model and saved_cfg.get("task", cfg.task) == cfg.task):
+    if saved_model is None:
         return
-    diff = [f"{k} {saved_model.get(k)!r} vs {model.get(k)!r}" for k in sorted(set(saved_model) | set(model))
+    # keys on both sides (a field added since the save is not a mismatch) that shape the weights
+    shared = (set(saved_model) & set(model)) - _EXECUTION_ONLY
+    if "d_model" in shared:  # the sizes are spelled out: presets naming the same weights (tiny, tiny-reference) mix
+        shared.discard("preset")
+    diff = [f"{k} {saved_model.get(k)!r} vs {model.get(k)!r}" for k in sorted(shared)
             if saved_model.get(k) != model.get(k)]
+    if not diff and saved_cfg.get("task", cfg.task) == cfg.task:
+        return
     if saved_cfg.get("task", cfg.task) != cfg.task:
         diff.insert(0, f"task {saved_cfg.get('task')!r} vs {cfg.task!r}")
     raise ValueError(f"{run_dir} holds a checkpoint of {_describe(saved_cfg)}; this run is {_describe(cfg.to_dict())}"
