@@ -3,6 +3,7 @@ exit 2, no traceback; the shared error path's other exits (4, 130, a bug's trace
 import errno
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -23,6 +24,9 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_errors")
     write_synthetic_dataset(str(root / "tok"), 1, 300, grid_size=8, vocab_size=512)
     write_synthetic_raw_dataset(str(root / "raw"), 1, 154, size=64)
+    shutil.copytree(root / "raw", root / "rawcut")
+    video = root / "rawcut" / "val_v2.0_raw" / "video_0.mp4"
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 3])  # a truncated mp4
     (root / "afile.txt").write_text("not a directory\n")
     (root / "empty").mkdir()
     torch.save(STTransformer(STTransformerConfig.from_name("tiny")).state_dict(), root / "bare.pt")
@@ -113,6 +117,7 @@ CASES = [
     (["sample", "--model", "tiny", "--data", "{tok}", "--out", "{tmp}/s"], ["--data"]),
     (["sample", "--model", "tiny", "--data", "{ws}/missing", "--out", "{tmp}/s"], ["--data", "no split"]),
     ([*S, "--split", "nope"], ["--data", "'nope'"]),
+    (["sample", "--model", "tiny", "--data", "{ws}/rawcut", "--out", "{tmp}/s"], ["video_0.mp4", "cannot decode"]),
     ([*S, "--device", "gpu"], ["--device", "'gpu'"]),
     ([*S, "--decode-batch", "0"], ["--decode-batch", "'0'"]),
     ([*S, "--cache-threshold", "-1"], ["--cache-threshold"]),
