@@ -58,8 +58,9 @@ def read_run_config(run_dir: str) -> dict:
 
 
 def run_title(run_dir: str, config: dict) -> str:
-    """"run <dir name>: preset <name> (task <task>, model <model>)", or saying that config.json is missing."""
-    name = os.path.basename(os.path.abspath(run_dir))
+    """"run <parent/dir>: preset <name> (task <task>, model <model>)", or saying that config.json is missing (the
+    parent too: run directories are often named alike, e.g. `run`)."""
+    name = os.path.join(*os.path.abspath(run_dir).split(os.sep)[-2:])
     if not config:
         return f"run {name}: preset unknown (no readable config.json)"
     return (f"run {name}: preset {config.get('name', '?')} (task {config.get('task', '?')}, "
