@@ -289,6 +289,23 @@ def test_nan_skip_stops_after_nan_skip_limit_steps_in_a_row(tmp_path, capsys):
     assert result.checkpoint.endswith("step_00000004")
 
 
+class _NanAlways(ToyTask):
+    def loss(self, model, batch):
+        return super().loss(model, batch) * float("nan")
+
+
+@pytest.mark.requires("deepspeed")
+def test_the_skips_in_a_row_carry_over_a_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = _cfg(nan_policy="skip", nan_skip_limit=2, ckpt_every=1)
+    assert train(cfg.replace(steps=3), str(tmp_path), str(run), task=_NanFromStep2()).status == "done"
+    assert capsys.readouterr().out.count("step skipped") == 1  # step 2, the last before the checkpoint
+    result = train(cfg, str(tmp_path), str(run), resume=True, task=_NanAlways())
+    out = capsys.readouterr().out
+    assert result.status == "nonfinite" and out.count("step skipped") == 1  # step 3: the second in a row
+    assert "non-finite loss at step 4" in out and "nan_skip_limit=2 is reached" in out
+
+
 # ---- config ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("changes,message", [
     ({"lr": -1.0}, "lr=-1.0 must be > 0"),

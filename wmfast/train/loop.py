@@ -153,9 +153,9 @@ def _run(cfg, task, run_dir, resume, rank, world, device, progress) -> RunResult
     # per-rank RNG for dropout (different masks on different ranks); restored from a checkpoint on resume
     torch.manual_seed(cfg.seed * 1000 + rank + 1)
     try:
-        start_step, last_ckpt = _resume(engine, cfg, ckpt_dir, world, rank) if resume else (0, None)
+        start_step, last_ckpt, skips = _resume(engine, cfg, ckpt_dir, world, rank) if resume else (0, None, 0)
         step, loss = _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precision, run_dir,
-                           start_step, last_ckpt)
+                           start_step, last_ckpt, skips)
         status = "done"
     except NonFiniteLoss as e:
         last = latest_checkpoint(ckpt_dir)
@@ -172,22 +172,24 @@ def _run(cfg, task, run_dir, resume, rank, world, device, progress) -> RunResult
     return RunResult(run_dir, last[1] if last else None, step, loss, micro_batch, status)
 
 
-def _resume(engine, cfg: TrainConfig, ckpt_dir: str, world: int, rank: int) -> tuple[int, str | None]:
-    """Load the newest checkpoint that loads; (its step, its path), or (0, None) without one."""
+def _resume(engine, cfg: TrainConfig, ckpt_dir: str, world: int, rank: int) -> tuple[int, str | None, int]:
+    """Load the newest checkpoint that loads; (its step, its path, the steps skipped in a row before it), or
+    (0, None, 0) without one."""
     found = ckpt.load_newest(engine, ckpt_dir)
     if found is None:
         logger.warning("wmfast train: --resume but no complete checkpoint in %s: starting from step 0", ckpt_dir)
-        return 0, None
+        return 0, None, 0
     state, path = found
     _warn_config_drift(state, cfg, world, rank)
     if rank == 0:
         ckpt.prune(ckpt_dir, cfg.keep_checkpoints, protect=path)  # a kill may have come between a save and this
         print(f"wmfast train: resumed from {path} (step {state['step']})", flush=True)
-    return state["step"], path
+    return state["step"], path, int(state.get("nan_skipped_in_a_row", 0))
 
 
-def _trainer_state(cfg: TrainConfig, task: Task, step: int, world: int, micro_batch: int) -> dict[str, Any]:
-    return {"step": step, "data_position": {"step": step, "samples_seen": step * cfg.global_batch},
+def _trainer_state(cfg: TrainConfig, task: Task, step: int, world: int, micro_batch: int,
+                   skipped_in_a_row: int = 0) -> dict[str, Any]:
+    return {"step": step, "nan_skipped_in_a_row": skipped_in_a_row, "data_position": {"step": step, "samples_seen": step * cfg.global_batch},
             "lr_schedule": {"kind": "linear-warmup-linear-decay", "peak": cfg.lr, "warmup_steps": cfg.warmup_steps,
                             "total_steps": cfg.steps,
                             "next_lr": lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule) if step < cfg.steps else 0.0},
@@ -228,7 +230,8 @@ def _exporter(task: Task, engine, rank: int, step: int):
     return lambda tmp: task.export(engine.module, os.path.join(tmp, name), is_main_process=rank == 0, step=step)
 
 
-def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precision, run_dir, start_step, last_ckpt):
+def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precision, run_dir, start_step, last_ckpt,
+          skipped_in_a_row: int = 0):
     from tqdm.auto import tqdm
 
     _warn_if_validation_off(task, cfg, micro_batch, world, rank)
@@ -250,7 +253,7 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
     bar = tqdm(total=cfg.steps, initial=start_step, disable=rank != 0 or os.environ.get("WMFAST_PROGRESS", "1") != "1",
                desc="train", dynamic_ncols=True, mininterval=1.0)
     step, loss, t_last, steps_since, paused = start_step, None, time.perf_counter(), 0, 0.0
-    skipped_total, skipped_in_a_row = 0, 0
+    skipped_total = 0  # skipped_in_a_row carries over a resume: the cap counts as in the uninterrupted run
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -283,7 +286,8 @@ def _loop(engine, optimizer, task, cfg, micro_batch, rank, world, device, precis
                     if rank == 0:
                         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-                last_ckpt = ckpt.save(engine, ckpt_dir, step, _trainer_state(cfg, task, step, world, micro_batch),
+                last_ckpt = ckpt.save(engine, ckpt_dir, step,
+                                      _trainer_state(cfg, task, step, world, micro_batch, skipped_in_a_row),
                                       cfg.keep_checkpoints, _exporter(task, engine, rank, step))
             paused += time.perf_counter() - t_pause
     finally:
