@@ -212,9 +212,13 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict[str, Any], keep: 
             # frozen parameters (e.g. a pretrained base under LoRA) are rebuilt by the task, not checkpointed
             engine.save_checkpoint(os.path.dirname(tmp), tag=tag, save_latest=False,
                                    exclude_frozen_parameters=_has_frozen(engine))
-            _torch_save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-            if export is not None:
-                export(tmp)
+        if failure and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # DeepSpeed's save ends in a barrier, which a rank whose write failed never reached
+        if not failure:
+            with _os_failure(failure), _errno_preserving_saves(engine):
+                _torch_save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+                if export is not None:
+                    export(tmp)
         code = _max_over_ranks(_errno_of(failure))  # also the barrier: every rank's files are written
     if not code and rank == 0:
         with _os_failure(failure), open(os.path.join(tmp, TRAINER_STATE), "w") as f:
