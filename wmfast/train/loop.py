@@ -189,7 +189,8 @@ def _resume(engine, cfg: TrainConfig, ckpt_dir: str, world: int, rank: int) -> t
 
 def _trainer_state(cfg: TrainConfig, task: Task, step: int, world: int, micro_batch: int,
                    skipped_in_a_row: int = 0) -> dict[str, Any]:
-    return {"step": step, "nan_skipped_in_a_row": skipped_in_a_row, "data_position": {"step": step, "samples_seen": step * cfg.global_batch},
+    return {"step": step, "nan_skipped_in_a_row": skipped_in_a_row,
+            "data_position": {"step": step, "samples_seen": step * cfg.global_batch},
             "lr_schedule": {"kind": "linear-warmup-linear-decay", "peak": cfg.lr, "warmup_steps": cfg.warmup_steps,
                             "total_steps": cfg.steps,
                             "next_lr": lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule) if step < cfg.steps else 0.0},
