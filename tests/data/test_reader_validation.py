@@ -2,6 +2,7 @@
 value, and `wmfast data check` reports the same line instead of a traceback; the synthetic writers refuse
 unusable arguments (naming the flag on the command line), replace a split they wrote whole, and never touch a
 directory they did not write."""
+import importlib.util
 import json
 import os
 import re
@@ -25,19 +26,14 @@ def splits(tmp_path_factory):
     """One good split of each kind: tokenized (2 shards of 68 frames), raw (1 shard of 77 frames, 32x32)."""
     root = tmp_path_factory.mktemp("good")
     out = {TOKENIZED: write_split(str(root / TOKENIZED), 2, 68, seed=0, grid_size=G, vocab_size=V)}
-    if _have_av():
+    if importlib.util.find_spec("av") is not None:  # the raw tests are marked requires("av")
         from wmfast.data.raw import write_raw_split
 
         out[RAW] = write_raw_split(str(root / RAW), 1, 77, seed=0, size=32)
     return out
 
 
-def _have_av() -> bool:
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        return False
-    return True
+NEEDS_AV = pytest.mark.requires("av")  # the raw 1X videos are written and read with PyAV
 
 
 def _open(kind, d):
@@ -130,13 +126,11 @@ BOTH = ["segments_decrease", "segments_a_b_a", "segments_negative", "num_shards_
         "num_shards_missing", "metadata_not_json", "frames_text", "frames_fraction", "shard_ind",
         "shard_metadata_missing", "num_images", "states_longer_than_metadata"]
 CASES = ([pytest.param(TOKENIZED, w, id=f"tokenized-{w}") for w in BOTH + ["grid_size_0"]]
-         + [pytest.param(RAW, w, id=f"raw-{w}") for w in BOTH])
+         + [pytest.param(RAW, w, id=f"raw-{w}", marks=NEEDS_AV) for w in BOTH])
 
 
 @pytest.mark.parametrize("kind, what", CASES)
 def test_a_malformed_split_is_refused_at_open_and_reported_by_check(splits, tmp_path, kind, what):
-    if kind not in splits:
-        pytest.skip("the raw 1X videos are written and read with PyAV, which cannot be imported here")
     d = shutil.copytree(splits[kind], str(tmp_path / kind))
     expected = _corrupt(d, kind, what)
     with pytest.raises(DataFormatError) as raised:
@@ -162,9 +156,8 @@ def test_a_good_split_opens_and_checks_clean(splits):
         assert len(_open(kind, d)) > 0 and check_split(d, vocab_size=V).ok, kind
 
 
+@NEEDS_AV
 def test_raw_nan_states_are_refused_when_read_and_by_validate(splits, tmp_path):
-    if RAW not in splits:
-        pytest.skip("the raw 1X videos are written and read with PyAV, which cannot be imported here")
     from wmfast.data.raw import RawDataError, RawVideoDataset
 
     d = shutil.copytree(splits[RAW], str(tmp_path / "raw"))
@@ -268,10 +261,8 @@ def test_a_failed_write_leaves_the_old_split_untouched(tmp_path, monkeypatch):
     assert _contents(d) == before
 
 
-@pytest.mark.parametrize("raw", [False, True], ids=["tokenized", "raw"])
+@pytest.mark.parametrize("raw", [False, pytest.param(True, marks=NEEDS_AV)], ids=["tokenized", "raw"])
 def test_synth_never_replaces_a_directory_it_did_not_write(tmp_path, capsys, raw):
-    if raw and not _have_av():
-        pytest.skip("the raw 1X videos are written with PyAV, which cannot be imported here")
     out = tmp_path / "out"
     real = out / ("val_v2.0_raw" if raw else "val_v2.0")
     real.mkdir(parents=True)
@@ -284,9 +275,8 @@ def test_synth_never_replaces_a_directory_it_did_not_write(tmp_path, capsys, raw
     assert os.listdir(out) == [real.name] and os.listdir(real) == ["metadata.json"]  # nothing written, nothing lost
 
 
+@NEEDS_AV
 def test_raw_synth_again_replaces_the_splits_whole(tmp_path):
-    if not _have_av():
-        pytest.skip("the raw 1X videos are written with PyAV, which cannot be imported here")
     from wmfast.data.raw import RawVideoDataset, write_raw_split
 
     d = str(tmp_path / "raw")

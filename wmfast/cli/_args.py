@@ -71,6 +71,20 @@ def output_file(path: str, flag: str) -> str:
 
 
 @contextlib.contextmanager
+def fields_as_flags(flags: dict[str, str]):
+    """ValueErrors whose message starts `field=VALUE ...` (the library's and the configs' validation messages)
+    re-raised naming the command-line flag instead: `--flag VALUE ...`; other ValueErrors unchanged."""
+    try:
+        yield
+    except ValueError as e:
+        text = str(e)
+        for field, flag in flags.items():
+            if text.startswith(f"{field}="):
+                raise ValueError(f"{flag} {text[len(field) + 1:]}") from e
+        raise
+
+
+@contextlib.contextmanager
 def blame(flag: str, value):
     """ValueErrors raised inside are re-raised naming `flag` and its value (unless they already name the flag)."""
     try:

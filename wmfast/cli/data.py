@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from wmfast.cli._args import fields_as_flags
+
 # sub-subcommand -> (add_arguments, run); other areas add theirs here (e.g. `synth --raw`, `encode`)
 SUBCOMMANDS: dict = {}
 
@@ -31,23 +33,14 @@ SYNTH_FLAGS = {"out_dir": "--out", "shards": "--shards", "frames": "--frames", "
                "grid_size": "--grid-size", "vocab_size": "--vocab-size", "size": "--size"}
 
 
-def _synth_with_flags(write, *a, **kw) -> dict:
-    """write(*a, **kw), an ArgumentValueError re-raised as a ValueError naming the flag instead of the parameter."""
-    from wmfast.data.layout import ArgumentValueError
-
-    try:
-        return write(*a, **kw)
-    except ArgumentValueError as e:
-        raise ValueError(e.naming(SYNTH_FLAGS.get(e.param, e.param))) from e
-
-
 def _run_synth(args) -> int:
     if args.raw:
         return _run_synth_raw(args)
     from wmfast.data import TokenizedDataset, write_synthetic_dataset
 
-    paths = _synth_with_flags(write_synthetic_dataset, args.out, args.shards, args.frames, args.seed,
-                              grid_size=args.grid_size, vocab_size=args.vocab_size, layout=_train_layout(args))
+    with fields_as_flags(SYNTH_FLAGS):
+        paths = write_synthetic_dataset(args.out, args.shards, args.frames, args.seed, grid_size=args.grid_size,
+                                        vocab_size=args.vocab_size, layout=_train_layout(args))
     for split, path in paths.items():
         n = len(TokenizedDataset(args.out, split, vocab_size=args.vocab_size))
         print(f"{split}: {path} ({n} samples)")
@@ -102,8 +95,9 @@ def _run_check(args) -> int:
 def _run_synth_raw(args) -> int:
     from wmfast.data.raw import RawVideoDataset, write_synthetic_raw_dataset
 
-    paths = _synth_with_flags(write_synthetic_raw_dataset, args.out, args.shards, args.frames, args.seed,
-                              size=args.size, progress=True, layout=_train_layout(args))
+    with fields_as_flags(SYNTH_FLAGS):
+        paths = write_synthetic_raw_dataset(args.out, args.shards, args.frames, args.seed, size=args.size,
+                                            progress=True, layout=_train_layout(args))
     for split, path in paths.items():
         print(f"{split}: {path} ({len(RawVideoDataset(path))} disjoint 77-frame samples)")
     return 0

@@ -33,7 +33,8 @@ def add_arguments(p):
     p.add_argument("--out", default="wmfast_demo", help="directory for every output of the demo")
     p.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
     p.add_argument("--train-steps", type=positive_int, default=60, help="optimizer steps of the tiny training run")
-    p.add_argument("--lora-steps", type=positive_int, default=30, help="optimizer steps of the tiny LoRA post-training run")
+    p.add_argument("--lora-steps", type=positive_int, default=30,
+                   help="optimizer steps of the tiny LoRA post-training run")
 
 
 def _kernels_check() -> None:
@@ -99,20 +100,18 @@ def _stage_commands(args) -> dict[str, list[str]]:
     }
 
 
-def _needs(args) -> dict[str, tuple[str, str]]:
-    """stage -> (the earlier stage, the output of it the stage reads)."""
-    out = args.out
-    return {"train": ("data", os.path.join(out, "tokens")), "generate": ("train", os.path.join(out, "run", "checkpoints")),
-            "lora": ("raw", os.path.join(out, "raw")), "sample": ("lora", os.path.join(out, "lora_run", "checkpoints")),
-            "plot": ("train", os.path.join(out, "run", "metrics.jsonl"))}
+# stage -> (the earlier stage, the output of it the stage reads, under --out)
+_NEEDS = {"train": ("data", "tokens"), "generate": ("train", "run/checkpoints"), "lora": ("raw", "raw"),
+          "sample": ("lora", "lora_run/checkpoints"), "plot": ("train", "run/metrics.jsonl")}
 
 
 def _check_inputs(args, stages: list[str]) -> None:
     """Each stage whose input an earlier stage writes finds it on disk, or is about to get it in this run."""
     for stage in stages:
-        if stage not in _needs(args):
+        if stage not in _NEEDS:
             continue
-        earlier, path = _needs(args)[stage]
+        earlier, output = _NEEDS[stage]
+        path = os.path.join(args.out, *output.split("/"))
         if earlier not in stages and not os.path.exists(path):
             raise ValueError(f"--only {stage}: needs {path}, which the {earlier} stage writes: run the whole demo "
                              f"once (`wmfast demo --out {args.out}`) or add --only {earlier}")

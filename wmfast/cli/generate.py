@@ -10,8 +10,7 @@ import logging
 import statistics
 import time
 
-from wmfast.cli._args import blame, check_device, device_name, output_file
-from wmfast.cli._args import positive_int as _positive
+from wmfast.cli._args import blame, check_device, device_name, output_file, positive_int
 
 logger = logging.getLogger("wmfast")
 
@@ -33,15 +32,15 @@ def add_arguments(p):
     p.add_argument("--checkpoint", default=None, help="training checkpoint dir, .pt or .safetensors")
     p.add_argument("--preset", default="1x-compression",
                    help="model preset (random weights without --checkpoint; the config if the checkpoint has none)")
-    p.add_argument("--samples", type=_positive, default=4, help="samples to score, evenly spaced over the split")
-    p.add_argument("--batch-size", type=_positive, default=1)
+    p.add_argument("--samples", type=positive_int, default=4, help="samples to score, evenly spaced over the split")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute every frame each step (the reference)")
     p.add_argument("--dtype", type=_precisions, default=["fp32"], metavar="fp32[,tf32,bf16]",
                    help="precision(s) to decode in: fp32 (full-precision matmuls), tf32, bf16 (a bf16 copy of the "
                         "weights); with several, each reports its greedy-token agreement with fp32")
     p.add_argument("--graph", action="store_true",
                    help="replay the whole rollout as one CUDA graph (captured at the first batch; GPU only)")
-    p.add_argument("--top-k", type=_positive, default=500, help="k of the top-k cross-entropy")
+    p.add_argument("--top-k", type=positive_int, default=500, help="k of the top-k cross-entropy")
     p.add_argument("--device", type=device_name, default="auto", help="cuda, cpu, or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")

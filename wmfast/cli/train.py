@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from wmfast.cli._args import blame, output_dir
+from wmfast.cli._args import blame, fields_as_flags, output_dir
 
 
 def _micro_batch(value: str):
@@ -59,27 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
-_FIELDS = {"task": "task", "model": "model", "random_weights": "random_weights", "zero": "zero_stage", "micro_batch": "micro_batch",
-           "global_batch": "global_batch", "steps": "steps", "lr": "lr", "warmup": "warmup_steps",
-           "precision": "precision", "activation_checkpointing": "activation_checkpointing",
+_FIELDS = {"task": "task", "model": "model", "random_weights": "random_weights", "zero": "zero_stage",
+           "micro_batch": "micro_batch", "global_batch": "global_batch", "steps": "steps", "lr": "lr",
+           "warmup": "warmup_steps", "precision": "precision", "activation_checkpointing": "activation_checkpointing",
            "compile": "compile", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints", "val_every": "val_every",
-           "log_every": "log_every", "nan": "nan_policy", "nan_skip_limit": "nan_skip_limit", "loss_reduction": "loss_reduction", "seed": "seed",
-           "num_workers": "num_workers"}
+           "log_every": "log_every", "nan": "nan_policy", "nan_skip_limit": "nan_skip_limit",
+           "loss_reduction": "loss_reduction", "seed": "seed", "num_workers": "num_workers"}
 
 
-def _naming_flag(message: str) -> str:
-    """A config validation message with its field named as the flag (`lr=-1.0 must be > 0` -> `--lr -1.0 must
-    be > 0`); other messages as they are."""
-    if message.startswith("--"):
-        return message
-    starts = {"unknown training preset": "--config", "unknown task": "--task", "unknown preset": "--model"}
-    for start, flag in starts.items():
-        if message.startswith(start):
-            return f"{flag}: {message}"
-    for arg, field in sorted(_FIELDS.items(), key=lambda kv: -len(kv[1])):
-        if message.startswith(f"{field}="):
-            return f"--{arg.replace('_', '-')} {message[len(field) + 1:]}"
-    return message
+_UNKNOWN = {"unknown training preset": "--config", "unknown task": "--task", "unknown preset": "--model"}
 
 
 def config_from_args(args):
@@ -94,13 +82,15 @@ def config_from_args(args):
 
 
 def run(args) -> int:
+    """The config's messages name its fields (`lr=-1.0 must be > 0`): they are shown naming the flags."""
     try:
-        return _run(args)
-    except ValueError as e:  # the config's messages name its fields: name the flags instead
-        message = _naming_flag(str(e))
-        if message == str(e):
+        with fields_as_flags({field: "--" + arg.replace("_", "-") for arg, field in _FIELDS.items()}):
+            return _run(args)
+    except ValueError as e:
+        flag = next((f for start, f in _UNKNOWN.items() if str(e).startswith(start)), None)
+        if flag is None:
             raise
-        raise ValueError(message) from e
+        raise ValueError(f"{flag}: {e}") from e
 
 
 def _run(args) -> int:

@@ -40,15 +40,12 @@ class DataFormatError(ValueError):
 
 
 class ArgumentValueError(ValueError):
-    """A writer's argument `param` has an unusable `value`. str() reads "param=value reason"; `naming(flag)` gives
-    the same line naming a command-line flag instead ("--frames 10 must be ...")."""
+    """A writer's argument `param` has an unusable `value`. str() reads "param=value reason" (the CLI's
+    fields_as_flags names the flag instead: "--frames 10 must be ...")."""
 
     def __init__(self, param: str, value, reason: str):
         self.param, self.value, self.reason = param, value, reason
         super().__init__(f"{param}={value} {reason}")
-
-    def naming(self, flag: str) -> str:
-        return f"{flag} {self.value} {self.reason}"
 
     def __reduce__(self):  # pickles (e.g. from a worker process) with its three fields
         return type(self), (self.param, self.value, self.reason)

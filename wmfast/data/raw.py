@@ -137,9 +137,7 @@ def check_video(path: str, num_frames: int) -> None:
         raise RawDataError(f"{path}: empty")
     try:
         with av.open(path) as container:
-            if not container.streams.video:
-                raise RawDataError(f"{path}: no video stream")
-            stream = container.streams.video[0]
+            stream = _video_stream(container, path)
             if stream.frames and stream.frames != num_frames:
                 raise RawDataError(f"{path}: {stream.frames} frames, expected shard_num_frames={num_frames}")
             if next(container.decode(stream), None) is None:
@@ -157,6 +155,13 @@ def sample_starts(seg: np.ndarray, length: int, hop: int) -> np.ndarray:
     return np.asarray(starts, dtype=np.int64)
 
 
+def _video_stream(container, path: str):
+    """The first video stream of an opened container (a damaged file can open with none)."""
+    if not container.streams.video:
+        raise RawDataError(f"{path}: no video stream")
+    return container.streams.video[0]
+
+
 def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
     """Frames `indices` (sorted, 0-based, constant frame rate) of an mp4 -> uint8 [n, H, W, 3] (RGB).
     Seeks to the keyframe before indices[0] and stops after indices[-1]; `size` = (H, W) resizes."""
@@ -167,7 +172,7 @@ def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None = 
     out: list = [None] * len(indices)
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
+            stream = _video_stream(container, path)
             stream.thread_type = "AUTO"
             fps = float(stream.average_rate or HZ)
             tb = float(stream.time_base)

@@ -21,8 +21,8 @@ DTYPE_NAMES = "float32, float16, bfloat16"
 MAX_ROWS = 2**31 - 1
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "MAX_ROWS", "check_disjoint", "check_dtype", "check_eps", "check_flag",
-           "check_row_count", "check_rows", "check_vector", "describe", "dtype_name", "log_fallback", "log_once", "logger",
-           "overlapping", "shape"]
+           "check_row_count", "check_rows", "check_vector", "describe", "dtype_name", "log_fallback", "log_once",
+           "logger", "overlapping", "shape"]
 
 
 def shape(t) -> str:
@@ -172,7 +172,8 @@ def log_fallback(op: str, device: torch.device, why: str, device_wide: list[str]
     ops: a line each would interleave with the progress bars). `device_wide`: why no fused kernel runs on this
     device at all (empty when the fallback is this op's own: a limit, a gradient)."""
     if device_wide:
-        summary = f"no fused kernels for {device.type} tensors ({'; '.join(device_wide)}): ops run their torch references"
+        summary = (f"no fused kernels for {device.type} tensors ({'; '.join(device_wide)}): ops run their torch "
+                   "references")
     else:
         summary = f"some ops on {device.type} tensors run their torch references (first: {op}: {why})"
     log_once(f"wmfast: {summary}; each op and why at DEBUG level (`wmfast -v ...`)", key=("fallback", device.type))

@@ -127,9 +127,9 @@ def load_checkpoint(path: str, *, preset: str | None = None, map_location="cpu")
         raise ValueError(f"{path}: the checkpoint holds no model config; pass a preset")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: holds no state dict of tensors")
-    model = STTransformer(config)
-    _check_weights(path, model, _clean_state_dict(sd), config_dict, preset)
-    model.load_state_dict(_clean_state_dict(sd))
+    model, sd = STTransformer(config), _clean_state_dict(sd)
+    _check_weights(path, model, sd, config_dict, preset)
+    model.load_state_dict(sd)
     model.preset_name = (config_dict or {}).get("preset") or (None if config_dict else preset)
     return model
 
