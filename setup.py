@@ -40,6 +40,7 @@ setup(
     package_data={
         "wmfast.kernels": ["configs/*.json"],  # the measured per-GPU launch tables (wmfast.kernels.tuning)
         "wmfast.csrc": ["*.cpp", "*/*.h", "*/*.cuh", "*/*.cu"],  # the CUDA sources, for the JIT build
+        "wmfast.models.wan": ["assets/*.safetensors"],  # the tiny preset's fitted VAE (wmfast.models.wan.tiny_vae)
     },
     install_requires=[
         "torch>=2.6",  # a lower bound only: never replaces a torch that is already installed

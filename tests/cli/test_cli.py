@@ -109,13 +109,17 @@ def test_eval_psnr_tables_and_plot_per_solver(tmp_path):
 
     assert _solver_list(" unipc,euler,unipc ") == ["unipc", "euler"]
     rows = [{"solver": s, "steps": k, "cache_threshold": th, "skipped_steps": int(th * k), "ensemble": n,
-             "psnr_pixel": 20.0 + n - th, "psnr_latent": 19.0 + n, "seconds_per_sample": 0.5 * k * (1 - th / 2),
+             "psnr_pixel": 20.0 + n - th, "psnr_latent": 19.0 + n, "psnr_member": 18.0, "sharpness_pixel": 10.0 / n,
+             "sharpness_latent": 9.0 / n, "sharpness_member": 10.0, "sharpness_target": 12.0,
+             "seconds_per_sample": 0.5 * k * (1 - th / 2),
              "samples": 3} for s in ("euler", "unipc") for k in (2, 4) for th in (0.0, 0.5) for n in (1, 2)]
     write_tables(rows, str(tmp_path))
     table = (tmp_path / "psnr.md").read_text().splitlines()
     assert table[0] == ("| solver | steps | cache threshold | skipped steps | N | PSNR pixel avg (dB) | "
-                        "PSNR latent avg (dB) | denoise s/sample (N=2) | samples |")
-    assert table[-1] == "| unipc | 4 | 0.5 | 2 | 2 | 21.500 | 21.000 | 1.500 | 3 |"
+                        "PSNR latent avg (dB) | PSNR one member (dB) | sharpness pixel avg | sharpness one member | "
+                        "denoise s/sample (N=2) | samples |")
+    assert table[-2] == "| unipc | 4 | 0.5 | 2 | 2 | 21.500 | 21.000 | 18.000 | 5.00 | 10.00 | 1.500 | 3 |"
+    assert table[-1].startswith("sharpness: RMS gradient magnitude (grey levels per pixel); the true frames: 12.00.")
     assert table == markdown_table(rows).splitlines()
     plot_cache(rows, str(tmp_path / "psnr_cache.png"))
     assert (tmp_path / "psnr_cache.png").stat().st_size > 0

@@ -18,7 +18,7 @@ def ws(tmp_path_factory):
     """Inputs a careless user points the commands at: datasets of both tracks, a file where a directory is
     expected, a damaged and a foreign checkpoint, a sampling-track run directory."""
     from wmfast.data import write_synthetic_dataset
-    from wmfast.data.raw import write_synthetic_raw_dataset
+    from wmfast.data.raw_synthetic import write_synthetic_raw_dataset
     from wmfast.models import STTransformer, STTransformerConfig
 
     root = tmp_path_factory.mktemp("cli_errors")

@@ -12,7 +12,7 @@ PHASES = ("conditioning", "denoise", "decode", "average")
 
 @pytest.fixture(scope="module")
 def raw_data(tmp_path_factory):
-    from wmfast.data.raw import write_synthetic_raw_dataset
+    from wmfast.data.raw_synthetic import write_synthetic_raw_dataset
 
     data = tmp_path_factory.mktemp("sample_profile") / "raw"
     write_synthetic_raw_dataset(str(data), shards=1, frames=154, size=64, val_frames=77)

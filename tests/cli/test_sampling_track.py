@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.requires("diffusers", "deepspeed", "av")]
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     from wmfast.cli import main
-    from wmfast.data.raw import write_synthetic_raw_dataset
+    from wmfast.data.raw_synthetic import write_synthetic_raw_dataset
 
     root = tmp_path_factory.mktemp("sampling_track")
     data = root / "raw"

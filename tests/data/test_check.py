@@ -20,7 +20,7 @@ SPLITS = {"train_v2.0": ("tokenized", "nested"), "train_v2.0_raw": ("raw", "nest
 @pytest.fixture(scope="module")
 def good_root(tmp_path_factory):
     pytest.importorskip("av", reason="the raw 1X videos are written and read with PyAV, which cannot be imported here")
-    from wmfast.data.raw import write_synthetic_raw_dataset
+    from wmfast.data.raw_synthetic import write_synthetic_raw_dataset
 
     root = str(tmp_path_factory.mktemp("check"))
     write_synthetic_dataset(root, shards=2, frames=120, seed=0, grid_size=G, vocab_size=V)
@@ -107,7 +107,7 @@ def test_each_check_names_the_file(root, what):
             json.dump({**meta, "num_images": 7}, f)
         expected = f"{top}: num_images=7 but the shards' metadata sum to 240"
     elif what == "frame_count":  # a video of 77 frames where the metadata says 80 (sizes of the rest agree)
-        from wmfast.data.raw import write_video
+        from wmfast.data.raw_synthetic import write_video
 
         write_video(p.video, np.zeros((77, 64, 64, 3), np.uint8))
         expected = f"{p.video}: 77 frames, expected shard_num_frames=80"

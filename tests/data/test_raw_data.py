@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from wmfast.data.layout import FLAT, NESTED, detect_layout, shard_paths
-from wmfast.data.raw import (
-    SAMPLE_FRAMES,
-    RawDataError,
-    RawVideoDataset,
-    decode_frames,
-    render_frames,
-    sample_starts,
-    write_raw_split,
-    write_synthetic_raw_dataset,
-)
+from wmfast.data.raw import SAMPLE_FRAMES, RawDataError, RawVideoDataset, decode_frames, sample_starts
+from wmfast.data.raw_synthetic import render_frames, write_raw_split, write_synthetic_raw_dataset
 
 SPLITS = ["train_v2.0_raw", "val_v2.0_raw"]  # nested and flat, as published
 

@@ -27,7 +27,7 @@ def splits(tmp_path_factory):
     root = tmp_path_factory.mktemp("good")
     out = {TOKENIZED: write_split(str(root / TOKENIZED), 2, 68, seed=0, grid_size=G, vocab_size=V)}
     if importlib.util.find_spec("av") is not None:  # the raw tests are marked requires("av")
-        from wmfast.data.raw import write_raw_split
+        from wmfast.data.raw_synthetic import write_raw_split
 
         out[RAW] = write_raw_split(str(root / RAW), 1, 77, seed=0, size=32)
     return out
@@ -277,7 +277,8 @@ def test_synth_never_replaces_a_directory_it_did_not_write(tmp_path, capsys, raw
 
 @NEEDS_AV
 def test_raw_synth_again_replaces_the_splits_whole(tmp_path):
-    from wmfast.data.raw import RawVideoDataset, write_raw_split
+    from wmfast.data.raw import RawVideoDataset
+    from wmfast.data.raw_synthetic import write_raw_split
 
     d = str(tmp_path / "raw")
     write_raw_split(d, 2, 77, seed=0, size=32, layout="nested")

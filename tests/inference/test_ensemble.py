@@ -250,7 +250,7 @@ def test_wan_tiny_cuda_graph_equals_eager():
 @pytest.fixture(scope="module")
 def raw_data(tmp_path_factory):
     pytest.importorskip("av", reason="the raw 1X videos are written and read with PyAV, which cannot be imported here")
-    from wmfast.data.raw import write_synthetic_raw_dataset
+    from wmfast.data.raw_synthetic import write_synthetic_raw_dataset
 
     root = tmp_path_factory.mktemp("raw")
     write_synthetic_raw_dataset(str(root), shards=1, frames=77, size=64, val_frames=77)  # one val sample

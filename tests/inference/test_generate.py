@@ -203,6 +203,15 @@ def test_generate_cli(tmp_path, capsys):
                  "--batch-size", "2", "--json", str(out)]) == 0
     s = json.loads(out.read_text())
     assert s["samples"] == 2 and len(s["greedy_accuracy_per_frame"]) == 3
+    # the copy-last-grid baseline beside the greedy accuracy, on the same (first and last) samples
+    from wmfast.data import TokenizedDataset
+    from wmfast.metrics.baselines import copy_last_hits
+
+    ds = TokenizedDataset(str(tmp_path / "d"), "val", vocab_size=512)
+    tokens = torch.stack([ds[0]["tokens"], ds[len(ds) - 1]["tokens"]])
+    expected = copy_last_hits(tokens, 3).float().mean(dim=(0, 2)).tolist()
+    assert s["copy_last_grid_accuracy_per_frame"] == pytest.approx(expected, abs=1e-4)
+    assert list(s).index("copy_last_grid_accuracy_per_frame") == list(s).index("greedy_accuracy_per_frame") + 1
     assert 5.0 < s["cross_entropy"] < 8.0 and 0 < s["top500_cross_entropy"] <= s["cross_entropy"] + 1e-4
     assert "top500_cross_entropy" in capsys.readouterr().out
     # several precisions: each scored, and compared with fp32's greedy tokens

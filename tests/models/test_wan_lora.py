@@ -182,7 +182,7 @@ def test_zero3_save_gathers_partitioned_adapter(tmp_path):
 def test_two_rank_zero3_training_loss_falls_and_writes_a_whole_adapter(tmp_path):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0): the adapter written inside the checkpoint
     was gathered (no empty tensor) and equals the one consolidated from the ZeRO checkpoint's fp32 shards."""
-    from wmfast.data.raw import write_synthetic_raw_dataset
+    from wmfast.data.raw_synthetic import write_synthetic_raw_dataset
     from wmfast.tasks.sampling import encode_dataset
     from wmfast.train.runlog import read_jsonl
 

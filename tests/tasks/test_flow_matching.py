@@ -77,7 +77,7 @@ def test_loss_covers_only_the_future_latents():
 def test_tiny_sampling_trains_on_raw_frames_encoded_on_the_fly(tmp_path, monkeypatch):
     """One process, the tiny-sampling recipe on a raw 1X split (frames VAE-encoded on the fly by the task's
     frozen VAE): the loss is finite and falls. 8 steps, ~15 s on the loaded 2-core machine."""
-    from wmfast.data.raw import write_synthetic_raw_dataset
+    from wmfast.data.raw_synthetic import write_synthetic_raw_dataset
     from wmfast.train import TrainConfig, train
     from wmfast.train.runlog import read_jsonl
 

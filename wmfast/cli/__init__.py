@@ -34,6 +34,7 @@ COMMANDS = {
     "sample": ("sample", "ensemble sampling with the Wan2.2 world model"),
     "eval-psnr": ("eval_psnr", "PSNR against ensemble size and steps over a split"),
     "plot": ("plot", "draw loss and throughput curves of a run directory"),
+    "reproduce": ("reproduce", "the seed's four findings reproduced at small scale (trained models, CPU)"),
     "bench": ("bench", "benchmark suites with roofline ceilings"),
 }
 

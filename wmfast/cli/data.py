@@ -17,6 +17,9 @@ def _add_synth(p):
     p.add_argument("--out", required=True, help="output directory (gets train_v2.0/ and val_v2.0/)")
     p.add_argument("--shards", type=int, default=2, help="train shards (val always has 1)")
     p.add_argument("--frames", type=int, default=4096, help="frames per train shard (30 Hz)")
+    p.add_argument("--val-frames", type=int, default=None,
+                   help="frames of the val split's one shard (default: a quarter of --frames, at least 4 windows; "
+                        "--raw: at least 3 samples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid-size", type=int, default=32, help="token grid side (the real data: 32)")
     p.add_argument("--vocab-size", type=int, default=64000, help="token ids drawn from [0, V) (real: 64000)")
@@ -24,13 +27,17 @@ def _add_synth(p):
                    help="write the raw format instead (sampling track: video_{i}.mp4 + states + segments, "
                         "train_v2.0_raw/ and val_v2.0_raw/; moving shapes driven by the states)")
     p.add_argument("--size", type=int, default=512, help="--raw: frame side in pixels (real: 512; tiny Wan: 64)")
+    p.add_argument("--uncertain", action="store_true",
+                   help="a future the context only partly determines: a random choice no context reveals (tokenized: "
+                        "a corner patch with one of 4 ids a grid; --raw: a square in one of 4 slots every 8 frames), "
+                        "so the best single guess is a blur (wmfast.data.synthetic, wmfast.data.raw_synthetic)")
     p.add_argument("--flat", action="store_true",
                    help="write the train split in the flat layout too (default: nested, as published; val is flat)")
 
 
 # a writer's parameter -> the flag that sets it, so an unusable value is reported under the flag's name
-SYNTH_FLAGS = {"out_dir": "--out", "shards": "--shards", "frames": "--frames", "seed": "--seed",
-               "grid_size": "--grid-size", "vocab_size": "--vocab-size", "size": "--size"}
+SYNTH_FLAGS = {"out_dir": "--out", "shards": "--shards", "frames": "--frames", "val_frames": "--val-frames",
+               "seed": "--seed", "grid_size": "--grid-size", "vocab_size": "--vocab-size", "size": "--size"}
 
 
 def _run_synth(args) -> int:
@@ -40,7 +47,8 @@ def _run_synth(args) -> int:
 
     with fields_as_flags(SYNTH_FLAGS):
         paths = write_synthetic_dataset(args.out, args.shards, args.frames, args.seed, grid_size=args.grid_size,
-                                        vocab_size=args.vocab_size, layout=_train_layout(args))
+                                        vocab_size=args.vocab_size, layout=_train_layout(args),
+                                        uncertain=args.uncertain, val_frames=args.val_frames)
     for split, path in paths.items():
         n = len(TokenizedDataset(args.out, split, vocab_size=args.vocab_size))
         print(f"{split}: {path} ({n} samples)")
@@ -93,11 +101,13 @@ def _run_check(args) -> int:
 
 
 def _run_synth_raw(args) -> int:
-    from wmfast.data.raw import RawVideoDataset, write_synthetic_raw_dataset
+    from wmfast.data.raw import RawVideoDataset
+    from wmfast.data.raw_synthetic import write_synthetic_raw_dataset
 
     with fields_as_flags(SYNTH_FLAGS):
         paths = write_synthetic_raw_dataset(args.out, args.shards, args.frames, args.seed, size=args.size,
-                                            progress=True, layout=_train_layout(args))
+                                            progress=True, layout=_train_layout(args), uncertain=args.uncertain,
+                                            val_frames=args.val_frames)
     for split, path in paths.items():
         print(f"{split}: {path} ({len(RawVideoDataset(path))} disjoint 77-frame samples)")
     return 0

@@ -4,7 +4,9 @@ For each sample, solver and step count, one ensemble of the largest N is sampled
 its first n members (member i is seeded seed + i, so that is exactly what `wmfast sample --ensemble n` draws).
 Both averagings are scored: pixel (decode every member, average the frames) and latent (average the latents,
 decode once). PSNR: uint8 frames, per frame over all pixels and channels, mean over samples
-(wmfast.metrics.psnr). Time: the denoising loop's wall time per sample (device synchronized) of that largest
+(wmfast.metrics.psnr). Beside them: the mean PSNR of the members each on its own (what one sample scores) and the
+sharpness (RMS gradient magnitude) of the averaged frames, of the members and of the true frames: averaging raises
+PSNR where the members disagree and blurs the frame there. Time: the denoising loop's wall time per sample (device synchronized) of that largest
 ensemble, shared by the rows of its solver and step count; the mean leaves out the first sample when there are
 more (it pays one-time compilation and warm-up). Step skipping (--cache-threshold, a list): for each threshold
 the first-block cache's skip schedule is calibrated once, on the first sample with one member, then every
@@ -69,24 +71,32 @@ def add_arguments(p):
 
 
 def score_sample(model, sample, cfg, ns: list[int]) -> tuple[dict[tuple[str, int], float], float]:
-    """({(mode, n): PSNR}, denoising seconds) for one sample: one ensemble of max(ns) members, scored on its
-    first n members."""
+    """({(score, n): value}, denoising seconds) for one sample: one ensemble of max(ns) members, scored on its
+    first n members. Scores: "pixel" / "latent" (PSNR of the two averagings), "sharp_pixel" / "sharp_latent" (their
+    RMS gradient magnitude, wmfast.metrics.psnr.sharpness), "member" (the mean PSNR of the first n members, each
+    on its own: what a single sample scores on average), "sharp_member" and "sharp_target" (the true frame's)."""
     import torch
 
     from wmfast import ops
     from wmfast.inference.predict import predict_sample
-    from wmfast.metrics.psnr import psnr, to_uint8
+    from wmfast.metrics.psnr import psnr, psnr_per_frame, sharpness, to_uint8
 
     pred = predict_sample(model, sample.context, sample.states, cfg, modes=("pixel",))
     members = pred.frames.members  # [N, 3, H, W], decoded once
+    member_u8 = to_uint8(members)
+    member_psnr = psnr_per_frame(member_u8, sample.target.expand_as(member_u8))
     scores = {}
     with torch.no_grad():
         for n in ns:
             pixel_mean, _ = ops.ensemble_mean_var(members[:n])
             latent_mean, _ = ops.ensemble_mean_var(pred.latents[:n])
             latent_frame = model.decode_latents(latent_mean[None])[0, -1]
-            scores["pixel", n] = psnr(to_uint8(pixel_mean), sample.target)
-            scores["latent", n] = psnr(to_uint8(latent_frame), sample.target)
+            for mode, frame in (("pixel", to_uint8(pixel_mean)), ("latent", to_uint8(latent_frame))):
+                scores[mode, n] = psnr(frame, sample.target)
+                scores[f"sharp_{mode}", n] = sharpness(frame)
+            scores["member", n] = float(member_psnr[:n].mean())
+            scores["sharp_member", n] = sharpness(member_u8[:n])
+            scores["sharp_target", n] = sharpness(sample.target)
     return scores, pred.denoise_s
 
 
@@ -127,8 +137,13 @@ def evaluate(args, ns: list[int], steps_list: list[int], solvers: list[str], thr
                 seconds[key] = seconds.get(key, 0.0) + denoise_s / len(timed)
     rows = [{"solver": solver, "steps": s, "cache_threshold": th, "skipped_steps": len(schedules[solver, s, th]),
              "ensemble": n, "psnr_pixel": totals[solver, s, th, "pixel", n] / count,
-             "psnr_latent": totals[solver, s, th, "latent", n] / count, "seconds_per_sample": seconds[solver, s, th],
-             "samples": count} for solver, s, th in runs for n in ns]
+             "psnr_latent": totals[solver, s, th, "latent", n] / count,
+             "psnr_member": totals[solver, s, th, "member", n] / count,
+             "sharpness_pixel": totals[solver, s, th, "sharp_pixel", n] / count,
+             "sharpness_latent": totals[solver, s, th, "sharp_latent", n] / count,
+             "sharpness_member": totals[solver, s, th, "sharp_member", n] / count,
+             "sharpness_target": totals[solver, s, th, "sharp_target", n] / count,
+             "seconds_per_sample": seconds[solver, s, th], "samples": count} for solver, s, th in runs for n in ns]
     out = args.out
     os.makedirs(out, exist_ok=True)
     write_tables(rows, out)
@@ -147,11 +162,15 @@ def markdown_table(rows) -> str:
     """One row per (solver, steps, N); the time is of the largest N's ensemble, shared by its rows."""
     n_max = max(r["ensemble"] for r in rows)
     header = (f"| solver | steps | cache threshold | skipped steps | N | PSNR pixel avg (dB) | PSNR latent avg (dB) "
-              f"| denoise s/sample (N={n_max}) | samples |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+              f"| PSNR one member (dB) | sharpness pixel avg | sharpness one member | denoise s/sample (N={n_max}) "
+              f"| samples |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['solver']} | {r['steps']} | {r['cache_threshold']:g} | {r['skipped_steps']} | {r['ensemble']} | "
-              f"{r['psnr_pixel']:.3f} | {r['psnr_latent']:.3f} | {r['seconds_per_sample']:.3f} | {r['samples']} |"
-              for r in rows]
+              f"{r['psnr_pixel']:.3f} | {r['psnr_latent']:.3f} | {r['psnr_member']:.3f} | {r['sharpness_pixel']:.2f} | "
+              f"{r['sharpness_member']:.2f} | {r['seconds_per_sample']:.3f} | {r['samples']} |" for r in rows]
+    lines.append(f"sharpness: RMS gradient magnitude (grey levels per pixel); the true frames: "
+                 f"{rows[0]['sharpness_target']:.2f}. PSNR one member: the mean PSNR of the first N members, each "
+                 f"scored on its own")
     return "\n".join(lines)
 
 

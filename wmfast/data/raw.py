@@ -1,4 +1,4 @@
-"""The 1X raw format (sampling track): reader and synthetic writer.
+"""The 1X raw format (sampling track): the reader (the synthetic writer is `wmfast.data.raw_synthetic`).
 
 Per shard `i` of a split directory:
 - `video_{i}.mp4`: H.264, 512x512, 30 Hz, `shard_num_frames` frames;
@@ -7,8 +7,7 @@ Per shard `i` of a split directory:
   {"num_shards", "query", "hz", "num_images"} ("query" is null in the real data).
 Either layout of `wmfast.data.layout`, detected from the directory: flat (the public val_v2.0_raw: all files
 beside metadata.json) or nested (the public train_v2.0_raw: `videos/video_{i}.mp4`,
-`robot_states/states_{i}.bin`, `segment_indices/segment_idx_{i}.bin`, `metadata/metadata_{i}.json`). The
-synthetic writer writes train nested and val flat, as published.
+`robot_states/states_{i}.bin`, `segment_indices/segment_idx_{i}.bin`, `metadata/metadata_{i}.json`).
 
 Opening a split checks what is cheap to read (`wmfast.data.layout`'s field checks, shared with the tokenized
 reader and `wmfast data check`): metadata.json and every metadata_{i}.json present with their integer fields,
@@ -28,7 +27,6 @@ one. With a GOP of g frames a sample costs at most g - 1 + 77 decoded frames, no
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -38,22 +36,13 @@ from torch.utils.data import Dataset
 
 from wmfast.data.format import STATE_DIM
 from wmfast.data.layout import (
-    FLAT,
-    NESTED,
     SPLIT_METADATA,
-    SYNTHETIC_GENERATOR,
-    ArgumentValueError,
     DataFormatError,
-    check_output_dir,
-    check_replaceable,
     check_size,
     detect_layout,
-    make_dirs,
     missing_files_problem,
     read_shard_metadata,
     read_split_metadata,
-    replace_split,
-    require_int,
     segment_problem,
     shard_paths,
     state_problem,
@@ -237,135 +226,3 @@ class RawVideoDataset(Dataset):
             problem = state_problem(s.states_file, s.states, chunk_frames)
             if problem:
                 raise RawDataError(problem)
-
-
-# ------------------------------------------------------------------------------------- synthetic writer
-LIN_VEL, ANG_VEL, LEFT_HAND = 23, 24, 21
-
-
-def _synthetic_states(rng, n: int, first_segment: int):
-    """states [n, 25], segment_idx [n]: velocities (23, 24) held for 17 frames, hand closure (21) toggling,
-    hip joints (0, 1) smooth random walks, other joints small noise."""
-    states = np.zeros((n, STATE_DIM), np.float32)
-    seg = np.zeros(n, np.int32)
-    f, sid = 0, first_segment
-    while f < n:
-        length = min(int(rng.integers(3 * SAMPLE_FRAMES, 6 * SAMPLE_FRAMES)), n - f)
-        sl = slice(f, f + length)
-        seg[sl] = sid
-        held = -(-length // 17)
-        states[sl, LIN_VEL] = np.repeat(rng.uniform(-1, 1, held), 17)[:length]
-        states[sl, ANG_VEL] = np.repeat(rng.uniform(-1, 1, held), 17)[:length]
-        states[sl, LEFT_HAND] = np.repeat(rng.integers(0, 2, held), 17)[:length]
-        states[sl, :2] = np.cumsum(rng.normal(0, 0.04, (length, 2)), axis=0) + rng.uniform(-1, 1, 2)
-        states[sl, 2:21] = rng.normal(0, 0.05, (length, 19))
-        f, sid = f + length, sid + 1
-    return states, seg
-
-
-def render_frames(states: np.ndarray, seg: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """uint8 [n, size, size, 3]: per segment a background colour; a square that moves with the integrated
-    velocities (x += 2 px * v_lin, y += 2 px * v_ang per frame at 64 px, wrapping), red with the hand open and
-    green closed; a disc placed by the hip joints (sin of states 0 and 1). The future is a function of the
-    context and the states."""
-    rng = np.random.default_rng(seed)
-    n = len(states)
-    scale = size / 64
-    yy, xx = np.mgrid[:size, :size]
-    out = np.empty((n, size, size, 3), np.uint8)
-    pos = np.zeros(2)
-    colours = {}
-    for f in range(n):
-        sid = int(seg[f])
-        if sid not in colours:
-            colours[sid] = rng.integers(30, 120, 3)
-            pos = rng.uniform(0, size, 2)
-        else:
-            pos = (pos + 2 * scale * states[f, [LIN_VEL, ANG_VEL]]) % size
-        img = np.broadcast_to(colours[sid], (size, size, 3)).copy()
-        half = 6 * scale
-        dx = np.abs(((xx - pos[0]) + size / 2) % size - size / 2)
-        dy = np.abs(((yy - pos[1]) + size / 2) % size - size / 2)
-        img[(dx < half) & (dy < half)] = (40, 220, 60) if states[f, LEFT_HAND] > 0.5 else (230, 50, 40)
-        cx, cy = size / 2 * (1 + 0.7 * np.sin(states[f, 0])), size / 2 * (1 + 0.7 * np.sin(states[f, 1]))
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < (5 * scale) ** 2] = (240, 240, 90)
-        out[f] = img
-    return out
-
-
-def write_video(path: str, frames: np.ndarray, fps: int = HZ, gop: int = 30, crf: int = 12) -> None:
-    """H.264 mp4 (yuv420p, keyframe every `gop` frames, no B-frames so pts order = decode order)."""
-    import av
-
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "g": str(gop), "bf": "0", "preset": "veryfast"}
-        for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def check_raw_split_args(shards: int, frames: int, seed: int, *, size: int = 512, first_segment: int = 0,
-                         frames_param: str = "frames") -> None:
-    """Raise ArgumentValueError naming the first unusable argument of `write_raw_split` (`frames_param`: the name
-    `frames` goes by in the caller)."""
-    require_int("shards", shards, 1)
-    require_int(frames_param, frames, SAMPLE_FRAMES, " (the frames of one sample)")
-    require_int("seed", seed, 0)
-    require_int("first_segment", first_segment, 0)
-    require_int("size", size, 32)
-    if size % 32:
-        raise ArgumentValueError("size", size, "must be a multiple of 32 (the Wan VAE and H.264 need it)")
-
-
-def write_raw_split(out_dir: str, shards: int, frames: int, seed: int, *, size: int = 512,
-                    first_segment: int = 0, progress: bool = False, layout: str = FLAT) -> str:
-    """One split directory in the raw format (moving shapes driven by the states), in `layout` (NESTED or
-    FLAT); returns its path. An existing split at `out_dir` is replaced whole when a wmfast writer wrote it,
-    else refused (see `wmfast.data.layout.replace_split`)."""
-    check_raw_split_args(shards, frames, seed, size=size, first_segment=first_segment)
-    from tqdm import tqdm
-
-    def write(d: str) -> None:
-        make_dirs(d, layout)
-        rng = np.random.default_rng(seed)
-        segment = first_segment
-        for i in tqdm(range(shards), desc=f"raw {os.path.basename(out_dir)}", disable=not progress):
-            p = shard_paths(d, i, "mp4", layout)
-            states, seg = _synthetic_states(rng, frames, segment)
-            segment = int(seg[-1]) + 1
-            write_video(p.video, render_frames(states, seg, size, seed + i))
-            states.tofile(p.states)
-            seg.tofile(p.segment_idx)
-            with open(p.metadata, "w") as f:
-                json.dump({"shard_num_frames": frames, "shard_ind": i}, f)
-        with open(os.path.join(d, SPLIT_METADATA), "w") as f:
-            json.dump({"num_shards": shards, "query": None, "hz": HZ, "num_images": shards * frames,
-                       "generator": f"{SYNTHETIC_GENERATOR} raw (state-driven shapes)"}, f, indent=1)
-
-    return replace_split(out_dir, write)
-
-
-def write_synthetic_raw_dataset(out_dir: str, shards: int = 1, frames: int = 1024, seed: int = 0, *,
-                                size: int = 512, val_frames: int | None = None, progress: bool = False,
-                                layout: str = NESTED) -> dict:
-    """`out_dir/train_v2.0_raw` (in `layout`: NESTED as published, or FLAT) and `out_dir/val_v2.0_raw` (always
-    FLAT, as published); returns {"train": path, "val": path}. Every argument, and that both splits may be
-    replaced, is checked before anything is written (ArgumentValueError naming the argument)."""
-    check_raw_split_args(shards, frames, seed, size=size)
-    val_frames = max(frames // 4, 3 * SAMPLE_FRAMES) if val_frames is None else val_frames
-    check_raw_split_args(1, val_frames, seed, size=size, frames_param="val_frames")
-    check_output_dir(out_dir)
-    paths = {"train": os.path.join(out_dir, "train_v2.0_raw"), "val": os.path.join(out_dir, "val_v2.0_raw")}
-    for path in paths.values():
-        check_replaceable(path, "out_dir", out_dir)
-    write_raw_split(paths["train"], shards, frames, seed, size=size, progress=progress, layout=layout)
-    write_raw_split(paths["val"], 1, val_frames, seed + 1_000_003, size=size, first_segment=10**6,
-                    progress=progress)
-    return paths

@@ -64,8 +64,8 @@ class FramesDataset(Dataset):
 class SamplingTask(Task):
     name = "sampling"
 
-    def __init__(self, data_dir: str | None, model: str = "tiny", lora_rank: int = 32, hop: int = 16):
-        self.data_dir, self.model_name, self.lora_rank, self.hop = data_dir, model, lora_rank, hop
+    def __init__(self, data_dir: str | None, model: str = "tiny", lora_rank: int | None = None, hop: int = 16):
+        self.data_dir, self.model_name, self.hop = data_dir, model, hop
         self.pretrained = None if model in ("tiny", "ti2v-5b") else model
         from wmfast.models.wan import check_pretrained_dir, get_preset
 
@@ -73,6 +73,7 @@ class SamplingTask(Task):
             check_pretrained_dir(self.pretrained)
 
         self.preset = get_preset("tiny" if model == "tiny" else "ti2v-5b")
+        self.lora_rank = self.preset.lora_rank if lora_rank is None else lora_rank
         self._vae = None
         self._datasets: dict = {}  # split -> dataset (or None): opened once, not at every validation
 

@@ -97,6 +97,9 @@ PRESETS = {
     "1x-compression-nodrop": STTransformerConfig(dropout=0.0),
     # CPU tests and demos: 8x8 grids, 512 ids (write data with grid_size=8, vocab_size=512)
     "tiny": STTransformerConfig(num_layers=2, num_heads=2, d_model=64, grid_size=8, vocab_size=512, dropout=0.0),
+    # the tiny model with full (block-causal) attention over all T*S tokens: the memory and learning comparison
+    "tiny-full": STTransformerConfig(num_layers=2, num_heads=2, d_model=64, grid_size=8, vocab_size=512, dropout=0.0,
+                                     attention="full"),
     "tiny-reference": STTransformerConfig(num_layers=2, num_heads=2, d_model=64, grid_size=8, vocab_size=512,
                                           dropout=0.0, block="reference", recompute="none"),
 }

@@ -19,11 +19,14 @@ TI2V_5B_VAE = {
     "temperal_downsample": [False, True, True], "is_residual": True, "in_channels": 12, "out_channels": 12,
     "patch_size": 2, "scale_factor_temporal": 4, "scale_factor_spatial": 16,
     "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48}
-# The context doc's tiny configs: same classes, milliseconds on a CPU.
-TINY_TRANSFORMER = {**TI2V_5B_TRANSFORMER, "num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32,
+# The tiny configs: the same classes, milliseconds on a CPU. The tiny DiT is 192 wide (4 heads of 48), the width of
+# one token's latent patch (48 channels x 2 x 2): narrower, its output could not span the velocity of a token.
+TINY_TRANSFORMER = {**TI2V_5B_TRANSFORMER, "num_attention_heads": 4, "attention_head_dim": 48, "ffn_dim": 384,
                     "num_layers": 2, "text_dim": 32, "rope_max_seq_len": 32}
+# The tiny VAE is wider than the context doc's test config (base_dim 3, dim_mult [1, 1, 1, 1]: 3 channels at every
+# level pass 48 numbers a latent frame, too few to reconstruct a 64x64 frame): 24 channels at the 4x4 level.
 TINY_VAE = {
-    "base_dim": 3, "z_dim": 48, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+    "base_dim": 6, "z_dim": 48, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
     "temperal_downsample": [False, True, True], "is_residual": True, "in_channels": 12, "out_channels": 12,
     "patch_size": 2, "scale_factor_temporal": 4, "scale_factor_spatial": 16,
     "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48}
@@ -48,12 +51,19 @@ class WanPreset:
     # width of D would add 30 * 56.6M = 1.7B trainable parameters, 256 adds 142M.
     state_embed_dim: int = 256
     text_len: int = 512    # UMT5 sequence length Wan pads the prompt to
+    # without pretrained weights, the VAE loads the weights fitted to the synthetic frames that ship with the
+    # package (wmfast.models.wan.tiny_vae) instead of keeping random ones
+    fitted_vae: bool = False
+    # LoRA rank of the sampling task's adapters: the recipe's 32 for the 5B model (width 3072); the tiny model's
+    # adapters span its whole width, as a rank-32 adapter on a random base that narrow cannot learn the flow
+    lora_rank: int = 32
     extra: dict = field(default_factory=dict)
 
 
 PRESETS = {
     "ti2v-5b": WanPreset("ti2v-5b", TI2V_5B_TRANSFORMER, TI2V_5B_VAE),
-    "tiny": WanPreset("tiny", TINY_TRANSFORMER, TINY_VAE, height=64, width=64, state_embed_dim=16, text_len=8),
+    "tiny": WanPreset("tiny", TINY_TRANSFORMER, TINY_VAE, height=64, width=64, state_embed_dim=16, text_len=8,
+                      fitted_vae=True, lora_rank=192),
 }
 
 

@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from wmfast.models.wan.presets import VAE_SEED, WanPreset, cast_keeping_fp32
+from wmfast.models.wan.tiny_vae import load_tiny_vae_weights, tiny_vae_config
 
 
 def build_vae(preset: WanPreset, pretrained: str | None = None, device="cpu", dtype=torch.float32):
@@ -18,10 +19,15 @@ def build_vae(preset: WanPreset, pretrained: str | None = None, device="cpu", dt
         vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device)
     else:
         # Random weights from a fixed seed, apart from the global RNG: training (the task's VAE), `data encode`
-        # and sampling then all use the same VAE, so tiny latents stay meaningful across processes.
+        # and sampling then all use the same VAE, so tiny latents stay meaningful across processes. A preset with
+        # fitted weights shipped in the package (the tiny one: wmfast.models.wan.tiny_vae) loads them over those.
+        config = tiny_vae_config(preset.vae) if preset.fitted_vae else preset.vae
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(VAE_SEED)
-            vae = cast_keeping_fp32(AutoencoderKLWan(**preset.vae), dtype)
+            vae = AutoencoderKLWan(**config)
+        if preset.fitted_vae:
+            load_tiny_vae_weights(vae)
+        vae = cast_keeping_fp32(vae, dtype)
     vae.requires_grad_(False).eval()
     return vae
 
