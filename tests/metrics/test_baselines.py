@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wmfast.metrics import sharpness, sharpness_per_frame, token_cross_entropy, token_topk_cross_entropy
-from wmfast.metrics.baselines import copy_last_hits, copy_last_scores, expected_scores
+from wmfast.metrics.baselines import copy_last_hits, copy_last_scores, copy_with_marginal_ce, expected_scores
 
 
 def _brute(log_probs: torch.Tensor, k: int):
@@ -59,6 +59,26 @@ def test_copy_last_hits_and_scores():
     assert got["accuracy_per_grid"][0] == pytest.approx(float(hits[:, 0].float().mean()))
     with pytest.raises(ValueError, match="hit_rate shape"):
         copy_last_scores(hits, rate[:2], V, k)
+
+
+def test_copy_with_marginal_ce():
+    g = torch.Generator().manual_seed(1)
+    V = 12
+    tokens = torch.randint(0, V, (4, 6, 2, 2), generator=g)
+    rate = torch.tensor([0.5, 0.2, 0.1])
+    u = torch.rand(V, generator=g, dtype=torch.float64) + 0.1
+    u /= u.sum()
+    total, n = 0.0, 0
+    for b in range(4):
+        for gi in range(3):
+            for s in range(4):
+                last, y = int(tokens[b, 2].reshape(-1)[s]), int(tokens[b, 3 + gi].reshape(-1)[s])
+                probs = (1 - rate[gi].double()) * u / (1 - u[last])
+                probs[last] = rate[gi]
+                assert float(probs.sum()) == pytest.approx(1.0)  # a distribution
+                total -= math.log(float(probs[y]))
+                n += 1
+    assert copy_with_marginal_ce(tokens, 3, rate, u) == pytest.approx(total / n, rel=1e-9)
 
 
 def test_sharpness():

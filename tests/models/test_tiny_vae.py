@@ -4,14 +4,14 @@ import pytest
 
 pytest.importorskip("diffusers", reason="the Wan VAE is diffusers' AutoencoderKLWan")
 
-import os  # noqa: E402
+import os
 
-import torch  # noqa: E402
-from diffusers import AutoencoderKLWan  # noqa: E402
+import torch
+from diffusers import AutoencoderKLWan
 
-from wmfast.models.wan import build_vae, get_preset, vae_decode, vae_encode  # noqa: E402
-from wmfast.models.wan.presets import TINY_VAE  # noqa: E402
-from wmfast.models.wan.tiny_vae import ASSET, reconstruction_psnr, synthetic_frames, tiny_vae_config  # noqa: E402
+from wmfast.models.wan import build_vae, get_preset, vae_decode, vae_encode
+from wmfast.models.wan.presets import TINY_VAE
+from wmfast.models.wan.tiny_vae import ASSET, reconstruction_psnr, synthetic_frames, tiny_vae_config
 
 
 @pytest.fixture(scope="module")

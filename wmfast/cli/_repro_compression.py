@@ -8,16 +8,24 @@ import os
 VARIANTS = {"factorized": "tiny", "full": "tiny-full"}  # attention -> ST-Transformer preset
 
 
-def copy_hit_rate(data_dir: str, split: str, vocab_size: int, context_frames: int):
-    """[F] float: the copy-last-grid hit rate of each future grid over every sample of `split`."""
+def split_tokens(data_dir: str, split: str, vocab_size: int):
+    """int [N, 6, G, G]: the tokens of every sample of `split`."""
     import torch
 
     from wmfast.data import TokenizedDataset
-    from wmfast.metrics.baselines import copy_last_hits
 
     ds = TokenizedDataset(data_dir, split, vocab_size=vocab_size)
-    hits = torch.stack([copy_last_hits(ds[i]["tokens"][None], context_frames)[0] for i in range(len(ds))])
-    return hits.float().mean(dim=(0, 2)), hits
+    return torch.stack([ds[i]["tokens"] for i in range(len(ds))])
+
+
+def copy_hit_rate(data_dir: str, split: str, vocab_size: int, context_frames: int):
+    """([F] float: the copy-last-grid hit rate of each future grid over every sample of `split`, the hits
+    [N, F, S], the tokens [N, 6, G, G])."""
+    from wmfast.metrics.baselines import copy_last_hits
+
+    tokens = split_tokens(data_dir, split, vocab_size)
+    hits = copy_last_hits(tokens, context_frames)
+    return hits.float().mean(dim=(0, 2)), hits, tokens
 
 
 def ceiling(grid_size: int, vocab_size: int, k: int, uncertain: bool) -> dict[str, float]:
@@ -67,11 +75,16 @@ def evaluate(data_dir: str, generated: dict[str, str], runs: dict[str, str], *, 
              k: int, context_frames: int = 3) -> dict:
     """Everything the report shows for the compression track. generated: variant -> `wmfast generate --json`
     file; runs: variant -> run directory."""
-    train_rate, _ = copy_hit_rate(data_dir, "train", vocab_size, context_frames)
-    _, val_hits = copy_hit_rate(data_dir, "val", vocab_size, context_frames)
-    from wmfast.metrics.baselines import copy_last_scores
+    import torch
 
+    from wmfast.metrics.baselines import copy_last_scores, copy_with_marginal_ce
+
+    train_rate, _, train_tokens = copy_hit_rate(data_dir, "train", vocab_size, context_frames)
+    _, val_hits, val_tokens = copy_hit_rate(data_dir, "val", vocab_size, context_frames)
     copy = copy_last_scores(val_hits, train_rate, vocab_size, k)
+    counts = torch.bincount(train_tokens[:, context_frames:].reshape(-1), minlength=vocab_size).double()
+    marginal = (counts + 1) / (counts + 1).sum()  # the train split's future-token frequencies (add-one)
+    copy_marginal = copy_with_marginal_ce(val_tokens, context_frames, train_rate, marginal)
     models = {}
     for variant, path in generated.items():
         with open(path) as f:
@@ -83,6 +96,7 @@ def evaluate(data_dir: str, generated: dict[str, str], runs: dict[str, str], *, 
             "copy_last_grid": {"ce": copy["ce"], "topk_ce": copy["topk_ce"],
                                "accuracy_per_grid": copy["accuracy_per_grid"],
                                "hit_rate_from_train": [float(x) for x in train_rate]},
+            "copy_last_grid_with_marginal": {"ce": copy_marginal},
             "ceiling": ceiling(grid_size, vocab_size, k, uncertain=True),
             "curves": {variant: curves(run) for variant, run in runs.items()},
             "memory": attention_memory()}

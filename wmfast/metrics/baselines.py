@@ -72,3 +72,19 @@ def copy_last_scores(hits: torch.Tensor, hit_rate: torch.Tensor, vocab_size: int
     n = hits.numel()
     return {"ce": ce_sum / n, "topk_ce": topk_sum / n, "ce_per_grid": per_grid,
             "accuracy_per_grid": [float(hits[:, g].float().mean()) for g in range(F)]}
+
+
+def copy_with_marginal_ce(tokens: torch.Tensor, context_frames: int, hit_rate: torch.Tensor,
+                          marginal: torch.Tensor) -> float:
+    """Mean CE of the copy-last-grid predictor whose miss mass follows a token marginal instead of spreading evenly:
+    P(copied id) = a_g, P(other id y) = (1 - a_g) u(y) / (1 - u(copied id)). tokens [B, T, ...] int (context
+    first), hit_rate [F], marginal u [V] (positive, summing to 1). A stronger reference than `copy_last_scores`:
+    what copying plus knowing how often each id occurs reaches."""
+    B, T = tokens.shape[:2]
+    flat = tokens.reshape(B, T, -1).long()
+    last, future = flat[:, context_frames - 1: context_frames], flat[:, context_frames:]
+    u = marginal.double()
+    a = hit_rate.double().clamp(1e-6, 1 - 1e-6).view(1, -1, 1)
+    miss = (1 - a) * u[future] / (1 - u[last]).clamp_min(1e-12)
+    p = torch.where(future == last, a.expand_as(miss), miss)
+    return float(-p.log().mean())
