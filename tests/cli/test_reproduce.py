@@ -7,6 +7,19 @@ import json
 import pytest
 
 
+def test_reproduce_refuses_an_out_of_other_settings(tmp_path, capsys):
+    """A second run resumes the first one's training runs: with other settings it would mix them, so it refuses."""
+    from wmfast.cli import main
+
+    out = tmp_path / "repro"
+    out.mkdir()
+    (out / "reproduce.json").write_text(json.dumps({"scale": "full", "seed": 0}))
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "wmfast reproduce: error: --out" in err and "other settings" in err
+    assert sorted(p.name for p in out.iterdir()) == ["reproduce.json"]  # nothing written
+
+
 @pytest.mark.requires("diffusers", "peft", "deepspeed", "av")
 def test_reproduce_quick(tmp_path, capsys):
     from wmfast.cli import main
@@ -35,3 +48,5 @@ def test_reproduce_quick(tmp_path, capsys):
     for png in ("ce_curves.png", "psnr_vs_n.png", "psnr_vs_steps.png"):
         assert (out / png).stat().st_size > 10_000, png
     assert "wmfast reproduce: done" in capsys.readouterr().out
+    settings = json.loads((out / "reproduce.json").read_text())
+    assert settings["scale"] == "quick" and settings["seed"] == 0

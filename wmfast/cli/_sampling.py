@@ -47,10 +47,10 @@ def device_of(args) -> torch.device:
 
 
 def load_model(args):
-    """The world model in eval mode: `tiny` builds random tiny weights (CPU-friendly, 64x64 frames) from the fixed
+    """The world model in eval mode: `tiny` builds a random tiny DiT (CPU-friendly, 64x64 frames) from the fixed
     TINY_BASE_SEED, the base `wmfast train` LoRA-trains (--seed only seeds the members: a LoRA trained at any seed
-    samples on its own base); a directory loads the TI2V-5B weights in bf16 on a GPU (fp32 on the CPU). Nothing
-    is downloaded."""
+    samples on its own base) with the tiny VAE fitted to the synthetic frames; a directory loads the TI2V-5B weights
+    in bf16 on a GPU (fp32 on the CPU). Nothing is downloaded."""
     from wmfast.models.wan import TINY_BASE_SEED, build_world_model
 
     adapter = _adapter_dir(args) if args.lora else None  # before the (possibly minutes-long) weight load

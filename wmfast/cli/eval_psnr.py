@@ -6,13 +6,14 @@ Both averagings are scored: pixel (decode every member, average the frames) and 
 decode once). PSNR: uint8 frames, per frame over all pixels and channels, mean over samples
 (wmfast.metrics.psnr). Beside them: the mean PSNR of the members each on its own (what one sample scores) and the
 sharpness (RMS gradient magnitude) of the averaged frames, of the members and of the true frames: averaging raises
-PSNR where the members disagree and blurs the frame there. Time: the denoising loop's wall time per sample (device synchronized) of that largest
-ensemble, shared by the rows of its solver and step count; the mean leaves out the first sample when there are
-more (it pays one-time compilation and warm-up). Step skipping (--cache-threshold, a list): for each threshold
-the first-block cache's skip schedule is calibrated once, on the first sample with one member, then every
-sample runs with it (a schedule calibrated offline; the rows give the number of skipped steps). Writes psnr.csv,
-psnr.md and psnr.png (PSNR against N at the smallest threshold, one panel per solver), with several thresholds
-psnr_cache.png (PSNR and seconds against the threshold), under --out, and prints the table.
+PSNR where the members disagree and blurs the frame there. Time: the denoising loop's wall time per sample
+(device synchronized) of that largest ensemble, shared by the rows of its solver and step count; the mean leaves
+out the first sample when there are more (it pays one-time compilation and warm-up). Step skipping
+(--cache-threshold, a list): for each threshold the first-block cache's skip schedule is calibrated once, on the
+first sample with one member, then every sample runs with it (a schedule calibrated offline; the rows give the
+number of skipped steps). Writes psnr.csv, psnr.md and psnr.png (PSNR against N at the smallest threshold, one
+panel per solver), with several thresholds psnr_cache.png (PSNR and seconds against the threshold), under
+--out, and prints the table.
 """
 from __future__ import annotations
 

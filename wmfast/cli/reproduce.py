@@ -12,10 +12,11 @@ context and the states (`wmfast data synth --uncertain`), so that an ensemble ha
      as well (both attentions trained on the same data; attention memory measured).
 Every stage runs the user-facing command (printed with its arguments), so the numbers are those a user gets.
 
-Outputs under --out: data/ (tokens, raw, latents), runs/ (the three training runs), compression/ (generate
-reports), sampling/eval_psnr/ (psnr.csv), results.md (the table, each finding with its verdict), results.json,
-ce_curves.png, psnr_vs_n.png, psnr_vs_steps.png. A second run in the same --out rewrites the data and resumes the
-finished training runs (nothing left to train). --quick: the same pipeline, small (CI: under 2 minutes).
+Outputs under --out: reproduce.json (the settings), data/ (tokens, raw, latents), runs/ (the three training runs),
+compression/ (generate reports), sampling/eval_psnr/ (psnr.csv), results.md (the table, each finding with its
+verdict), results.json, ce_curves.png, psnr_vs_n.png, psnr_vs_steps.png. A second run in the same --out with the
+same settings rewrites the data and resumes the finished training runs (nothing left to train); other settings
+(--quick or not, --seed) are refused there. --quick: the same pipeline, small (about 2 minutes on 2 CPU cores).
 """
 from __future__ import annotations
 
@@ -41,17 +42,18 @@ class Scale:
     solvers: tuple[str, ...]
 
 
-FULL = Scale(tok_shards=16, tok_frames=4080, tok_val_frames=4080, st_steps=1500, raw_shards=4, raw_frames=1232, raw_val_frames=1232,
-             lora_steps=2000, eval_samples=8, ensemble=(1, 2, 4, 8, 16), steps=(2, 4, 8, 16, 32),
+FULL = Scale(tok_shards=16, tok_frames=4080, tok_val_frames=4080, st_steps=1500, raw_shards=4, raw_frames=1232,
+             raw_val_frames=1232, lora_steps=2000, eval_samples=8, ensemble=(1, 2, 4, 8, 16), steps=(2, 4, 8, 16, 32),
              solvers=("euler", "unipc"))
-QUICK = Scale(tok_shards=16, tok_frames=2040, tok_val_frames=4080, st_steps=400, raw_shards=1, raw_frames=616, raw_val_frames=231,
-              lora_steps=100, eval_samples=2, ensemble=(1, 2, 4, 8, 16), steps=(2, 8), solvers=("euler",))
+QUICK = Scale(tok_shards=16, tok_frames=2040, tok_val_frames=4080, st_steps=400, raw_shards=1, raw_frames=616,
+              raw_val_frames=231, lora_steps=100, eval_samples=2, ensemble=(1, 2, 4, 8, 16), steps=(2, 8),
+              solvers=("euler",))
 TINY_GRID, TINY_VOCAB, RAW_SIZE = 8, 512, 64
 
 
 def add_arguments(p):
     p.add_argument("--out", default="wmfast_reproduce", help="directory for every output")
-    p.add_argument("--quick", action="store_true", help="the same pipeline, small: under 2 minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="the same pipeline, small: about 2 minutes on 2 CPU cores")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the training runs")
 
 
@@ -67,9 +69,35 @@ def _cli(argv: list[str]) -> None:
 
 
 def _train(argv: list[str]) -> None:
-    from wmfast.cli.demo import _resuming
+    """`wmfast train ARGV`, resuming the run when an earlier reproduce in the same --out left a checkpoint (the
+    settings were checked equal by `_check_settings`)."""
+    from wmfast.data.checkpoints import latest_checkpoint
 
-    _cli(_resuming(argv))
+    run_dir = argv[argv.index("--out") + 1]
+    found = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if found is not None:
+        print(f"{run_dir}: resuming the earlier reproduce run from its step {found[0]}", flush=True)
+        argv = [*argv, "--resume"]
+    _cli(argv)
+
+
+def _check_settings(out: str, settings: dict) -> None:
+    """--out is new, or holds a reproduce run of the same settings (its training runs are resumed, not mixed with
+    other data or step counts); records the settings in OUT/reproduce.json."""
+    path = os.path.join(out, "reproduce.json")
+    settings = json.loads(json.dumps(settings))  # as read back (tuples become lists)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError):
+            earlier = None
+        if earlier != settings:
+            raise ValueError(f"--out {out} holds a reproduce run with other settings ({path}: {earlier}, this run: "
+                             f"{settings}); its training runs would be resumed on other data: use another --out or "
+                             "delete it")
+    with open(path, "w") as f:
+        json.dump(settings, f)
 
 
 def _paths(out: str) -> dict[str, str]:
@@ -82,7 +110,8 @@ def _paths(out: str) -> dict[str, str]:
 
 def _data(p: dict, s: Scale, seed: int) -> None:
     _cli(["data", "synth", "--uncertain", "--out", p["tokens"], "--shards", str(s.tok_shards), "--frames",
-          str(s.tok_frames), "--val-frames", str(s.tok_val_frames), "--grid-size", str(TINY_GRID), "--vocab-size", str(TINY_VOCAB), "--seed", str(seed)])
+          str(s.tok_frames), "--val-frames", str(s.tok_val_frames), "--grid-size", str(TINY_GRID), "--vocab-size",
+          str(TINY_VOCAB), "--seed", str(seed)])
     _cli(["data", "synth", "--raw", "--uncertain", "--out", p["raw"], "--shards", str(s.raw_shards), "--frames",
           str(s.raw_frames), "--val-frames", str(s.raw_val_frames), "--size", str(RAW_SIZE), "--seed", str(seed)])
     _cli(["data", "encode", "--data", p["raw"], "--out", p["latents"], "--model", "tiny", "--device", "cpu"])
@@ -133,6 +162,7 @@ def run(args) -> int:
     out = output_dir(args.out)
     os.makedirs(out, exist_ok=True)
     scale = QUICK if args.quick else FULL
+    _check_settings(out, {"scale": "quick" if args.quick else "full", "seed": args.seed, **asdict(scale)})
     p = _paths(out)
     t0 = time.perf_counter()
     seconds = {}

@@ -110,7 +110,7 @@ def _shard_video(rng, states, seg, shift, grid: int, vocab: int, uncertain: bool
         textures = {int(s): rng.integers(0, vocab, (grid, grid), dtype=np.int64) for s in np.unique(seg)}
     hand_ids = rng.integers(0, vocab, 2)
     patch = max(1, grid // 8)
-    if uncertain:  # drawn only in this mode: the other tokens of a shard are the same either way
+    if uncertain:  # the corner patch's ids and its choice for every grid
         blink_ids = rng.choice(vocab, BLINK_CHOICES, replace=False)
         blinks = blink_ids[rng.integers(0, BLINK_CHOICES, video.shape[:2])]
         bp = blink_patch(grid)
@@ -129,7 +129,8 @@ def _shard_video(rng, states, seg, shift, grid: int, vocab: int, uncertain: bool
 
 
 def check_split_args(shards: int, frames: int, seed: int, *, grid_size: int = GRID_SIZE,
-                     vocab_size: int = VOCAB_SIZE, first_segment: int = 0, frames_param: str = "frames") -> None:
+                     vocab_size: int = VOCAB_SIZE, first_segment: int = 0, frames_param: str = "frames",
+                     uncertain: bool = False) -> None:
     """Raise ArgumentValueError naming the first unusable argument of `write_split` (`frames_param`: the name
     `frames` goes by in the caller)."""
     require_int("shards", shards, 1)
@@ -139,6 +140,9 @@ def check_split_args(shards: int, frames: int, seed: int, *, grid_size: int = GR
     require_int("first_segment", first_segment, 0)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 2 <= vocab_size <= VOCAB_SIZE:
         raise ArgumentValueError("vocab_size", vocab_size, f"must be an integer in [2, {VOCAB_SIZE}]")
+    if uncertain and vocab_size <= BLINK_CHOICES:
+        raise ArgumentValueError("vocab_size", vocab_size, f"must be > {BLINK_CHOICES} with uncertain (the corner "
+                                 f"patch shows one of {BLINK_CHOICES} distinct ids)")
 
 
 def write_split(out_dir: str, shards: int, frames: int, seed: int, *, grid_size: int = GRID_SIZE,
@@ -146,7 +150,8 @@ def write_split(out_dir: str, shards: int, frames: int, seed: int, *, grid_size:
                 uncertain: bool = False) -> str:
     """Write one split directory (metadata.json + per-shard files, `layout` NESTED or FLAT) and return its
     path. An existing split at `out_dir` is replaced whole when a wmfast writer wrote it, else refused."""
-    check_split_args(shards, frames, seed, grid_size=grid_size, vocab_size=vocab_size, first_segment=first_segment)
+    check_split_args(shards, frames, seed, grid_size=grid_size, vocab_size=vocab_size, first_segment=first_segment,
+                     uncertain=uncertain)
 
     def write(d: str) -> None:
         make_dirs(d, layout)
@@ -186,9 +191,9 @@ def write_synthetic_dataset(out_dir: str, shards: int = 2, frames: int = 2048, s
     grid_size / vocab_size < 32 / 64,000 make small sets for CPU tests (match the model config's). `uncertain`:
     the random corner patch of the module docstring."""
     kw = {"grid_size": grid_size, "vocab_size": vocab_size}
-    check_split_args(shards, frames, seed, **kw)
+    check_split_args(shards, frames, seed, uncertain=uncertain, **kw)
     val_frames = max(frames // 4, 4 * WINDOW) if val_frames is None else val_frames
-    check_split_args(1, val_frames, seed, frames_param="val_frames", **kw)
+    check_split_args(1, val_frames, seed, frames_param="val_frames", uncertain=uncertain, **kw)
     check_output_dir(out_dir)
     paths = {"train": os.path.join(out_dir, "train_v2.0"), "val": os.path.join(out_dir, "val_v2.0")}
     for path in paths.values():

@@ -47,10 +47,10 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 def sharpness_per_frame(frames: torch.Tensor) -> torch.Tensor:
     """RMS gradient magnitude of uint8 frames [..., C, H, W] (grey levels per pixel, fp64 [...]):
-    sqrt(mean(dx^2 + dy^2)) over each channel's forward differences on the [H - 1, W - 1] interior. The mean of frames
-    that disagree (an ensemble mean) has a lower value: the squared gradient is convex, so averaging lowers it unless
-    the frames agree. (The plain mean gradient magnitude would not show it: N copies of an edge at 1/N contrast have
-    the same total gradient as one sharp edge.)"""
+    sqrt(mean(dx^2 + dy^2)) over each channel's forward differences on the [H - 1, W - 1] interior. Averaging frames
+    that disagree (an ensemble mean) lowers it: the squared gradient is convex, so the mean frame's mean squared
+    gradient is at most the frames' average one, equal only when they agree. (The plain mean gradient magnitude would
+    not show it: N copies of an edge at 1/N contrast have the same total gradient as one sharp edge.)"""
     if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() < 3:
         raise ValueError(f"sharpness: frames must be a uint8 tensor [..., C, H, W], got "
                          f"{getattr(frames, 'dtype', type(frames).__name__)} {tuple(getattr(frames, 'shape', ()))}")

@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from wmfast.models.wan.presets import VAE_SEED, WanPreset, cast_keeping_fp32
+from wmfast.models.wan.tiny_vae import ASSET as TINY_VAE_ASSET
 from wmfast.models.wan.tiny_vae import load_tiny_vae_weights, tiny_vae_config
 
 
@@ -25,8 +26,9 @@ def build_vae(preset: WanPreset, pretrained: str | None = None, device="cpu", dt
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(VAE_SEED)
             vae = AutoencoderKLWan(**config)
-        if preset.fitted_vae:
-            load_tiny_vae_weights(vae)
+        if preset.fitted_vae and not load_tiny_vae_weights(vae):
+            raise FileNotFoundError(f"the {preset.name} preset's fitted VAE weights are missing ({TINY_VAE_ASSET}: "
+                                    "part of the package; `python -m wmfast.models.wan.tiny_vae` writes them)")
         vae = cast_keeping_fp32(vae, dtype)
     vae.requires_grad_(False).eval()
     return vae
