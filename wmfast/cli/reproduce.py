@@ -45,7 +45,7 @@ class Scale:
 FULL = Scale(tok_shards=16, tok_frames=4080, tok_val_frames=4080, st_steps=1500, raw_shards=4, raw_frames=1232,
              raw_val_frames=1232, lora_steps=2000, eval_samples=8, ensemble=(1, 2, 4, 8, 16), steps=(2, 4, 8, 16, 32),
              solvers=("euler", "unipc"))
-QUICK = Scale(tok_shards=16, tok_frames=2040, tok_val_frames=4080, st_steps=400, raw_shards=1, raw_frames=616,
+QUICK = Scale(tok_shards=16, tok_frames=2040, tok_val_frames=4080, st_steps=300, raw_shards=1, raw_frames=616,
               raw_val_frames=231, lora_steps=100, eval_samples=2, ensemble=(1, 2, 4, 8, 16), steps=(2, 8),
               solvers=("euler",))
 TINY_GRID, TINY_VOCAB, RAW_SIZE = 8, 512, 64
