@@ -37,6 +37,7 @@ def test_the_train_split_is_in_the_published_nested_layout(trained_run):
 
 
 def test_training_writes_the_adapter_at_every_checkpoint_and_at_the_end(trained_run):
+    from wmfast.models.wan import get_preset
     from wmfast.models.wan.lora import ADAPTER_DIR, PEFT_CONFIG, STATE_WEIGHTS, WEIGHT_NAME, read_adapter_info
     from wmfast.tasks.sampling import SamplingTask
 
@@ -46,7 +47,7 @@ def test_training_writes_the_adapter_at_every_checkpoint_and_at_the_end(trained_
     for adapter, step in ((checkpoints[0] / "adapter", 2), (checkpoints[1] / "adapter", 4), (run / "adapter", 4)):
         assert {WEIGHT_NAME, PEFT_CONFIG, STATE_WEIGHTS} <= set(os.listdir(adapter))
         info = read_adapter_info(str(adapter))
-        assert (info["preset"], info["step"], info["rank"]) == ("tiny", step, 32)
+        assert (info["preset"], info["step"], info["rank"]) == ("tiny", step, get_preset("tiny").lora_rank)
     newest = (checkpoints[1] / "adapter" / WEIGHT_NAME).read_bytes()
     assert newest == (run / "adapter" / WEIGHT_NAME).read_bytes()
     assert newest != (checkpoints[0] / "adapter" / WEIGHT_NAME).read_bytes()  # trained between the two
@@ -141,7 +142,7 @@ def test_stock_diffusers_pipeline_loads_the_adapter_and_matches_wmfast_without_s
     lora_effect = (stock - untrained).abs().max()
     assert lora_effect > 1e-3  # the adapter moved the outputs: the comparison below is not base vs base
     torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-5)
-    assert pipe.transformer.peft_config["default_0"].lora_alpha == 32
+    assert pipe.transformer.peft_config["default_0"].lora_alpha == get_preset("tiny").lora_rank  # alpha = rank
 
 
 def test_user_errors_are_one_line_and_exit_2(trained_run, tmp_path, capsys):
