@@ -1,7 +1,7 @@
 """Two ranks (gloo, torch.distributed.run) training the tiny ST-Transformer on a synthetic 1X set with DeepSpeed
 ZeRO-2 and ZeRO-3, and crash safety: a run SIGKILLed while writing a checkpoint resumes from the previous one
-and replays the steps after it exactly as they ran before the kill. Each case is a few short multi-process runs (DeepSpeed's JIT
-ops are never built: see docs/training.md)."""
+and replays the steps after it exactly as they ran before the kill. Each case is a few short multi-process runs
+(DeepSpeed's JIT ops are never built: see docs/training.md)."""
 import json
 import os
 import subprocess

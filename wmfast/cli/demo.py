@@ -1,5 +1,5 @@
 """The quick start: runs the main job end to end on an embedded synthetic default (no download, no GPU
-needed; about 30 s on 2 CPU cores):
+needed; about 40 s on 2 CPU cores):
 
   1. kernels   the fused ops (AdaLN-Zero fwd+bwd, temporal attention, cached decode step, ensemble sampler
                step) against their fp32 references; without a GPU they run through Triton's interpreter
