@@ -117,8 +117,8 @@ def _check_inputs(args, stages: list[str]) -> None:
                              f"once (`wmfast demo --out {args.out}`) or add --only {earlier}")
 
 
-def _resuming(argv: list[str]) -> list[str]:
-    """A training stage whose run directory already holds a checkpoint (an earlier demo) resumes it."""
+def _resuming(argv: list[str], command: str = "demo") -> list[str]:
+    """A training stage whose run directory already holds a checkpoint (an earlier run of `command`) resumes it."""
     from wmfast.data.checkpoints import latest_checkpoint
 
     if argv[0] != "train":
@@ -128,7 +128,8 @@ def _resuming(argv: list[str]) -> list[str]:
     if found is None:
         print(f"{run_dir}: a fresh run")
         return argv
-    print(f"{run_dir}: resuming the previous demo run from its step {found[0]} (delete the directory to start over)")
+    print(f"{run_dir}: resuming the previous {command} run from its step {found[0]} (delete the directory to start "
+          "over)")
     return [*argv, "--resume"]
 
 

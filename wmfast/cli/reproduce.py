@@ -71,14 +71,9 @@ def _cli(argv: list[str]) -> None:
 def _train(argv: list[str]) -> None:
     """`wmfast train ARGV`, resuming the run when an earlier reproduce in the same --out left a checkpoint (the
     settings were checked equal by `_check_settings`)."""
-    from wmfast.data.checkpoints import latest_checkpoint
+    from wmfast.cli.demo import _resuming
 
-    run_dir = argv[argv.index("--out") + 1]
-    found = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if found is not None:
-        print(f"{run_dir}: resuming the earlier reproduce run from its step {found[0]}", flush=True)
-        argv = [*argv, "--resume"]
-    _cli(argv)
+    _cli(_resuming(argv, "reproduce"))
 
 
 def _check_settings(out: str, settings: dict) -> None:
